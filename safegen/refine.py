@@ -1,0 +1,319 @@
+"""IterRef: reward-guided iterative refinement inside the diffusion sampler.
+
+Reference: Lee et al., "Effective Test-Time Scaling of Discrete Diffusion through Iterative
+Refinement", arXiv 2511.05562; our reading and decisions are in docs/algorithm.md.
+
+Target (§2): p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kernel (§3)
+  1. draws a pool of N proposals from the current draft x_t: re-mask a random `rho` share of its decoded
+     generated tokens (never the prompt), then denoise them again with the base sampler, at the
+     proposal temperature, until as many tokens are decoded as before;
+  2. takes the pool's candidates in turn and accepts one with probability min(1, exp((r' − r)/α))
+     (Multiple-Try Metropolis with the paper's balancing function: uniform selection weights, no
+     backward draws);
+  3. after a rejection takes the next candidate of the same pool (its members are i.i.d. draws from
+     the same x_t, so the chain stays valid); draws a new pool only after an acceptance or when empty.
+This repeats `iterations` (k) times, then the base sampler takes its ordinary next step.
+
+All rows and all N proposals of a pool are denoised together, as one batch of A·N rows per sub-step.
+Rows that are done (adaptive mode, exhausted budget, nothing to re-mask) leave the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import rng
+from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
+
+Reward = Callable[[torch.Tensor], torch.Tensor]  # (n, G) token ids of the generation -> (n,) float
+
+SCHEDULES = ("late", "evenly", "final", "steps")
+SCOPES = ("block", "all")
+SELECTIONS = ("mh", "greedy", "remask_only")
+
+
+@dataclass
+class RefineConfig:
+    n_proposals: int = 4  # N, proposals per pool
+    iterations: int = 2  # k, kernel applications per refined step
+    rho: float = 0.25  # share of the decoded tokens in scope that a proposal re-masks (at least 1)
+    alpha: float = 0.1  # α, the temperature of the target p · exp(r/α)
+    schedule: str = "late"  # where to refine (§4): late | evenly | final | steps
+    start: float = 0.75  # late: refine once this share of the block is decoded
+    every: int = 1  # evenly: refine after every m-th step
+    steps: tuple = ()  # schedule "steps": base steps (1..T) after which to refine
+    scope: str = "block"  # re-mask the current block only, or "all" generated tokens so far
+    selection: str = "mh"  # mh | greedy | remask_only (ablations, §3)
+    proposal_temperature: float = 1.0  # proposals must be stochastic even when sampling is greedy
+    adaptive: bool = False  # skip / stop rows whose reward already reaches accept_reward
+    accept_reward: Optional[float] = None  # adaptive mode's bar, e.g. the policy's reward threshold
+    budget: Optional[float] = None  # cap on denoiser rows per sample, as a multiple of T
+
+    def validate(self) -> "RefineConfig":
+        def positive_int(name, minimum):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ConfigError(f"refine.{name} must be an integer >= {minimum}, got {v!r}")
+
+        positive_int("n_proposals", 1)
+        positive_int("iterations", 0)
+        positive_int("every", 1)
+        if not (isinstance(self.rho, (int, float)) and 0 < self.rho <= 1):
+            raise ConfigError(f"refine.rho must be in (0, 1], got {self.rho!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ConfigError(f"refine.alpha must be > 0, got {self.alpha!r}")
+        if not (isinstance(self.start, (int, float)) and 0 <= self.start <= 1):
+            raise ConfigError(f"refine.start must be in [0, 1], got {self.start!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"refine.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "steps":
+            if not self.steps or not all(isinstance(s, int) and s >= 1 for s in self.steps):
+                raise ConfigError(f"refine.steps must be a non-empty list of steps >= 1 for "
+                                  f"schedule 'steps', got {self.steps!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"refine.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"refine.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if not (isinstance(self.proposal_temperature, (int, float)) and self.proposal_temperature >= 0):
+            raise ConfigError(f"refine.proposal_temperature must be >= 0, got {self.proposal_temperature!r}")
+        if self.adaptive and self.accept_reward is None:
+            raise ConfigError("refine.accept_reward is required when refine.adaptive is on "
+                              "(the reward at which a row counts as acceptable)")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget >= 1):
+            raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling), got {self.budget!r}")
+        return self
+
+    def updated(self, **overrides) -> "RefineConfig":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown refine option(s) {unknown}; known: {sorted(known)}")
+        if "steps" in overrides:
+            overrides["steps"] = tuple(overrides["steps"])
+        return replace(self, **overrides).validate()
+
+    def applies(self, block: int, step: int, steps_per_block: int) -> bool:
+        """Is the kernel applied after `step` commits of `block`? Points are steps 1..S of a block:
+        step 0 of a block is the same draft as the previous block's finished point."""
+        if step < 1:
+            return False
+        t = block * steps_per_block + step  # base steps done so far
+        if self.schedule == "late":
+            return step / steps_per_block >= self.start
+        if self.schedule == "evenly":
+            return t % self.every == 0
+        if self.schedule == "final":
+            return step == steps_per_block
+        return t in self.steps
+
+
+@dataclass
+class _Pool:
+    """Proposals waiting to be examined, per row: (B, N, ...) slots, `next` the index to examine."""
+
+    gen: torch.Tensor
+    pred: Prediction  # fields of shape (B, N, G)
+    reward: torch.Tensor  # (B, N)
+    next: torch.Tensor  # (B,) long; N means empty
+
+
+class IterRef:
+    """The IterRef step hook. `IterRef(config, reward)`, then `sampler.run(..., hook=iterref)`."""
+
+    def __init__(self, config: RefineConfig, reward: Reward):
+        self.config = config.validate()
+        self.reward = reward
+
+    def applies(self, block: int, step: int, steps_per_block: int) -> bool:
+        return self.config.iterations > 0 and self.config.applies(block, step, steps_per_block)
+
+    # ---------------------------------------------------------------- pieces of the kernel
+    def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """r(x̂0) for each row of xhat0, charged to the state rows `owner`."""
+        r = torch.as_tensor(self.reward(xhat0), dtype=torch.float64).reshape(-1).cpu()
+        if r.shape[0] != xhat0.shape[0]:
+            raise ValueError(f"the reward returned {r.shape[0]} values for {xhat0.shape[0]} sequences")
+        state.reward_calls.index_add_(0, owner.cpu(), torch.ones(len(owner), dtype=torch.float64))
+        return r
+
+    def scope(self, sampler: DiffusionSampler, state: SamplerState) -> torch.Tensor:
+        """(G,) positions that may be re-masked: the current block, or everything up to its end."""
+        G = state.gen.shape[1]
+        in_scope = torch.zeros(G, dtype=torch.bool, device=state.x.device)
+        sl = sampler.block_slice(state.block)
+        in_scope[(0 if self.config.scope == "all" else sl.start):sl.stop] = True
+        return in_scope
+
+    def remask_sizes(self, decoded: torch.Tensor) -> torch.Tensor:
+        """m = max(1, round(rho · decoded)) per row (0 where nothing is decoded)."""
+        n = decoded.sum(1)
+        m = torch.clamp(torch.round(self.config.rho * n.double()).long(), min=1)
+        return torch.where(n > 0, m, torch.zeros_like(m))
+
+    def pool_cost(self, sampler: DiffusionSampler, state: SamplerState, m: torch.Tensor) -> torch.Tensor:
+        """Denoiser rows of one pool, per row: N · (re-denoising sub-steps + one scoring forward,
+        unless the proposal has no mask left, when x̂0 is the proposal itself)."""
+        rate = sampler.config.tokens_per_step
+        substeps = (m + rate - 1) // rate
+        other_masks = (state.gen == sampler.mask_id).any(1).long().cpu()
+        per_row = 2.0 if sampler.config.cfg_scale > 0 else 1.0
+        return self.config.n_proposals * (substeps.cpu() + other_masks).double() * per_row
+
+    def propose(self, sampler: DiffusionSampler, state: SamplerState, rows: torch.Tensor,
+                draws: torch.Tensor, in_scope: torch.Tensor):
+        """A pool of N proposals for each of `rows`: (A·N, G) drafts, their predictions and rewards."""
+        cfg, N = self.config, self.config.n_proposals
+        mask_id, P = sampler.mask_id, state.prompt_length
+        parent = rows.repeat_interleave(N)
+        j = torch.arange(N, device=rows.device).repeat(len(rows))
+        t = state.block * sampler.config.steps_per_block + state.step
+        keys = rng.derive(state.keys[parent], 1, t, draws[parent], j)
+        gen = state.gen[parent].clone()
+        G = gen.shape[1]
+
+        # Noising: uniformly random subset of m decoded tokens in scope (§3.1, "random remasking").
+        decoded = (gen != mask_id) & in_scope
+        m = self.remask_sizes(decoded)
+        u = torch.where(decoded, rng.uniform(rng.derive(keys, 0), torch.arange(G, device=gen.device)
+                                             .expand_as(gen)), torch.full(gen.shape, 2.0, device=gen.device))
+        order = torch.argsort(u, dim=1)
+        first = torch.arange(G, device=gen.device)[None, :] < m[:, None]
+        holes = torch.zeros_like(decoded).scatter_(1, order, first)
+        gen[holes] = mask_id
+
+        # Denoising: commit `rate` holes per sub-step at the proposal temperature; once a proposal
+        # has no hole left, one more forward gives its x̂0 (the reward's input) and its prediction
+        # for the next base step, which an accepted proposal reuses instead of a new forward.
+        rate = sampler.config.tokens_per_step
+        n = gen.shape[0]
+        preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
+                           torch.empty_like(gen))
+        todo = torch.ones(n, dtype=torch.bool, device=gen.device)
+        next_block = sampler.next_block(state)
+        sub = 0
+        while bool(todo.any()):
+            no_mask = todo & ~(gen == mask_id).any(1)
+            todo &= ~no_mask  # fully decoded: x̂0 is the draft itself (preds already hold it)
+            idx = todo.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            x_full = torch.cat([state.x[parent[idx], :P], gen[idx]], dim=1)
+            logits = sampler.forward(state, x_full, parent[idx])
+            has_holes = holes[idx].any(1)
+            d, f = idx[has_holes], idx[~has_holes]
+            if len(d):
+                p = sampler.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], 2, sub),
+                                    cfg.proposal_temperature)
+                n_commit = torch.clamp(holes[d].sum(1), max=rate)
+                gen[d] = sampler.commit(gen[d], p, n_commit)
+                holes[d] &= gen[d] == mask_id
+            if len(f):
+                p = sampler.predict(logits[~has_holes], gen[f], sampler.committable(gen[f], next_block),
+                                    sampler.step_keys(state, state.keys[parent[f]]), sampler.config.temperature)
+                preds.candidates[f], preds.confidence[f], preds.xhat0[f] = p.candidates, p.confidence, p.xhat0
+                todo[f] = False
+            sub += 1
+        clean = ~(gen == mask_id).any(1)  # no mask left: x̂0 is the proposal itself
+        preds.candidates[clean] = gen[clean]
+        preds.xhat0[clean] = gen[clean]
+        reward = self.score(state, preds.xhat0, parent)
+        return gen, preds, reward
+
+    def log_acceptance(self, proposed: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """log of the MTM acceptance min(1, exp((r' − r)/α)), min omitted (compared to log u < 0).
+        Higher reward is favoured; the exactness test checks the sign (algorithm.md §3.4)."""
+        return (proposed - current) / self.config.alpha
+
+    @staticmethod
+    def take(state: SamplerState, pool: _Pool, rows: torch.Tensor, pick: torch.Tensor) -> None:
+        """Accepted: rows `rows` move to their pool's candidate `pick`, prediction included.
+        New tensors, never in-place writes: a plain-sampling fork may share the old ones."""
+        P = state.prompt_length
+        x = state.x.clone()
+        x[rows, P:] = pool.gen[rows, pick]
+        state.x = x
+        fields_new = []
+        for f in ("candidates", "confidence", "xhat0"):
+            v = getattr(state.pred, f).clone()
+            v[rows] = getattr(pool.pred, f)[rows, pick]
+            fields_new.append(v)
+        state.pred = Prediction(*fields_new)
+
+    # ---------------------------------------------------------------- the kernel
+    def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:
+        cfg, N = self.config, self.config.n_proposals
+        B, G = state.gen.shape
+        device = state.x.device
+        in_scope = self.scope(sampler, state)
+        current = self.score(state, state.pred.xhat0, torch.arange(B))
+        decoded = (state.gen != sampler.mask_id) & in_scope
+        active = (decoded.sum(1) > 0).cpu()
+        if cfg.adaptive:
+            active &= current < cfg.accept_reward
+        budget_left = None
+        if cfg.budget is not None:
+            # Keep the rows the remaining base steps will need; refinement gets the rest.
+            S = sampler.config.steps_per_block
+            T = sampler.config.steps
+            base_left = T - (state.block * S + state.step)
+            per_row = 2.0 if sampler.config.cfg_scale > 0 else 1.0
+            budget_left = cfg.budget * T * per_row - state.rows - base_left * per_row
+        pool = _Pool(gen=torch.empty((B, N, G), dtype=torch.long, device=device),
+                     pred=Prediction(*(torch.empty((B, N, G), dtype=dt, device=device)
+                                       for dt in (torch.long, torch.float32, torch.long))),
+                     reward=torch.empty((B, N), dtype=torch.float64),
+                     next=torch.full((B,), N, dtype=torch.long))
+        draws = torch.zeros(B, dtype=torch.long, device=device)
+        t = state.block * sampler.config.steps_per_block + state.step
+        for it in range(cfg.iterations):
+            need = active & (pool.next >= N)
+            if budget_left is not None and bool(need.any()):
+                cost = self.pool_cost(sampler, state, self.remask_sizes(decoded))
+                affordable = cost <= budget_left + 1e-9
+                active &= ~need | affordable
+                need &= affordable
+            if not bool(active.any()):
+                break
+            rows = need.nonzero().squeeze(1)
+            if len(rows):
+                spent = state.rows.clone()
+                gen, pred, reward = self.propose(sampler, state, rows.to(device), draws, in_scope)
+                if budget_left is not None:
+                    budget_left -= state.rows - spent
+                shape = (len(rows), N, G)
+                dev_rows = rows.to(device)
+                pool.gen[dev_rows] = gen.view(shape)
+                pool.pred.candidates[dev_rows] = pred.candidates.view(shape)
+                pool.pred.confidence[dev_rows] = pred.confidence.view(shape)
+                pool.pred.xhat0[dev_rows] = pred.xhat0.view(shape)
+                pool.reward[rows] = reward.view(len(rows), N)
+                pool.next[rows] = 0
+                draws[dev_rows] += 1
+
+            rows = active.nonzero().squeeze(1)
+            if cfg.selection == "greedy":  # the best of the pool, if it beats the current draft
+                pick = pool.reward[rows].argmax(1)
+                cand_r = pool.reward[rows, pick]
+                accept = cand_r > current[rows]
+                pool.next[rows] = N
+            else:  # candidates in drawn order: i.i.d., so this is a uniform selection
+                pick = pool.next[rows]
+                cand_r = pool.reward[rows, pick]
+                if cfg.selection == "remask_only":
+                    accept = torch.ones(len(rows), dtype=torch.bool)
+                else:
+                    u = rng.uniform(rng.derive(state.keys[rows.to(device)], 3, t, it),
+                                    torch.zeros((len(rows), 1), dtype=torch.long, device=device))
+                    accept = torch.log(u.squeeze(1).double().cpu()) < self.log_acceptance(cand_r, current[rows])
+                pool.next[rows] = torch.where(accept, torch.full_like(pick, N), pick + 1)
+            state.proposed[rows] += 1
+            state.accepted[rows] += accept.double()
+            won = rows[accept]
+            if len(won):
+                self.take(state, pool, won.to(device), pick[accept].to(device))
+                current[won] = cand_r[accept]
+            if cfg.adaptive:
+                active &= current < cfg.accept_reward

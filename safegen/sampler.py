@@ -1,0 +1,460 @@
+"""LLaDA's masked-diffusion sampler, batched, with an extension point for refinement.
+
+Generation starts from the prompt followed by G mask tokens and unmasks them over T steps
+(LLaDA, Nie et al. 2025, Alg. 2 and its "semi-autoregressive remasking"):
+
+* the G positions are split into blocks of `block_length`; each block gets T / n_blocks steps and only
+  positions of the current block may be committed;
+* the linear noise schedule implies a constant number of commits per step: `n_masked // steps`, the
+  remainder going to the first steps;
+* each step makes one forward over the whole sequence, proposes a token for every masked position of
+  the block (argmax, or Gumbel-max at temperature > 0), scores it ("low_confidence": the model's
+  probability of that token; "random": uniform noise) and commits the best-scoring positions.
+  Committed tokens are never re-masked by the base sampler.
+
+The per-step hook (`StepHook`) is where IterRef and FK-steering plug in: it sees the state after the
+step's forward and may replace the draft, provided the number of decoded tokens stays the same.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from . import rng
+from .profile import ModelProfile
+
+REMASKING = ("low_confidence", "random")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+@dataclass
+class SamplingConfig:
+    """LLaDA's sampling settings, with the names of the LLaDA reference code."""
+
+    max_new_tokens: int = 128  # G, the generation length (LLaDA's gen_length)
+    steps: int = 128  # T, denoising steps over the whole generation
+    block_length: int = 32
+    temperature: float = 0.0  # 0: argmax candidates; > 0: Gumbel-max sampling
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0  # unsupervised classifier-free guidance; 0 disables it
+    logits_eos_inf: bool = False  # forbid EOS as a candidate token
+    confidence_eos_eot_inf: bool = False  # commit EOS/EOT candidates only when nothing else is left
+
+    def validate(self) -> "SamplingConfig":
+        for name in ("max_new_tokens", "steps", "block_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"sampling.{name} must be a positive integer, got {value!r}")
+        if self.max_new_tokens % self.block_length:
+            raise ConfigError(
+                f"sampling.max_new_tokens ({self.max_new_tokens}) must be a multiple of "
+                f"sampling.block_length ({self.block_length})")
+        if self.steps % self.n_blocks:
+            raise ConfigError(
+                f"sampling.steps ({self.steps}) must be a multiple of the number of blocks "
+                f"({self.n_blocks} = max_new_tokens / block_length)")
+        if self.steps > self.max_new_tokens:
+            raise ConfigError(
+                f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
+                f"({self.max_new_tokens}): a step would commit nothing")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature!r}")
+        if self.remasking not in REMASKING:
+            raise ConfigError(f"sampling.remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if not (isinstance(self.cfg_scale, (int, float)) and self.cfg_scale >= 0):
+            raise ConfigError(f"sampling.cfg_scale must be >= 0, got {self.cfg_scale!r}")
+        return self
+
+    def updated(self, **overrides) -> "SamplingConfig":
+        """A validated copy with some fields replaced; unknown names are an error."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown sampling option(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **overrides).validate()
+
+    @property
+    def n_blocks(self) -> int:
+        return self.max_new_tokens // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.n_blocks
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Commits per step in a full block (at least 1): the pace proposals re-denoise at."""
+        return max(1, self.block_length // self.steps_per_block)
+
+
+@dataclass
+class Prediction:
+    """What one forward says about a state, in the generation region (n, G).
+
+    candidates: the token each committable position would take (sampled); elsewhere x̂0.
+    confidence: the commit score of committable positions, -inf elsewhere.
+    xhat0: the predicted clean sequence (masks filled by argmax), which IterRef's reward reads.
+    """
+
+    candidates: torch.Tensor
+    confidence: torch.Tensor
+    xhat0: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "Prediction":
+        return Prediction(self.candidates[index], self.confidence[index], self.xhat0[index])
+
+    @staticmethod
+    def cat(preds: Sequence["Prediction"]) -> "Prediction":
+        return Prediction(*(torch.cat([getattr(p, f) for p in preds]) for f in
+                            ("candidates", "confidence", "xhat0")))
+
+
+@dataclass
+class SamplerState:
+    """A batch in flight. Row i's generation region is x[i, prompt_length:]."""
+
+    x: torch.Tensor  # (B, P+G) token ids, prompt left padded
+    attention_mask: Optional[torch.Tensor]  # (B, P+G) or None when nothing is padded
+    prompt_length: int
+    keys: torch.Tensor  # (B,) per-row random keys (rng.seed_keys of the row seeds)
+    block: int = 0
+    step: int = 0  # step within the block; == steps_per_block at the "block finished" point
+    pred: Optional[Prediction] = None  # prediction at x for the next commit; None when stale
+    logits: Optional[torch.Tensor] = None  # the last base forward's logits, generation region
+    # Accounting per row (algorithm.md §5): denoiser forward rows, reward texts, proposals.
+    rows: torch.Tensor = None
+    reward_calls: torch.Tensor = None
+    proposed: torch.Tensor = None
+    accepted: torch.Tensor = None
+
+    def __post_init__(self):
+        for name in ("rows", "reward_calls", "proposed", "accepted"):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.x.shape[0], dtype=torch.float64))
+
+    @property
+    def gen(self) -> torch.Tensor:
+        return self.x[:, self.prompt_length:]
+
+    def copy(self) -> "SamplerState":
+        s = replace(self, x=self.x.clone())
+        for name in ("rows", "reward_calls", "proposed", "accepted"):
+            setattr(s, name, torch.zeros_like(getattr(self, name)))
+        return s
+
+    def select(self, index: torch.Tensor) -> "SamplerState":
+        """The rows `index` as a new state (used by resampling and Best-of-N bookkeeping)."""
+        s = replace(self, x=self.x[index], keys=self.keys[index],
+                    attention_mask=None if self.attention_mask is None else self.attention_mask[index],
+                    pred=None if self.pred is None else self.pred.select(index),
+                    logits=None if self.logits is None else self.logits[index])
+        for name in ("rows", "reward_calls", "proposed", "accepted"):
+            setattr(s, name, getattr(self, name)[index.cpu()].clone())
+        return s
+
+
+class StepHook(Protocol):
+    """An extension of the sampler at chosen (block, step) points.
+
+    `applies(block, step, steps_per_block)` is asked before each commit (step < steps_per_block) and
+    once when a block is finished (step == steps_per_block). When it answers True the sampler calls
+    `hook(sampler, state)` with `state.pred` and `state.logits` fresh for `state.x`. The hook may
+    replace `state.x` and `state.pred` (keeping every row's number of decoded tokens) and must add
+    what it spends to the state's accounting tensors.
+    """
+
+    def applies(self, block: int, step: int, steps_per_block: int) -> bool: ...
+
+    def __call__(self, sampler: "DiffusionSampler", state: SamplerState) -> None: ...
+
+
+@dataclass
+class SampleOutput:
+    sequences: torch.Tensor  # (B, P+G) prompt + generation, stop-cut and padded
+    rows: torch.Tensor  # (B,) denoiser forward rows spent per sample
+    reward_calls: torch.Tensor  # (B,) texts scored by the reward per sample
+    proposed: torch.Tensor  # (B,) refinement proposals examined
+    accepted: torch.Tensor  # (B,) refinement proposals accepted
+    seconds: float  # wall time of the whole batch
+    # Plain sampling of the same prompts and seeds, forked where refinement first applied.
+    plain_sequences: Optional[torch.Tensor] = None
+    plain_rows: Optional[torch.Tensor] = None  # extra denoiser rows the plain branch cost
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> torch.Tensor:
+        return torch.where(self.proposed > 0, self.accepted / self.proposed.clamp(min=1),
+                           torch.full_like(self.proposed, float("nan")))
+
+
+def _accepts_attention_mask(model) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "attention_mask" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Commits per step for each row, (B, steps). A linear schedule moves the same expected mass
+    per step, so the count is constant: n // steps, with the remainder on the first steps."""
+    base = (n_masked // steps)[:, None]
+    extra = (torch.arange(steps, device=n_masked.device)[None, :] < (n_masked % steps)[:, None])
+    return base + extra.long()
+
+
+class DiffusionSampler:
+    """LLaDA's sampler around any mask predictor.
+
+    `model(input_ids=..., attention_mask=...)` may return logits or an object with `.logits`,
+    shape (B, L, V). Models whose forward has no `attention_mask` are called without one.
+    """
+
+    def __init__(self, model: torch.nn.Module, profile: ModelProfile | int,
+                 config: SamplingConfig | None = None):
+        if isinstance(profile, int):
+            profile = ModelProfile(mask_id=profile)
+        self.model = model
+        self.profile = profile
+        self.config = (config or SamplingConfig()).validate()
+        self.mask_id = profile.mask_id
+        self._passes_mask = _accepts_attention_mask(model)
+        self._stop = torch.tensor(profile.stop_ids, dtype=torch.long)
+
+    # ----------------------------------------------------------------- building blocks
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except (StopIteration, AttributeError):
+            return torch.device("cpu")
+
+    def forward(self, state: SamplerState, x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Logits of the generation region for the rows `x` (n, P+G); `owner` (n,) names the state
+        row each one is charged to. CFG doubles the rows (a second pass with the prompt masked)."""
+        attn = None if state.attention_mask is None else state.attention_mask[owner]
+        P = state.prompt_length
+        if self.config.cfg_scale > 0:
+            uncond = x.clone()
+            prompt = uncond[:, :P]
+            real = torch.ones_like(prompt, dtype=torch.bool) if attn is None else attn[:, :P].bool()
+            prompt[real] = self.mask_id
+            both = self._call(torch.cat([x, uncond]), None if attn is None else torch.cat([attn, attn]))
+            cond, unc = both.chunk(2)
+            logits = unc + (self.config.cfg_scale + 1) * (cond - unc)
+            per_row = 2.0
+        else:
+            logits = self._call(x, attn)
+            per_row = 1.0
+        state.rows.index_add_(0, owner.cpu(), torch.full((len(owner),), per_row, dtype=torch.float64))
+        return logits[:, P:]
+
+    def _call(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
+        kwargs = {"input_ids": x}
+        if attn is not None and self._passes_mask:
+            kwargs["attention_mask"] = attn
+        out = self.model(**kwargs)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        if self.profile.shift_logits:  # Dream-style: position i-1 predicts token i
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def predict(self, logits: torch.Tensor, x_gen: torch.Tensor, committable: torch.Tensor,
+                keys: torch.Tensor, temperature: float) -> Prediction:
+        """Candidates and confidences for the committable positions, and x̂0 for all of them.
+
+        Only the committable positions are sampled, in float32: the reference code draws float64
+        Gumbel noise over the full vocabulary of every position, gigabytes at batch 8.
+        """
+        cfg = self.config
+        masked = x_gen == self.mask_id
+        V = logits.shape[-1]
+        if self.mask_id < V:  # the mask is never a prediction, even from an untrained model
+            logits[..., self.mask_id] = float("-inf")
+        if cfg.logits_eos_inf and self.profile.eos_id is not None:
+            logits[..., self.profile.eos_id] = float("-inf")
+        xhat0 = torch.where(masked, logits.argmax(-1), x_gen)
+        candidates = xhat0.clone()
+        confidence = torch.full(x_gen.shape, float("-inf"), device=x_gen.device)
+        width = int(committable.sum(1).max()) if committable.numel() else 0
+        if width == 0:
+            return Prediction(candidates, confidence, xhat0)
+        # The committable positions of each row, packed to the left (padding marked by `valid`).
+        order = torch.argsort(committable.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+        valid = committable.gather(1, order)
+        lg = logits.gather(1, order[..., None].expand(-1, -1, V)).float()
+        if temperature > 0:
+            # Gumbel-max; element ids are (position, token), so the noise of a position does not
+            # depend on which other positions happen to be committable.
+            index = order[..., None] * V + torch.arange(V, device=lg.device)
+            picked = (lg + temperature * rng.gumbel(keys, index)).argmax(-1)
+        else:
+            picked = lg.argmax(-1)
+        if cfg.remasking == "low_confidence":
+            score = torch.softmax(lg, -1).gather(-1, picked[..., None]).squeeze(-1)
+        else:
+            score = rng.uniform(rng.derive(keys, 1), order)
+        if cfg.confidence_eos_eot_inf and len(self._stop):
+            # Below every real score, above the -inf of non-committable positions.
+            score = torch.where(torch.isin(picked, self._stop.to(picked.device)),
+                                torch.full_like(score, -1.0), score)
+        score = torch.where(valid, score, torch.full_like(score, float("-inf")))
+        candidates.scatter_(1, order, torch.where(valid, picked, candidates.gather(1, order)))
+        confidence.scatter_(1, order, score)
+        return Prediction(candidates, confidence, xhat0)
+
+    @staticmethod
+    def commit(x_gen: torch.Tensor, pred: Prediction, n_commit: torch.Tensor) -> torch.Tensor:
+        """Commit each row's `n_commit` highest-confidence candidates (n_commit <= committable)."""
+        order = torch.argsort(pred.confidence, dim=1, descending=True)
+        rank_ok = torch.arange(x_gen.shape[1], device=x_gen.device)[None, :] < n_commit[:, None]
+        chosen = torch.zeros_like(rank_ok).scatter_(1, order, rank_ok)
+        return torch.where(chosen, pred.candidates, x_gen)
+
+    def block_slice(self, block: int) -> slice:
+        bl = self.config.block_length
+        return slice(block * bl, (block + 1) * bl)
+
+    def committable(self, x_gen: torch.Tensor, block: int) -> torch.Tensor:
+        """Masked positions of `block` (none once past the last block)."""
+        c = torch.zeros_like(x_gen, dtype=torch.bool)
+        if block < self.config.n_blocks:
+            sl = self.block_slice(block)
+            c[:, sl] = x_gen[:, sl] == self.mask_id
+        return c
+
+    def step_keys(self, state: SamplerState, keys: torch.Tensor | None = None,
+                  ahead: int = 0) -> torch.Tensor:
+        """The keys of the base step the state is at (plus `ahead`); the same for a row and all its
+        proposals, so an accepted proposal continues with exactly the noise its parent would use."""
+        t = state.block * self.config.steps_per_block + state.step + ahead
+        return rng.derive(state.keys if keys is None else keys, 0, t)
+
+    def next_block(self, state: SamplerState) -> int:
+        """The block the next commit goes to (the post-block point looks ahead)."""
+        return state.block + (state.step == self.config.steps_per_block)
+
+    def refresh(self, state: SamplerState) -> None:
+        """Make state.pred current: one forward, unless nothing is masked (then x̂0 = x)."""
+        if state.pred is not None:
+            return
+        gen = state.gen
+        if not (gen == self.mask_id).any():
+            state.pred = Prediction(gen.clone(), torch.full(gen.shape, float("-inf"), device=gen.device),
+                                    gen.clone())
+            return
+        owner = torch.arange(gen.shape[0], device=gen.device)
+        state.logits = self.forward(state, state.x, owner)
+        state.pred = self.predict(state.logits, gen, self.committable(gen, self.next_block(state)),
+                                  self.step_keys(state), self.config.temperature)
+
+    def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
+        """One base step: commit from the current prediction. Baselines override this."""
+        self.refresh(state)
+        state.x[:, state.prompt_length:] = self.commit(state.gen, state.pred, n_commit)
+        state.pred = None
+
+    # ----------------------------------------------------------------- the sampling loop
+    def start(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+              seeds) -> SamplerState:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        device = self.device
+        B, P = input_ids.shape
+        G = self.config.max_new_tokens
+        x = torch.full((B, P + G), self.mask_id, dtype=torch.long, device=device)
+        x[:, :P] = input_ids.to(device)
+        if (x[:, :P] == self.mask_id).any():
+            raise ValueError("input_ids contain the mask token id: the prompt would be denoised")
+        attn = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
+                                 f"input_ids shape {tuple(input_ids.shape)}")
+            if not bool(attention_mask.bool().all()):
+                attn = torch.ones((B, P + G), dtype=torch.long, device=device)
+                attn[:, :P] = attention_mask.to(device).long()
+        return SamplerState(x=x, attention_mask=attn, prompt_length=P, keys=row_keys(seeds, B, device))
+
+    def run(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+            seeds=0, hook: Optional[StepHook] = None, fork_plain: bool = False) -> SampleOutput:
+        """Sample a generation for each prompt row.
+
+        seeds: one int (row i gets seed + i) or one int per row. A row's output depends only on its
+        prompt and its seed. fork_plain: also return what plain sampling gives for the same prompts
+        and seeds, by copying the state where the hook first applies (the shared prefix is not
+        recomputed; the copy's extra forwards are reported in plain_rows).
+        """
+        t0 = time.perf_counter()
+        cfg = self.config
+        S = cfg.steps_per_block
+        state = self.start(input_ids, attention_mask, seeds)
+        plain: Optional[SamplerState] = None
+        with torch.inference_mode():
+            for block in range(cfg.n_blocks):
+                state.block = block
+                sl = self.block_slice(block)
+                counts = transfer_counts((state.gen[:, sl] == self.mask_id).sum(1), S)
+                for step in range(S + 1):
+                    state.step = step
+                    if plain is not None:
+                        plain.block, plain.step = block, step
+                    if hook is not None and hook.applies(block, step, S):
+                        self.refresh(state)
+                        if fork_plain and plain is None:
+                            plain = state.copy()
+                        hook(self, state)
+                    if step < S:
+                        self.advance(state, counts[:, step])
+                        if plain is not None:
+                            self.advance(plain, counts[:, step])
+        out = SampleOutput(
+            sequences=self.cut_at_stop(state.x, state.prompt_length),
+            rows=state.rows, reward_calls=state.reward_calls, proposed=state.proposed,
+            accepted=state.accepted, seconds=time.perf_counter() - t0)
+        if fork_plain:
+            out.plain_sequences = out.sequences.clone() if plain is None else \
+                self.cut_at_stop(plain.x, plain.prompt_length)
+            out.plain_rows = torch.zeros_like(state.rows) if plain is None else plain.rows
+        return out
+
+    def cut_at_stop(self, x: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """Everything after the first EOS/EOT of the generation becomes padding."""
+        if not len(self._stop):
+            return x.clone()
+        gen = x[:, prompt_length:]
+        stop = torch.isin(gen, self._stop.to(gen.device)).long()
+        after = (stop.cumsum(1) - stop) > 0
+        pad = self.profile.pad_id if self.profile.pad_id is not None else self.profile.eos_id
+        out = x.clone()
+        out[:, prompt_length:] = torch.where(after, torch.full_like(gen, pad), gen)
+        return out
+
+
+def row_keys(seeds, batch: int, device) -> torch.Tensor:
+    """Per-row keys from one int (row i gets seed + i) or a sequence of `batch` ints."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds + i for i in range(batch)]
+    seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    if seeds.shape != (batch,):
+        raise ValueError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
+    if (seeds < 0).any():
+        raise ValueError("seeds must be non-negative")
+    return rng.seed_keys(seeds, device=device)
+
+
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, profile: ModelProfile | int,
+             attention_mask: Optional[torch.Tensor] = None, seeds=0,
+             config: SamplingConfig | None = None, hook: Optional[StepHook] = None,
+             **overrides) -> SampleOutput:
+    """One-call sampling: `generate(model, ids, mask_id, steps=64, temperature=0.5)`."""
+    config = (config or SamplingConfig()).updated(**overrides)
+    return DiffusionSampler(model, profile, config).run(input_ids, attention_mask, seeds, hook)
