@@ -1,0 +1,165 @@
+"""Test-time alignment baselines on the same sampler and accounting (algorithm.md §6).
+
+At budget b (a multiple of plain sampling's T denoiser rows per sample):
+  Best-of-N   N = b independent samples, keep the highest final reward;
+  SVDD-PM     M = b candidate next states per step, keep one weighted by exp(r(x̂0)/α);
+  FK-steering K = b particles, resampled every f steps by the potential exp(λ·(r_t − r_prev));
+  remask-only the IterRef kernel that accepts every proposal (RefineConfig(selection="remask_only")).
+Each returns a SampleOutput whose rows/reward_calls are per prompt (summed over its samples or
+particles), so all methods compare at equal denoiser rows.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from . import rng
+from .refine import Reward
+from .sampler import DiffusionSampler, Prediction, SampleOutput, SamplerState, row_keys
+
+
+def _expand(input_ids, attention_mask, seeds, n: int):
+    """Each prompt n times, with n seeds per prompt derived from the prompt's own seed."""
+    B = input_ids.shape[0]
+    base = row_keys(seeds, B, torch.device("cpu"))
+    sub = rng.derive(base.repeat_interleave(n), 7, torch.arange(n).repeat(B))
+    ids = input_ids.repeat_interleave(n, 0)
+    attn = None if attention_mask is None else attention_mask.repeat_interleave(n, 0)
+    return ids, attn, sub.tolist()
+
+
+def _group_sum(v: torch.Tensor, n: int) -> torch.Tensor:
+    return v.view(-1, n).sum(1)
+
+
+def _final_reward(sampler: DiffusionSampler, reward: Reward, sequences: torch.Tensor, P: int) -> torch.Tensor:
+    return torch.as_tensor(reward(sequences[:, P:]), dtype=torch.float64).reshape(-1).cpu()
+
+
+def _best_per_prompt(sampler, out: SampleOutput, r: torch.Tensor, n: int, P: int,
+                     t0: float) -> SampleOutput:
+    best = r.view(-1, n).argmax(1) + torch.arange(r.numel() // n) * n
+    return SampleOutput(sequences=out.sequences[best.to(out.sequences.device)],
+                        rows=_group_sum(out.rows, n), reward_calls=_group_sum(out.reward_calls, n),
+                        proposed=_group_sum(out.proposed, n), accepted=_group_sum(out.accepted, n),
+                        seconds=time.perf_counter() - t0, extras={"final_reward": r.view(-1, n).max(1).values})
+
+
+def best_of_n(sampler: DiffusionSampler, input_ids, reward: Reward, n: int,
+              attention_mask=None, seeds=0) -> SampleOutput:
+    t0 = time.perf_counter()
+    ids, attn, sub = _expand(input_ids, attention_mask, seeds, n)
+    out = sampler.run(ids, attn, sub)
+    P = input_ids.shape[1]
+    r = _final_reward(sampler, reward, out.sequences, P)
+    out.reward_calls += 1
+    return _best_per_prompt(sampler, out, r, n, P, t0)
+
+
+class SVDDSampler(DiffusionSampler):
+    """SVDD-PM (Li et al. 2024): at every step, M candidate next states from M independent draws of
+    the step's noise; one is kept with probability ∝ exp(r(x̂0)/α) (α = 0: the best). The forward
+    that scores a candidate is the next step's forward, so a step costs M rows."""
+
+    def __init__(self, model, profile, config, reward: Reward, n_candidates: int, alpha: float = 0.0):
+        super().__init__(model, profile, config)
+        if n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+        self.reward, self.M, self.alpha = reward, n_candidates, alpha
+
+    def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
+        self.refresh(state)
+        B, G = state.gen.shape
+        M, device, P = self.M, state.x.device, state.prompt_length
+        S = self.config.steps_per_block
+        rows = torch.arange(B, device=device).repeat_interleave(M)
+        j = torch.arange(M, device=device).repeat(B)
+        # Candidate 0 uses the step's own noise, so M = 1 is exactly plain sampling.
+        keys = torch.where(j == 0, self.step_keys(state)[rows], rng.derive(state.keys[rows], 9, state.block * S + state.step, j))
+        gen = state.gen[rows]
+        committable = self.committable(gen, state.block)
+        pred = self.predict(state.logits[rows], gen, committable, keys, self.config.temperature)
+        gen = self.commit(gen, pred, n_commit[rows])
+        last = state.block == self.config.n_blocks - 1 and state.step == S - 1
+        if last:  # fully decoded: x̂0 is the candidate, no forward
+            nxt = Prediction(gen.clone(), torch.full(gen.shape, float("-inf"), device=device), gen.clone())
+        else:
+            logits = self.forward(state, torch.cat([state.x[rows, :P], gen], 1), rows)
+            next_block = state.block + (state.step + 1 == S)
+            nxt = self.predict(logits, gen, self.committable(gen, next_block),
+                               self.step_keys(state, state.keys[rows], ahead=1), self.config.temperature)
+        r = torch.as_tensor(self.reward(nxt.xhat0), dtype=torch.float64).view(B, M).cpu()
+        state.reward_calls += M
+        if self.alpha > 0:
+            u = rng.uniform(rng.derive(state.keys, 10, state.block * S + state.step),
+                            torch.arange(M, device=device).expand(B, M)).double().cpu()
+            choice = (r / self.alpha - torch.log(-torch.log(u))).argmax(1)  # Gumbel-max over candidates
+        else:
+            choice = r.argmax(1)
+        chosen = (torch.arange(B) * M + choice).to(device)
+        state.x = torch.cat([state.x[:, :P], gen[chosen]], 1)
+        state.pred = None if last else nxt.select(chosen)
+        # The next step draws its M candidates from these logits again (a copy of B rows only).
+        state.logits = None if last else logits[chosen]
+
+
+def svdd(sampler: DiffusionSampler, input_ids, reward: Reward, n_candidates: int,
+         alpha: float = 0.0, attention_mask=None, seeds=0) -> SampleOutput:
+    s = SVDDSampler(sampler.model, sampler.profile, sampler.config, reward, n_candidates, alpha)
+    return s.run(input_ids, attention_mask, seeds)
+
+
+class FKSteering:
+    """Feynman-Kac steering (Singhal et al. 2025) as a step hook over K particles per prompt.
+
+    Every `every` base steps (and when the generation is complete) particles are weighted by the
+    potential exp(λ·(r_t − r_prev)), r of their x̂0, and resampled multinomially within their prompt.
+    Resampled copies get fresh keys, or they would follow identical futures.
+    """
+
+    def __init__(self, reward: Reward, n_particles: int, every: int = 20, lam: float = 10.0):
+        if n_particles < 1 or every < 1:
+            raise ValueError("n_particles and every must be >= 1")
+        self.reward, self.K, self.every, self.lam = reward, n_particles, every, lam
+        self.r_prev: Optional[torch.Tensor] = None
+        self.resamplings = 0
+
+    def applies(self, block: int, step: int, S: int) -> bool:
+        t = block * S + step
+        return step >= 1 and t % self.every == 0 and self.K > 1
+
+    def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:
+        B = state.x.shape[0]
+        r = torch.as_tensor(self.reward(state.pred.xhat0), dtype=torch.float64).reshape(-1).cpu()
+        state.reward_calls += 1
+        if self.r_prev is None:
+            self.r_prev = torch.zeros(B, dtype=torch.float64)
+        logw = (self.lam * (r - self.r_prev)).view(-1, self.K)
+        u = rng.uniform(rng.derive(state.keys.view(-1, self.K)[:, 0], 11, self.resamplings),
+                        torch.arange(self.K, device=state.keys.device).expand(B // self.K, self.K)).double().cpu()
+        # Multinomial resampling by inverse CDF with one uniform per particle.
+        w = torch.softmax(logw, 1)
+        cdf = w.cumsum(1)
+        cdf[:, -1] = 1.0
+        pick = torch.searchsorted(cdf, u.contiguous()).clamp(max=self.K - 1)
+        idx = (pick + torch.arange(B // self.K)[:, None] * self.K).reshape(-1)
+        dev_idx = idx.to(state.x.device)
+        state.x = state.x[dev_idx]
+        state.pred = state.pred.select(dev_idx)
+        state.logits = None if state.logits is None else state.logits[dev_idx]
+        state.keys = rng.derive(state.keys[dev_idx], 12, self.resamplings, torch.arange(B, device=state.x.device))
+        self.r_prev = r[idx]
+        self.resamplings += 1
+
+
+def fk_steering(sampler: DiffusionSampler, input_ids, reward: Reward, n_particles: int,
+                every: int = 20, lam: float = 10.0, attention_mask=None, seeds=0) -> SampleOutput:
+    t0 = time.perf_counter()
+    ids, attn, sub = _expand(input_ids, attention_mask, seeds, n_particles)
+    out = sampler.run(ids, attn, sub, hook=FKSteering(reward, n_particles, every, lam))
+    P = input_ids.shape[1]
+    r = _final_reward(sampler, reward, out.sequences, P)
+    out.reward_calls += 1
+    return _best_per_prompt(sampler, out, r, n_particles, P, t0)
