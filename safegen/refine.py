@@ -44,7 +44,7 @@ class RefineConfig:
     schedule: str = "late"  # where to refine (§4): late | evenly | final | steps
     start: float = 0.75  # late: refine once this share of the block is decoded
     every: int = 1  # evenly: refine after every m-th step
-    steps: tuple = ()  # schedule "steps": base steps (1..T) after which to refine
+    at_steps: tuple = ()  # schedule "steps": base steps (1..T) after which to refine
     scope: str = "block"  # re-mask the current block only, or "all" generated tokens so far
     selection: str = "mh"  # mh | greedy | remask_only (ablations, §3)
     proposal_temperature: float = 1.0  # proposals must be stochastic even when sampling is greedy
@@ -70,9 +70,9 @@ class RefineConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"refine.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.schedule == "steps":
-            if not self.steps or not all(isinstance(s, int) and s >= 1 for s in self.steps):
-                raise ConfigError(f"refine.steps must be a non-empty list of steps >= 1 for "
-                                  f"schedule 'steps', got {self.steps!r}")
+            if not self.at_steps or not all(isinstance(s, int) and s >= 1 for s in self.at_steps):
+                raise ConfigError(f"refine.at_steps must be a non-empty list of steps >= 1 for "
+                                  f"schedule 'steps', got {self.at_steps!r}")
         if self.scope not in SCOPES:
             raise ConfigError(f"refine.scope must be one of {SCOPES}, got {self.scope!r}")
         if self.selection not in SELECTIONS:
@@ -91,8 +91,8 @@ class RefineConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"unknown refine option(s) {unknown}; known: {sorted(known)}")
-        if "steps" in overrides:
-            overrides["steps"] = tuple(overrides["steps"])
+        if "at_steps" in overrides:
+            overrides["at_steps"] = tuple(overrides["at_steps"])
         return replace(self, **overrides).validate()
 
     def applies(self, block: int, step: int, steps_per_block: int) -> bool:
@@ -107,7 +107,7 @@ class RefineConfig:
             return t % self.every == 0
         if self.schedule == "final":
             return step == steps_per_block
-        return t in self.steps
+        return t in self.at_steps
 
 
 @dataclass

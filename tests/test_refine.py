@@ -90,7 +90,7 @@ def test_rows_match_formula(n, k, rho, schedule, scope):
     m = ScriptedModel(input_weight=1.0)
     cfg = SamplingConfig(max_new_tokens=8, steps=8, block_length=4, temperature=0.5)
     rc = RefineConfig(n_proposals=n, iterations=k, rho=rho, schedule=schedule, start=0.5, scope=scope,
-                      steps=(3, 8), selection="remask_only")
+                      at_steps=(3, 8), selection="remask_only")
     reward = lambda ids: -(ids == 0).sum(1).double()
     B = 3
     sampler = DiffusionSampler(m, m.mask_id, cfg)
@@ -168,7 +168,7 @@ def test_refine_config_errors_name_the_field():
             RefineConfig(**{field: value}).validate()
     with pytest.raises(ConfigError, match="accept_reward"):
         RefineConfig(adaptive=True).validate()
-    with pytest.raises(ConfigError, match="refine.steps"):
+    with pytest.raises(ConfigError, match="refine.at_steps"):
         RefineConfig(schedule="steps").validate()
     with pytest.raises(ConfigError, match="unknown refine option"):
         RefineConfig().updated(temperature=1.0)

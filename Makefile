@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# The virtualenv gets the CPU build of torch first (TORCH below), so nothing pulls a CUDA build;
+# on a GPU machine set TORCH=torch (or install safegen with plain pip) for the normal build.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench-smoke clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Detoxify a shipped prompt file with the TINY RANDOM offline model and the offline policy.
+demo: $(STAMP)
+	$(PY) -m safegen tiny-model runs/tiny-model
+	$(PY) -m safegen detoxify examples/prompts.txt -o runs/demo.jsonl \
+		--model runs/tiny-model --quantization none --policy offline \
+		--samples 2 --max-new-tokens 16 --steps 16 --block-length 16 --temperature 1.0 --seed 0
+	@echo "Reports: runs/demo.jsonl (one JSON line per sample; rerunning resumes, finished samples are kept)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from safegen.generator import SafeGenerator
+from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig
+
+SAMPLING = dict(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_generator_parts):
+    model, tokenizer, profile = tiny_generator_parts
+    return SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling=SAMPLING,
+                         refinement=dict(n_proposals=2, iterations=2, schedule="final", adaptive=False))
+
+
+def prompts(generator, texts):
+    return generator.encode_prompts(texts)
+
+
+def test_drop_in_generate_contract(generator):
+    ids, attn, _ = prompts(generator, ["Go away, you", "On this late November afternoon, we"])
+    out = generator.generate(ids, attention_mask=attn, seed=3)
+    assert out.dtype == torch.long and out.shape == (2, ids.shape[1] + 8)
+    assert torch.equal(out[:, : ids.shape[1]], ids)  # prompt prefix, left padding included
+    assert not (out == generator.profile.mask_id).any()
+    # Padded after the first stop token.
+    stops = torch.tensor(generator.profile.stop_ids)
+    for row in out[:, ids.shape[1]:]:
+        hit = torch.isin(row, stops).nonzero()
+        if len(hit):
+            assert (row[hit[0, 0] + 1:] == generator.profile.pad_id).all()
+
+
+def test_refinement_off_is_plain_sampling(generator):
+    ids, attn, _ = prompts(generator, ["Go away, you", "Hello"])
+    out = generator.generate(ids, attention_mask=attn, seed=5, refine=False)
+    plain = DiffusionSampler(generator.model, generator.profile, SamplingConfig(**SAMPLING)).run(ids, attn, [5, 6])
+    assert torch.equal(out, plain.sequences)
+    res = generator.generate(ids, attention_mask=attn, seed=5, refine=False, return_dict_in_generate=True)
+    for r in res.reports:
+        assert r.text_before == r.text_after and r.nfe == 8 and r.nfe_before == 0 and not r.refined
+
+
+def test_reports_consistent_with_accounting(generator):
+    ids, attn, _ = prompts(generator, ["Go suck a", "The weather"])
+    res = generator.generate(ids, attention_mask=attn, seed=0, return_dict_in_generate=True)
+    plain = generator.generate(ids, attention_mask=attn, seed=0, refine=False)
+    for i, r in enumerate(res.reports):
+        # "Before" is plain sampling for the same prompt and seed.
+        assert r.text_before == generator.policy.reward_fn(generator.tokenizer, generator.profile.stop_ids) \
+            .decode(plain[i:i + 1, ids.shape[1]:])[0]
+        # final schedule, k=2, N=2, rho=0.25 of 8 -> m=2 one-token sub-steps, no scoring forward at the end.
+        assert r.nfe <= 8 + 2 * 2 * 2 and r.nfe > 8
+        assert r.nfe_before == 0  # the fork happens after the last step: plain costs nothing extra
+        assert r.reward_calls >= 1 + 2
+        assert 0 <= (r.acceptance_rate or 0) <= 1
+        assert r.toxic_after == (r.toxicity_after["aggregate"] >= generator.policy.threshold or r.toxic_after)
+        assert r.seed == i
+
+
+def test_kwargs_override_and_unknown_kwargs(generator):
+    ids, attn, _ = prompts(generator, ["Hi"])
+    out = generator.generate(ids, attention_mask=attn, max_new_tokens=4, steps=4, block_length=4)
+    assert out.shape[1] == ids.shape[1] + 4
+    with pytest.raises(TypeError, match="max_length_typo"):
+        generator.generate(ids, max_length_typo=3)
+    with pytest.raises(ConfigError, match="refine.rho"):
+        generator.generate(ids, rho=2.0)
+    from transformers import GenerationConfig
+    gc = GenerationConfig(max_new_tokens=4, do_sample=False, temperature=0.7)
+    a = generator.generate(ids, attention_mask=attn, generation_config=gc, steps=4, block_length=4, refine=False, seed=1)
+    b = generator.generate(ids, attention_mask=attn, generation_config=gc, steps=4, block_length=4, refine=False, seed=2)
+    assert torch.equal(a, b)  # do_sample=False: greedy, so the seed does not matter
+
+
+def test_on_toxic_actions(tiny_generator_parts):
+    from safegen.policy import load_policy
+    model, tokenizer, profile = tiny_generator_parts
+    policy = load_policy("offline")
+    policy.threshold = 0.0  # everything is "toxic": the action must fire
+    policy.on_toxic = "refuse"
+    g = SafeGenerator(model, tokenizer, policy=policy, profile=profile, sampling=SAMPLING,
+                      refinement=dict(n_proposals=2, iterations=1, schedule="final"))
+    ids, attn, _ = g.encode_prompts(["Hello there"])
+    res = g.generate(ids, attention_mask=attn, return_dict_in_generate=True)
+    assert res.reports[0].action == "refuse" and res.reports[0].text == policy.refusal_text
+    decoded = g.tokenizer.decode(res.sequences[0, ids.shape[1]:], skip_special_tokens=True)
+    assert decoded.split()[:2] == g.tokenizer.decode(g.tokenizer(policy.refusal_text, add_special_tokens=False)["input_ids"]).split()[:2]
+    policy.on_toxic = "best"
+    r = g.generate_text("Hello there", seed=0)[0]
+    assert r.action == "best"
+    assert r.text == (r.text_before if r.toxicity_before["aggregate"] < r.toxicity_after["aggregate"] else r.text_after)
+
+
+def test_generate_text_applies_chat_template(generator):
+    reports = generator.generate_text(["you are a", [{"role": "user", "content": "tell me"}]], seed=0)
+    assert len(reports) == 2 and reports[0].prompt == "you are a" and reports[1].prompt == "tell me"
+    ids, _, _ = generator.encode_prompts(["you are a"])
+    text = generator.tokenizer.decode(ids[0])
+    assert "<|start_header_id|>" in text and text.rstrip().endswith("<|end_header_id|>")
