@@ -1,0 +1,215 @@
+"""The `safegen` command line. Each subcommand is a function `(args) -> exit code` plus a line in
+COMMANDS that declares its arguments, so adding one touches nothing else."""
+from __future__ import annotations
+
+import argparse
+
+
+def tiny_model(args) -> int:
+    from .tiny import write_tiny_model
+
+    folder = write_tiny_model(args.directory, seed=args.seed)
+    print(f"wrote a tiny LLaDA-shaped model and tokenizer to {folder}")
+    return 0
+
+
+def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+
+
+# ------------------------------------------------------------------------------ model + policy
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    from .loading import DEFAULT_MODEL, QUANTIZATIONS
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id or local folder (default {DEFAULT_MODEL}, at a pinned revision)")
+    g.add_argument("--revision", default=None, help="hub revision (commit) to load")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="default 4bit (NF4)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repository's own code (LLaDA needs it; it runs code from the hub)")
+    g.add_argument("--device-map", default="auto", help="accelerate device map (default auto)")
+    g.add_argument("--policy", default="default", help="a policy name in policies/ or a YAML path (default: default)")
+
+    s = parser.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="generation length G (default 128)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps T (default: G)")
+    s.add_argument("--block-length", type=int, default=None, help="block length (default: min(G, 32))")
+    s.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0)")
+    s.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
+    s.add_argument("--cfg-scale", type=float, default=None)
+
+    r = parser.add_argument_group("refinement (IterRef)")
+    r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
+    r.add_argument("--proposals", dest="n_proposals", type=int, default=None, help="N per pool (default 4)")
+    r.add_argument("--iterations", type=int, default=None, help="k per refined step (default 2)")
+    r.add_argument("--rho", type=float, default=None, help="share re-masked per proposal (default 0.25)")
+    r.add_argument("--alpha", type=float, default=None, help="target temperature (default: the policy's)")
+    r.add_argument("--schedule", choices=("late", "evenly", "final", "steps"), default=None)
+    r.add_argument("--start", type=float, default=None, help="late: refine once this share of a block is decoded")
+    r.add_argument("--every", type=int, default=None, help="evenly: refine after every m-th step")
+    r.add_argument("--at-steps", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                   help="schedule steps: comma-separated base steps, e.g. 16,32")
+    r.add_argument("--scope", choices=("block", "all"), default=None)
+    r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None)
+    r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
+                   help="refine every sample, even those the policy already accepts (default: adaptive)")
+    r.add_argument("--budget", type=float, default=None, help="cap on denoiser rows per sample, x plain")
+    r.add_argument("--no-before", action="store_true",
+                   help="do not compute the unrefined 'before' sample (saves its denoiser rows)")
+
+
+def _sampling_options(args) -> dict:
+    opts = {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
+                                          "remasking", "cfg_scale") if getattr(args, k) is not None}
+    G = opts.setdefault("max_new_tokens", 128)
+    opts.setdefault("steps", G)
+    opts.setdefault("block_length", min(G, 32))
+    return opts
+
+
+def _refine_options(args) -> dict:
+    return {k: getattr(args, k) for k in ("n_proposals", "iterations", "rho", "alpha", "schedule", "start",
+                                          "every", "at_steps", "scope", "selection", "adaptive", "budget")
+            if getattr(args, k) is not None}
+
+
+def _build_generator(args, device_map=None):
+    from .generator import SafeGenerator
+    from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model
+    from .policy import load_policy
+
+    policy = load_policy(args.policy)  # before the model: a bad policy fails in a second, not minutes
+    revision = args.revision or (DEFAULT_REVISION if args.model == DEFAULT_MODEL else None)
+    model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=revision,
+                                           device_map=device_map or args.device_map,
+                                           trust_remote_code=args.trust_remote_code)
+    return SafeGenerator(model, tokenizer, policy=policy, profile=profile, sampling=_sampling_options(args),
+                         refinement=_refine_options(args), report_before=not args.no_before)
+
+
+def _max_prompt_tokens(generator, max_new_tokens: int):
+    limit = getattr(generator.model.config, "max_sequence_length", None) or \
+        getattr(generator.model.config, "max_position_embeddings", None)
+    # Leave room for the chat template's own tokens.
+    return None if limit is None else max(1, limit - max_new_tokens - 32)
+
+
+# ------------------------------------------------------------------------------ generate
+def generate(args) -> int:
+    gen = _build_generator(args)
+    opts = _sampling_options(args)
+    report = gen.generate_text(args.prompt, seed=args.seed, refine=not args.no_refine,
+                               max_prompt_tokens=_max_prompt_tokens(gen, opts["max_new_tokens"]))[0]
+    for label, text, tox in (("before", report.text_before, report.toxicity_before),
+                             ("after", report.text_after, report.toxicity_after)):
+        verdict = "TOXIC" if tox["toxic"] else "ok"
+        print(f"[{label}] toxicity {tox['aggregate']:.3f} ({verdict}): {text}")
+    if report.action not in ("none", "flag"):
+        print(f"[returned, {report.action}] {report.text}")
+    print(f"denoiser rows {report.nfe:.0f} (+{report.nfe_before:.0f} for 'before'), reward texts "
+          f"{report.reward_calls:.0f}, {report.seconds:.2f} s")
+    return 0
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--seed", type=int, default=0)
+    _model_arguments(parser)
+
+
+# ------------------------------------------------------------------------------ detoxify
+def detoxify(args) -> int:
+    import json
+    import os
+
+    from . import batch
+    from .policy import load_policy
+
+    if args.samples < 1 or args.batch_size < 1:
+        raise batch.InputError("--samples and --batch-size must be >= 1")
+    prompts = batch.read_prompts(args.input, field=args.field, skip_bad=args.skip_bad)
+    load_policy(args.policy)  # fail fast, before loading a model
+    shard = batch.Shard.from_env()
+    device_map = None
+    if shard.world > 1:
+        import torch
+        if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
+            device_map = {"": int(os.environ.get("LOCAL_RANK", shard.rank)) % torch.cuda.device_count()}
+    gen = _build_generator(args, device_map)
+    opts = _sampling_options(args)
+    limit = _max_prompt_tokens(gen, opts["max_new_tokens"])
+    fingerprint = {
+        "input": str(os.path.abspath(args.input)), "input_sha256": batch.file_digest(args.input),
+        "field": args.field, "skip_bad": args.skip_bad, "model": args.model, "revision": args.revision,
+        "quantization": args.quantization, "policy": args.policy,
+        "policy_sha256": batch.file_digest(gen.policy.source) if gen.policy.source else None,
+        "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
+        "report_before": not args.no_before,
+        "sampling": json.loads(json.dumps(vars(gen.sampling))),
+        "refinement": json.loads(json.dumps(vars(gen.refinement), default=list)),
+    }
+
+    def run(texts, seeds):
+        reports = gen.generate_text(list(texts), seeds=seeds, refine=not args.no_refine, max_prompt_tokens=limit)
+        return [r.to_dict() for r in reports]
+
+    records = batch.run_batch(prompts, args.output, run, samples=args.samples, seed=args.seed,
+                              batch_size=args.batch_size, fingerprint=fingerprint, shard=shard)
+    print(batch.format_summary(batch.summarize(records)))
+    print(f"reports: {args.output}" + ("" if shard.world == 1 else f" (this process: rank {shard.rank} of {shard.world})"))
+    return 0
+
+
+def _detoxify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="prompts: .txt (one per line), .jsonl (prompt / prompt.text / --field) or .csv")
+    parser.add_argument("-o", "--output", required=True, help="JSONL reports, one line per sample (resumable)")
+    parser.add_argument("--field", default=None, help="JSONL field (dotted, e.g. prompt.text) or CSV column")
+    parser.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of stopping")
+    parser.add_argument("--samples", type=int, default=1, help="generations per prompt (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    _model_arguments(parser)
+
+
+# name: (function, help, function adding the arguments)
+COMMANDS = {
+    "tiny-model": (tiny_model, "write a tiny random LLaDA-shaped model for offline tests and demos",
+                   _tiny_model_arguments),
+    "generate": (generate, "generate for one prompt and show the text before and after refinement",
+                 _generate_arguments),
+    "detoxify": (detoxify, "detoxify a file of prompts in batch, one JSONL report per sample",
+                 _detoxify_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safegen", description="Toxicity-safe generation for masked "
+                                     "diffusion language models (LLaDA).")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (function, help_text, add_arguments) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=function)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input or configuration (a one-line message, no traceback)."""
+    import logging
+    import sys
+
+    from .batch import InputError
+    from .loading import LoadError
+    from .policy import PolicyError
+    from .sampler import ConfigError
+
+    logging.basicConfig(level=logging.WARNING, format="safegen: %(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (InputError, PolicyError, ConfigError, LoadError) as e:
+        print(f"safegen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+

@@ -1,0 +1,252 @@
+"""A policy: what "toxic" means for one deployment, and the reward the sampler maximises.
+
+A policy runs its classifiers (each a scorer plus how to weigh it) over a batch of texts and
+combines their scores in three steps:
+
+  1. labels -> classifier:  s_c = max or mean over the classifier's counted labels
+  2. classifiers -> aggregate, over the soft (non-hard) classifiers, with weights w_c:
+       max            max_c s_c                      (weights unused: one confident detector is enough)
+       mean           (1/k) sum_c s_c                (weights unused)
+       weighted_mean  sum_c w_c s_c / sum_c w_c
+       noisy_or       1 - prod_c (1 - w_c s_c),  w_c in [0, 1]
+                      (the chance that at least one independent detector fires; all w_c = 1 is
+                      the plain noisy-or, a smaller w_c discounts a detector)
+     then every hard classifier whose score reaches `threshold` sets the aggregate to 1 (a hard
+     constraint: a lexicon match is toxic whatever the other classifiers say).
+  3. verdict: toxic = aggregate >= threshold, or any label score >= its own label threshold.
+
+The reward for the sampler is a decreasing function of the aggregate toxicity s:
+  neg_toxicity   r = -s
+  log_nontoxic   r = log(max(1 - s, clip))   (the log-probability of "non-toxic"; clip bounds it)
+`alpha` is the reward's temperature for the sampler (the refined distribution is proportional to
+p(x) exp(r(x) / alpha)): the policy only carries it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .scorers import OptionError, Scorer
+
+
+class PolicyError(ValueError):
+    """An invalid policy; the message names the file, the key path and the problem."""
+
+
+def _max(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return scores.max(axis=0)
+
+
+def _mean(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return scores.mean(axis=0)
+
+
+def _weighted_mean(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return weights @ scores / weights.sum()
+
+
+def _noisy_or(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return 1.0 - np.prod(1.0 - weights[:, None] * scores, axis=0)
+
+
+# scores: (classifiers, texts); weights: (classifiers,)
+AGGREGATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "max": _max, "mean": _mean, "weighted_mean": _weighted_mean, "noisy_or": _noisy_or,
+}
+LABEL_AGGREGATES = ("max", "mean")
+TRANSFORMS = ("neg_toxicity", "log_nontoxic")
+ON_TOXIC = ("flag", "refuse", "best")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+@dataclass
+class Classifier:
+    """One scorer inside a policy, with how the policy uses its scores."""
+
+    name: str
+    scorer: Scorer
+    weight: float = 1.0
+    label_aggregate: str = "max"
+    # A hard classifier is left out of the aggregation; reaching the threshold makes a text toxic.
+    hard: bool = False
+    label_thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.scorer.labels)
+
+
+@dataclass
+class PolicyScores:
+    """Scores of a batch of n texts."""
+
+    aggregate: np.ndarray                          # (n,) in [0, 1]
+    per_classifier: dict[str, np.ndarray]          # classifier -> (n,) its label-aggregated score
+    per_label: dict[str, dict[str, np.ndarray]]    # classifier -> label -> (n,)
+    toxic: np.ndarray                              # (n,) bool
+
+    def __len__(self) -> int:
+        return len(self.aggregate)
+
+    def row(self, i: int) -> dict:
+        """The i-th text's breakdown, as plain Python types (JSON-serialisable)."""
+        return {
+            "aggregate": float(self.aggregate[i]),
+            "toxic": bool(self.toxic[i]),
+            "per_classifier": {c: float(s[i]) for c, s in self.per_classifier.items()},
+            "per_label": {c: {label: float(s[i]) for label, s in labels.items()}
+                          for c, labels in self.per_label.items()},
+        }
+
+
+class Policy:
+    """Scores texts, decides toxic or not, and turns toxicity into the sampler's reward.
+
+    Build one with `load_policy` (which validates every value); the constructor trusts its inputs.
+    """
+
+    def __init__(self, classifiers: Sequence[Classifier], aggregate: str = "max", threshold: float = 0.5,
+                 transform: str = "neg_toxicity", alpha: float = 0.1, clip: float = 1e-4,
+                 on_toxic: str = "flag", refusal_text: str = DEFAULT_REFUSAL,
+                 source: Path | None = None, description: str = ""):
+        self.classifiers = list(classifiers)
+        self.aggregate = aggregate
+        self.threshold = float(threshold)
+        self.transform = transform
+        self.alpha = float(alpha)
+        self.clip = float(clip)
+        self.on_toxic = on_toxic
+        self.refusal_text = refusal_text
+        self.source = source
+        self.description = description
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{c.name}{' (hard)' if c.hard else ''}" for c in self.classifiers)
+        return (f"Policy({self.source or '<unsaved>'}: [{names}], aggregate={self.aggregate}, "
+                f"threshold={self.threshold}, reward={self.transform}, alpha={self.alpha}, "
+                f"on_toxic={self.on_toxic})")
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def score(self, texts: Sequence[str]) -> PolicyScores:
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+        # Refinement proposals often coincide; score each distinct text once and scatter back.
+        first_index: dict[str, int] = {}
+        inverse = np.array([first_index.setdefault(t, len(first_index)) for t in texts], dtype=np.int64)
+        unique = list(first_index)
+
+        per_label: dict[str, dict[str, np.ndarray]] = {}
+        per_classifier: dict[str, np.ndarray] = {}
+        for c in self.classifiers:
+            scores = self._run_scorer(c, unique)
+            per_label[c.name] = {label: scores[label][inverse] for label in c.labels}
+            stacked = np.stack([per_label[c.name][label] for label in c.labels])
+            per_classifier[c.name] = stacked.max(0) if c.label_aggregate == "max" else stacked.mean(0)
+
+        aggregate = self._aggregate(per_classifier, len(texts))
+        toxic = aggregate >= self.threshold
+        for c in self.classifiers:
+            for label, t in c.label_thresholds.items():
+                toxic |= per_label[c.name][label] >= t
+        return PolicyScores(aggregate=aggregate, per_classifier=per_classifier,
+                            per_label=per_label, toxic=toxic)
+
+    def _run_scorer(self, c: Classifier, texts: list[str]) -> dict[str, np.ndarray]:
+        if not texts:
+            return {label: np.zeros(0) for label in c.labels}
+        try:
+            raw = c.scorer.score(texts)
+        except OptionError as e:
+            # Raised by scorers that can only check some options once the model is loaded.
+            key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in e.key)
+            raise PolicyError(f"{self.source}: classifiers[{c.name}]{key}: {e.problem}") from None
+        out = {}
+        for label in c.labels:
+            if label not in raw:
+                raise RuntimeError(f"scorer {c.scorer.name!r} (classifier {c.name!r}) returned no "
+                                   f"scores for its label {label!r}")
+            s = np.asarray(raw[label], dtype=np.float64).reshape(-1)
+            if s.shape != (len(texts),) or not np.all((s >= -1e-6) & (s <= 1 + 1e-6)):
+                raise RuntimeError(f"scorer {c.scorer.name!r} (classifier {c.name!r}) label {label!r}: "
+                                   f"expected {len(texts)} scores in [0, 1], got shape {s.shape}, "
+                                   f"range [{np.nanmin(s) if s.size else 'n/a'}, "
+                                   f"{np.nanmax(s) if s.size else 'n/a'}]")
+            out[label] = np.clip(s, 0.0, 1.0)
+        return out
+
+    def _aggregate(self, per_classifier: dict[str, np.ndarray], n: int) -> np.ndarray:
+        soft = [c for c in self.classifiers if not c.hard]
+        if soft:
+            scores = np.stack([per_classifier[c.name] for c in soft])
+            weights = np.array([c.weight for c in soft], dtype=np.float64)
+            aggregate = np.clip(AGGREGATES[self.aggregate](scores, weights), 0.0, 1.0)
+        else:
+            aggregate = np.zeros(n)
+        for c in self.classifiers:
+            if c.hard:
+                aggregate = np.where(per_classifier[c.name] >= self.threshold, 1.0, aggregate)
+        return aggregate
+
+    # -- reward --------------------------------------------------------------------------------
+
+    def reward_from_toxicity(self, tox: np.ndarray) -> np.ndarray:
+        tox = np.asarray(tox, dtype=np.float64)
+        if self.transform == "neg_toxicity":
+            return -tox
+        return np.log(np.maximum(1.0 - tox, self.clip))
+
+    @property
+    def reward_threshold(self) -> float:
+        """The reward at toxicity == threshold: a text is non-toxic (by aggregate) iff its reward is
+        above this (both transforms decrease in toxicity; log_nontoxic strictly so while
+        1 - toxicity > clip), which adaptive refinement stops on."""
+        return float(self.reward_from_toxicity(np.array([self.threshold]))[0])
+
+    def reward_fn(self, tokenizer, stop_ids: Sequence[int] = ()) -> "PolicyReward":
+        return PolicyReward(self, tokenizer, stop_ids)
+
+
+class PolicyReward:
+    """The bridge from token ids to reward: decode the generated region, score, transform.
+
+    `reward(token_ids)` takes a LongTensor (B, G) holding only the generated tokens and returns a
+    FloatTensor (B,) on the same device. Counters `calls` and `texts` record how much scoring the
+    sampler asked for; `last_texts` / `last_scores` keep the latest batch so a caller can report
+    or pick the least toxic text without scoring it again.
+    """
+
+    def __init__(self, policy: Policy, tokenizer, stop_ids: Sequence[int] = ()):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.stop_ids = frozenset(int(i) for i in stop_ids)
+        self.calls = 0
+        self.texts = 0
+        self.last_texts: list[str] = []
+        self.last_scores: PolicyScores | None = None
+
+    def decode(self, token_ids) -> list[str]:
+        texts = []
+        for row in token_ids.tolist():
+            # The answer ends at the first stop token; whatever the sampler put after it is not shown.
+            end = next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return texts
+
+    def __call__(self, token_ids):
+        import torch
+
+        if token_ids.dim() != 2:
+            raise ValueError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")
+        texts = self.decode(token_ids)
+        scores = self.policy.score(texts)
+        self.calls += 1
+        self.texts += len(texts)
+        self.last_texts, self.last_scores = texts, scores
+        reward = self.policy.reward_from_toxicity(scores.aggregate)
+        return torch.as_tensor(reward, dtype=torch.float32, device=token_ids.device)
