@@ -24,6 +24,9 @@ class ModelProfile:
     shift_logits: bool = False
     # Instruct models wrap prompts in a chat template; base models take raw text after BOS.
     chat_template: bool = False
+    # Ids the tokenizer knows. Output heads are often padded to a round width (a multiple of 64);
+    # the sampler never proposes an id at or beyond this.
+    vocab_size: Optional[int] = None
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -35,3 +38,42 @@ class ModelProfile:
             raise ValueError(
                 f"pad_id ({self.pad_id}) equals mask_id: left padding would be denoised as masks; "
                 "give the tokenizer a pad token that differs from the mask token")
+
+
+def profile_from(config, tokenizer=None) -> ModelProfile:
+    """The ModelProfile of a model, read from its config first and its tokenizer second.
+
+    The config comes first because LLaDA's tokenizer does not declare its mask as `mask_token`: only
+    `config.mask_token_id` names it. LLaDA's published ids are the last resort, for LLaDA configs only.
+    """
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    is_llada = getattr(config, "model_type", None) == "llada"
+
+    def find(config_field, tokenizer_attr, token, llada_key):
+        value = getattr(config, config_field, None)
+        if isinstance(value, (list, tuple)):  # some configs list several eos ids; the first is the main one
+            value = value[0] if value else None
+        if value is None and tokenizer_attr:
+            value = getattr(tokenizer, tokenizer_attr, None)
+        if value is None and token:
+            # By string, from the vocabulary: convert_tokens_to_ids would answer the unk id for a missing token.
+            value = vocab.get(token)
+        if value is None and is_llada:
+            value = LLADA_IDS[llada_key]
+        return value
+
+    mask_id = find("mask_token_id", "mask_token_id", "<|mdm_mask|>", "mask_id")
+    if mask_id is None:
+        raise ValueError(
+            f"no mask token id for model_type {getattr(config, 'model_type', None)!r}: neither "
+            "config.mask_token_id, the tokenizer's mask_token nor a '<|mdm_mask|>' token is set")
+    return ModelProfile(
+        mask_id=mask_id,
+        eos_id=find("eos_token_id", "eos_token_id", None, "eos_id"),
+        eot_id=find("eot_token_id", None, "<|eot_id|>", "eot_id"),
+        pad_id=find("pad_token_id", "pad_token_id", None, "pad_id"),
+        bos_id=find("bos_token_id", "bos_token_id", None, "bos_id"),
+        shift_logits=getattr(config, "model_type", None) == "dream",
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        vocab_size=len(tokenizer) if tokenizer is not None else getattr(config, "vocab_size", None),
+    )

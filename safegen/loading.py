@@ -1,0 +1,166 @@
+"""Loading a masked diffusion LM (LLaDA-8B-Instruct by default), optionally quantized with bitsandbytes.
+
+`load_model` returns the model in eval mode, its tokenizer and the ModelProfile the sampler needs. Every
+failure a user can cause (no cached weights and no network, remote code not trusted, bitsandbytes
+missing, a bad argument) is a LoadError or ValueError whose message says what to do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .profile import profile_from
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", "LoadError", "load_model",
+           "profile_from"]
+
+DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
+# A commit of the hub repository (the snapshot that public projects pin and that appears in their
+# Hugging Face cache paths). Pinned because with trust_remote_code the repository's modeling code runs,
+# and that code changed in October 2025 (attention-mask support) and may change again. To use another
+# commit, pass revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
+DEFAULT_REVISION = "08b83a6feb34df1a6011b80c3c00c7563e963b07"
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+
+# LLaDA's output head, kept in full precision: it turns every position's state into logits. The full
+# path, never the short name "ff_out": transformers also matches skip names as suffixes, and every
+# block's MLP down-projection is called `model.transformer.blocks.{i}.ff_out`, so "ff_out" would leave
+# all of them unquantized too.
+HEAD_MODULE = "model.transformer.ff_out"
+
+
+class LoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message says why and what to do."""
+
+
+def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None = "4bit",
+               revision: str | None = None, device_map="auto", dtype=None, trust_remote_code: bool = False,
+               local_files_only: bool | None = None):
+    """(model, tokenizer, profile) for a hub id or a local folder.
+
+    quantization: "4bit" (NF4 with double quantization), "8bit" or "none" (None means "none").
+    revision: hub commit, branch or tag; DEFAULT_REVISION for DEFAULT_MODEL when None. Ignored for folders.
+    dtype: of the unquantized weights and of 4-bit compute; bfloat16 on a GPU, float32 on CPU when None.
+    local_files_only: None follows HF_HUB_OFFLINE as set when this function is called.
+    """
+    quantization = _check_quantization(quantization)
+    folder = Path(model_id_or_path).expanduser()
+    if folder.is_dir():
+        model_id_or_path, revision = str(folder), None
+        if not (folder / "config.json").is_file():
+            raise LoadError(f"model folder {folder} has no config.json: is it a saved model "
+                            "(save_pretrained, or a downloaded hub snapshot)?")
+    elif str(model_id_or_path).startswith(("/", "./", "../", "~")):
+        # Written as a path, not as a hub id ("org/name"): say so rather than ask the hub for it.
+        raise LoadError(f"model folder {model_id_or_path} does not exist")
+    elif revision is None and model_id_or_path == DEFAULT_MODEL:
+        revision = DEFAULT_REVISION
+    if local_files_only is None:
+        local_files_only = _offline()
+    hub = dict(revision=revision, local_files_only=local_files_only)
+
+    _check_model_type(model_id_or_path, hub, trust_remote_code)
+    # bf16 only where the weights will sit on a GPU: not with a CPU device_map, nor with device_map=None
+    # unquantized (transformers then keeps the model on the CPU; bitsandbytes would move it to the GPU).
+    on_gpu = (torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"}, torch.device("cpu"))
+              and (device_map is not None or quantization != "none"))
+    dtype = _check_dtype(dtype) or (torch.bfloat16 if on_gpu else torch.float32)
+    quantization_config = _quantization_config(quantization, dtype)
+
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        # device_map places the weights (on CPU-only machines "auto" resolves to the CPU); a quantized
+        # model must never be moved with .to() afterwards.
+        model = AutoModel.from_pretrained(
+            model_id_or_path, quantization_config=quantization_config, device_map=device_map, dtype=dtype,
+            trust_remote_code=trust_remote_code, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
+    except OSError as err:
+        raise _not_found(model_id_or_path, revision, err) from None
+    model.eval()
+    return model, tokenizer, profile_from(model.config, tokenizer)
+
+
+def _check_quantization(quantization) -> str:
+    if quantization is None:
+        return "none"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), "
+                         f"not {quantization!r}")
+    return quantization
+
+
+def _check_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), not {dtype!r}")
+
+
+def _offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again so that setting it later
+    # (a test, a notebook) still avoids a minute of connection retries.
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any((f or "").upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _check_model_type(model_id_or_path: str, hub: dict, trust_remote_code: bool) -> None:
+    """Refuse, before any code runs, a model whose class transformers only has as hub code."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        # Only the JSON: reading it executes nothing, whatever the repository holds.
+        config_dict, _ = PretrainedConfig.get_config_dict(model_id_or_path, **hub)
+    except OSError as err:
+        raise _not_found(model_id_or_path, hub["revision"], err) from None
+    except ValueError as err:
+        raise LoadError(f"config.json of {model_id_or_path} cannot be read: {err}") from None
+    model_type = config_dict.get("model_type")
+    if not model_type:
+        raise LoadError(f"config.json of {model_id_or_path} has no model_type")
+    if model_type in CONFIG_MAPPING or trust_remote_code:
+        return
+    if "auto_map" in config_dict:
+        at = f" at revision {hub['revision']}" if hub["revision"] else ""
+        raise LoadError(
+            f"model_type {model_type!r} is not part of transformers: {model_id_or_path} ships its own model "
+            f"code (LLaDA does). Loading it runs that code from the repository{at}; if you trust it, pass "
+            "trust_remote_code=True (command line: --trust-remote-code).")
+    raise LoadError(f"model_type {model_type!r} of {model_id_or_path} is unknown to transformers and the "
+                    "repository has no model code (no auto_map in config.json)")
+
+
+def _quantization_config(quantization: str, compute_dtype: torch.dtype):
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise LoadError(f"quantization={quantization!r} needs bitsandbytes, which cannot be imported ({err}): "
+                        "pip install bitsandbytes, or load with quantization='none'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[HEAD_MODULE])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=[HEAD_MODULE])
+
+
+def _not_found(model_id_or_path: str, revision: str | None, err: Exception) -> LoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(model_id_or_path).expanduser().is_dir():
+        return LoadError(f"model folder {model_id_or_path} cannot be loaded: {reason}")
+    at = f" at revision {revision}" if revision else ""
+    return LoadError(
+        f"{model_id_or_path}{at} is not in the local Hugging Face cache and could not be downloaded "
+        f"({reason}). Download it where the hub is reachable (huggingface-cli download {model_id_or_path}"
+        f"{' --revision ' + revision if revision else ''}), or point at a local folder holding the model: "
+        "--model /path/to/folder on the command line, load_model('/path/to/folder') in Python.")

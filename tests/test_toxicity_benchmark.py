@@ -1,0 +1,240 @@
+"""benchmarks/toxicity_benchmark.py: its metrics on hand-made inputs, its refinement plans, and the
+smoke run end to end (tiny offline model, offline guide, offline evaluator), including resuming."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RTP_DIR = REPO.parent / "shared" / "data" / "rtp"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("toxicity_benchmark", REPO / "benchmarks" / "toxicity_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["toxicity_benchmark"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+tb = _load_benchmark()
+
+
+# ---------------------------------------------------------------- metrics, by hand
+TOX = [[0.10, 0.70, 0.20],
+       [0.20, 0.30, 0.49],
+       [0.60, 0.90, 0.00],
+       [0.50, 0.05, 0.05]]
+
+
+def test_expected_maximum_toxicity_and_toxicity_probability():
+    assert tb.expected_maximum_toxicity(TOX) == pytest.approx((0.70 + 0.49 + 0.90 + 0.50) / 4)
+    # 0.49 is below the bar, 0.5 exactly reaches it.
+    assert tb.toxicity_probability(TOX) == pytest.approx(3 / 4)
+    assert tb.toxicity_probability(TOX, threshold=0.8) == pytest.approx(1 / 4)
+    assert tb.mean_toxicity(TOX) == pytest.approx(sum(map(sum, TOX)) / 12)
+    assert tb.toxic_rate(TOX) == pytest.approx(4 / 12)  # 0.70, 0.60, 0.90, 0.50
+    # Per-prompt values average to the same figures (what the bootstrap resamples).
+    pp = tb.per_prompt(np.array(TOX))
+    assert pp["emt"].tolist() == [0.70, 0.49, 0.90, 0.50]
+    assert pp["toxicity_probability"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert pp["toxic_rate"].mean() == pytest.approx(4 / 12)
+
+
+def test_distinct_n():
+    gens = ["a b a", "A b c"]  # words: a b a a b c (case folded)
+    assert tb.distinct_n(gens, 1) == pytest.approx(3 / 6)
+    assert tb.distinct_n(gens, 2) == pytest.approx(3 / 4)  # (a b) (b a) (a b) (b c)
+    assert tb.distinct_n(gens, 3) == pytest.approx(2 / 2)
+    # n-grams never cross two generations: "a b" + "c d" has no trigram, and 2 distinct bigrams.
+    assert tb.distinct_n(["a b", "c d"], 2) == 1.0
+    assert math.isnan(tb.distinct_n(["a b", "c d"], 3))
+    assert tb.distinct_n(["x x x x"], 1) == pytest.approx(1 / 4)
+    assert math.isnan(tb.distinct_n(["", ""], 1))
+
+
+def test_bootstrap_ci_matches_the_normal_approximation():
+    rng = np.random.default_rng(123)
+    values = rng.normal(2.0, 3.0, size=400)
+    ci = tb.bootstrap_ci(values, resamples=2000, seed=7)
+    se = values.std(ddof=1) / math.sqrt(len(values))
+    assert ci["point"] == pytest.approx(values.mean())
+    assert ci["low"] == pytest.approx(values.mean() - 1.96 * se, abs=0.2 * se)
+    assert ci["high"] == pytest.approx(values.mean() + 1.96 * se, abs=0.2 * se)
+    assert tb.bootstrap_ci(values, resamples=2000, seed=7) == ci  # seeded
+    narrow = tb.bootstrap_ci(values, resamples=2000, seed=7, level=0.5)
+    assert ci["low"] < narrow["low"] < narrow["point"] < narrow["high"] < ci["high"]
+
+
+def test_bootstrap_ci_edge_cases():
+    assert tb.bootstrap_ci([0.3] * 5) == {"point": 0.3, "low": 0.3, "high": 0.3}
+    ci = tb.bootstrap_ci([1.0, float("nan"), 0.0, 1.0])  # NaN prompts are left out
+    assert ci["point"] == pytest.approx(2 / 3)
+    assert 0.0 <= ci["low"] <= ci["point"] <= ci["high"] <= 1.0
+    assert all(math.isnan(v) for v in tb.bootstrap_ci([]).values())
+    # Paired: with shared indices, the interval of a difference of identical values is exactly 0.
+    idx = tb.bootstrap_indices(4, 100, seed=1)
+    v = np.array([0.1, 0.9, 0.4, 0.2])
+    assert tb.bootstrap_ci(v - v, indices=idx) == {"point": 0.0, "low": 0.0, "high": 0.0}
+
+
+# ---------------------------------------------------------------- refinement plans
+@pytest.mark.parametrize("G,T,block", [(20, 20, 20), (20, 20, 10), (16, 8, 8)])
+def test_plans_use_the_budget_without_exceeding_it(G, T, block):
+    from safegen.sampler import SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=G, steps=T, block_length=block, temperature=1.0)
+    config, plan = tb.plan_refinement(cfg, 1)
+    assert config.iterations == 0 and plan["planned_rows"] == T
+    for b in (2, 4, 8):
+        config, plan = tb.plan_refinement(cfg, b)
+        assert config.budget == b and not config.adaptive
+        assert 0.75 * b * T <= plan["planned_rows"] <= b * T, (b, plan)
+        S = cfg.steps_per_block
+        refined = [(blk, s) for blk in range(cfg.n_blocks) for s in range(1, S + 1) if config.applies(blk, s, S)]
+        assert [blk * S + s for blk, s in refined] == plan["points"] and refined
+        assert refined[-1] == (cfg.n_blocks - 1, S)  # the finished text is always refined
+
+
+def test_evaluator_shares_no_word_with_the_offline_guide():
+    from safegen.policy.scorers.lexicon import read_word_file
+
+    guide_words = {w.rstrip("*").strip().lower() for w in read_word_file(REPO / "policies/lexicons/en_profanity.txt")}
+    evaluator = yaml.safe_load((REPO / "policies/eval-offline.yaml").read_text())
+    (lexicon,) = evaluator["classifiers"]
+    words = {w.rstrip("*").strip().lower() for w in lexicon["words"]}
+    assert words and not (words & guide_words)
+    from safegen.policy import load_policy
+
+    scores = load_policy("eval-offline").score(["what a stupid idea", "a classic assessment", "fuck"])
+    assert scores.aggregate.tolist() == [1.0, 0.0, 0.0]  # "fuck" is the guide's word, not the evaluator's
+
+
+# ---------------------------------------------------------------- the smoke run
+needs_rtp = pytest.mark.skipif(not (RTP_DIR / "challenging.jsonl").is_file(),
+                               reason=f"RealToxicityPrompts samples not found in {RTP_DIR}")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    argv = ["--smoke", "--out", str(out), "--quiet"]
+    assert tb.main(argv) == 0
+    return out, argv, json.loads((out / "results.json").read_text())
+
+
+def cells(out):
+    return [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+
+
+@needs_rtp
+def test_smoke_covers_every_method_and_budget_with_finite_metrics(smoke):
+    out, _, results = smoke
+    methods = results["methods"]
+    assert set(methods) == set(tb.METHODS)
+    assert list(methods["plain"]) == ["1"]
+    for m in tb.METHODS[1:]:
+        assert list(methods[m]) == ["1", "2"]
+    for m, budgets in methods.items():
+        for b, e in budgets.items():
+            assert e["samples"] == 3 * 2 and e["prompts"] == 3
+            figures = [e["rows_per_sample"], e["reward_calls_per_sample"], *e["distinct"].values()]
+            for scorer in tb.SCORERS:
+                figures += list(e["scorers"][scorer].values())
+            for f in figures:
+                assert all(math.isfinite(f[k]) for k in ("point", "low", "high")), (m, b, f)
+                assert f["low"] <= f["point"] <= f["high"], (m, b, f)
+
+
+@needs_rtp
+def test_smoke_rows_are_measured_and_within_budget(smoke):
+    out, _, results = smoke
+    T = results["config"]["sampling"]["steps"]
+    assert T == 8
+    for m, budgets in results["methods"].items():
+        for b, e in budgets.items():
+            assert e["rows_per_sample"]["max"] <= float(b) * T, (m, b)
+    every = {(m, b): e for m, budgets in results["methods"].items() for b, e in budgets.items()}
+    assert every[("plain", "1")]["rows_per_sample"]["max"] == T
+    for m in ("best_of_n", "fk_steering"):  # b full trajectories
+        assert every[(m, "2")]["rows_per_sample"]["min"] == every[(m, "2")]["rows_per_sample"]["max"] == 2 * T
+    assert every[("svdd", "2")]["rows_per_sample"]["max"] == 1 + (T - 1) * 2  # M rows a step, none after the last
+    # With N = 1 every iteration draws a fresh pool: measured rows are exactly the plan, for both.
+    for m in ("iterref", "remask_only"):
+        planned = results["plans"][m]["2"]["planned_rows"]
+        assert T < planned <= 2 * T
+        assert every[(m, "2")]["rows_per_sample"]["min"] == every[(m, "2")]["rows_per_sample"]["max"] == planned
+        assert every[(m, "2")]["reward_calls_per_sample"]["point"] > 0
+    assert every[("remask_only", "2")]["acceptance_rate"] == 1.0
+    assert 0 <= every[("iterref", "2")]["acceptance_rate"] <= 1
+
+
+@needs_rtp
+def test_smoke_figures_recomputed_from_the_cells(smoke):
+    """EMT, toxicity probability and rows from the raw per-sample records, independently."""
+    out, _, results = smoke
+    records = cells(out)
+    assert len(records) == 2 + 5 * 2 * 2  # plain at budget 1, the others at 1 and 2; two prompt chunks
+    prompts = [json.loads(line)["prompt"]["text"] for line in (RTP_DIR / "challenging.jsonl").open()][:3]
+    by = {}
+    for cell in records:
+        for x in cell["samples"]:
+            by.setdefault((cell["method"], str(cell["budget"])), []).append(x)
+            assert prompts[x["prompt_index"]] not in x["text"]  # the continuation alone is scored
+    for (m, b), samples in by.items():
+        for scorer in tb.SCORERS:
+            top = {}
+            for x in samples:
+                top[x["prompt_index"]] = max(top.get(x["prompt_index"], 0.0), x[scorer])
+            f = results["methods"][m][b]["scorers"][scorer]
+            assert f["emt"]["point"] == pytest.approx(sum(top.values()) / 3)
+            assert f["toxicity_probability"]["point"] == pytest.approx(sum(v >= 0.5 for v in top.values()) / 3)
+        rows = [x["rows"] for x in samples]
+        assert results["methods"][m][b]["rows_per_sample"]["point"] == pytest.approx(sum(rows) / len(rows))
+
+
+@needs_rtp
+def test_smoke_writes_table_and_plots(smoke):
+    out, _, _ = smoke
+    for name in ("toxicity_vs_rows.png", "toxicity_histograms.png"):
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| iterref | 2 |" in table and "evaluator" in table
+
+
+@needs_rtp
+def test_rerun_resumes_and_changed_configuration_is_refused(smoke, capsys):
+    out, argv, _ = smoke
+    path = out / "cells.jsonl"
+    before = path.read_bytes()
+    assert tb.main(argv) == 0
+    again = json.loads((out / "results.json").read_text())["run"]
+    assert again["computed_cells"] == 0 and again["resumed_cells"] == 22
+    assert path.read_bytes() == before
+    # A run killed while writing its last cell: the cut-off line goes, only that cell is redone.
+    lines = before.splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    assert tb.main(argv) == 0
+    again = json.loads((out / "results.json").read_text())["run"]
+    assert again["computed_cells"] == 1 and again["resumed_cells"] == 21
+    assert len(path.read_bytes().splitlines()) == 22
+    # Another configuration into the same folder is refused, naming what changed; nothing is written.
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert tb.main(["--smoke", "--out", str(out), "--quiet", "--generations", "3"]) == 2
+    assert "generations" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_missing_prompt_folder_skips_cleanly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(tb.RTP_DIR_ENV, str(tmp_path / "nowhere"))
+    assert tb.main(["--smoke", "--out", str(tmp_path / "out")]) == 0
+    assert "skipped" in capsys.readouterr().err
+    assert tb.main(["--smoke", "--out", str(tmp_path / "out"), "--prompt-file", str(tmp_path / "x.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err

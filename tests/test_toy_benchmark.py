@@ -1,0 +1,94 @@
+"""Smoke test of benchmarks/toy_exact.py: its quick mode runs every method at every budget, writes
+finite figures, and every method's measured rows stay within its budget."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from safegen import toy
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_exact.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("toy_exact", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_denoiser_matches_exact_denoiser(bench):
+    for V, L in [(3, 5), (4, 4)]:
+        p0 = toy.random_distribution(V, L, seed=3, sharpness=2.0)
+        fast, exact = bench.TableDenoiser(p0, V, L), toy.ExactDenoiser(p0, V, L)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, V + 1, (300, 2 + L), generator=g)  # with a 2-token "prompt"
+        x[:, :2] = 0
+        x[0, 2:] = V  # fully masked
+        a, b = fast(x), exact(x)
+        assert a.shape == b.shape
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+        fin = torch.isfinite(b)
+        assert torch.allclose(a[fin], b[fin], atol=1e-5)
+
+
+def test_budget_to_reach_interpolates_in_log_budget(bench):
+    curve = [(1, 0.8), (2, 0.4), (4, 0.2), (8, 0.1)]
+    assert bench.budget_to_reach(curve, 0.8) == 1
+    assert bench.budget_to_reach(curve, 0.4) == pytest.approx(2.0)
+    assert bench.budget_to_reach(curve, 0.3) == pytest.approx(2 ** 1.5)
+    assert bench.budget_to_reach(curve, 0.05) is None
+
+
+def test_fitted_iterations_fit_the_budget(bench):
+    for setup in bench.SETUPS:
+        cfg = bench.sampling_config(setup)
+        for b in bench.BUDGETS:
+            for sched in ("final", "late", "evenly"):
+                rc = bench.replace(bench.DEFAULT_ITERREF, schedule=sched).config(cfg, 0.25, b)
+                assert bench.worst_case_rows(cfg, rc) <= b * cfg.steps
+                if rc.iterations > 0:
+                    assert bench.worst_case_rows(cfg, rc.updated(iterations=rc.iterations + 1)) > b * cfg.steps
+
+
+def test_quick_run_writes_every_method_and_budget(bench, tmp_path):
+    out_json, out_md = tmp_path / "toy.json", tmp_path / "toy.md"
+    bench.main(["--quick", "--samples", "100", "--no-progress", "--json", str(out_json),
+                "--markdown", str(out_md)])
+    data = json.loads(out_json.read_text())
+    assert data["config"]["quick"] is True
+    assert set(data["setups"]) == {s.name for s in bench.SETUPS}
+    numbers = ("mean_reward", "toxic_rate", "tv", "rows_mean", "rows_max", "reward_calls_mean", "seconds")
+    for name, res in data["setups"].items():
+        T = res["T"]
+        cells = {(c["method"], c["budget"]): c for c in res["main"]}
+        expected = {("plain", 1)} | {(m, b) for m in bench.METHODS[1:] for b in bench.BUDGETS}
+        assert set(cells) == expected, name
+        for (method, b), c in cells.items():
+            for key in numbers:
+                assert isinstance(c[key], (int, float)) and math.isfinite(c[key]), (name, method, b, key)
+            assert c["samples"] == 100
+            assert 0 <= c["toxic_rate"] <= 1 and 0 <= c["tv"] <= 1
+            assert c["rows_budget"] == b * T
+            assert c["rows_max"] <= b * T and c["within_budget"], (name, method, b, c["rows_max"])
+            assert c["rows_mean"] >= T  # nothing samples for less than plain sampling
+        assert cells[("plain", 1)]["rows_max"] == T
+        for b in bench.BUDGETS:
+            assert cells[("best_of_n", b)]["rows_mean"] == b * T
+            if b > 1:  # the refining methods really spent their extra budget
+                assert cells[("iterref", b)]["rows_mean"] > T, (name, b)
+                assert cells[("iterref", b)]["accept_rate"] is not None
+                assert cells[("remask_only", b)]["accept_rate"] == 1.0
+        for c in [c for cs in res["sweeps"].values() for c in cs]:
+            assert c["rows_max"] <= c["budget"] * T and math.isfinite(c["tv"])
+        for key in ("noise_floor", "plain_tv_p0", "tv_p0_target"):
+            assert math.isfinite(res[key])
+        assert {e["baseline"] for e in res["efficiency"]} >= {"best_of_n", "fk_steering"}
+    assert data["setups"]["blocks"]["sweeps"].keys() >= {"N_k", "rho", "schedule"}
+    assert data["all_within_budget"] is True
+    md = out_md.read_text()
+    assert "| iterref | 8 |" in md and "TV to p*" in md
