@@ -75,5 +75,5 @@ def profile_from(config, tokenizer=None) -> ModelProfile:
         bos_id=find("bos_token_id", "bos_token_id", None, "bos_id"),
         shift_logits=getattr(config, "model_type", None) == "dream",
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
-        vocab_size=len(tokenizer) if tokenizer is not None else getattr(config, "vocab_size", None),
+        vocab_size=len(vocab) if vocab else getattr(config, "vocab_size", None),
     )

@@ -160,3 +160,13 @@ def test_shifted_logits_profile():
     # Position i takes the argmax of row i-1 of the table (Dream-style shift).
     expected = m.table[P - 1:P + 3, :-1].argmax(-1)
     assert torch.equal(out.sequences[0, P:], expected)
+
+
+def test_padding_columns_of_the_head_are_never_proposed():
+    m = ScriptedModel(vocab=12)
+    m.table[:, 8:11] = 30.0  # the head's padding columns (ids 8..10) look best
+    prof = ModelProfile(mask_id=m.mask_id, vocab_size=8)
+    for temperature in (0.0, 1.0):
+        out = generate(m, torch.zeros((4, 2), dtype=torch.long), prof, max_new_tokens=4, steps=4,
+                       block_length=4, temperature=temperature)
+        assert (out.sequences < 8).all()
