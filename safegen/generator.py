@@ -17,9 +17,12 @@ import torch
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
-from .sampler import ConfigError, DiffusionSampler, SampleOutput, SamplingConfig
+from .sampler import DiffusionSampler, SamplingConfig, updated_config
 
 log = logging.getLogger(__name__)
+
+# The middleware's default cap: at most 4x the denoiser rows of plain sampling per sample.
+DEFAULT_BUDGET = 4.0
 
 Prompt = Union[str, Sequence[dict]]  # a string, or chat messages [{"role": ..., "content": ...}]
 
@@ -87,7 +90,7 @@ class SafeGenerator:
         # nothing on samples the policy already accepts: adaptive refinement is on by default here
         # (the benchmark turns it off for the exact target).
         if refinement is None or isinstance(refinement, dict):
-            refinement = _as_config({"alpha": self.policy.alpha, "adaptive": True,
+            refinement = _as_config({"alpha": self.policy.alpha, "adaptive": True, "budget": DEFAULT_BUDGET,
                                      "accept_reward": self.policy.reward_threshold, **(refinement or {})},
                                     RefineConfig, "refinement")
         elif refinement.adaptive and refinement.accept_reward is None:
@@ -256,14 +259,8 @@ class SafeGenerator:
 
 
 def _as_config(value, cls, name):
-    if value is None:
-        return cls().validate()
-    if isinstance(value, dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown {name} option(s) {unknown}; known: {sorted(known)}")
-        return cls(**value).validate()
+    if value is None or isinstance(value, dict):
+        return updated_config(cls(), name, value or {})
     if isinstance(value, cls):
         return value.validate()
     raise TypeError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")

@@ -20,13 +20,13 @@ Rows that are done (adaptive mode, exhausted budget, nothing to re-mask) leave t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import rng
-from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
+from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState, updated_config
 
 Reward = Callable[[torch.Tensor], torch.Tensor]  # (n, G) token ids of the generation -> (n,) float
 
@@ -87,13 +87,9 @@ class RefineConfig:
         return self
 
     def updated(self, **overrides) -> "RefineConfig":
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"unknown refine option(s) {unknown}; known: {sorted(known)}")
         if "at_steps" in overrides:
             overrides["at_steps"] = tuple(overrides["at_steps"])
-        return replace(self, **overrides).validate()
+        return updated_config(self, "refine", overrides)
 
     def applies(self, block: int, step: int, steps_per_block: int) -> bool:
         """Is the kernel applied after `step` commits of `block`? Points are steps 1..S of a block:

@@ -34,6 +34,16 @@ class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field."""
 
 
+def updated_config(config, section: str, overrides: dict):
+    """A validated copy of a config dataclass with some fields replaced; unknown names are an
+    error that lists them under `section` (sampling, refine)."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s) {unknown}; known: {sorted(known)}")
+    return replace(config, **overrides).validate()
+
+
 @dataclass
 class SamplingConfig:
     """LLaDA's sampling settings, with the names of the LLaDA reference code."""
@@ -73,12 +83,7 @@ class SamplingConfig:
         return self
 
     def updated(self, **overrides) -> "SamplingConfig":
-        """A validated copy with some fields replaced; unknown names are an error."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f"unknown sampling option(s) {unknown}; known: {sorted(known)}")
-        return replace(self, **overrides).validate()
+        return updated_config(self, "sampling", overrides)
 
     @property
     def n_blocks(self) -> int:
