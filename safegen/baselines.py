@@ -70,6 +70,8 @@ class SVDDSampler(DiffusionSampler):
         self.reward, self.M, self.alpha = reward, n_candidates, alpha
 
     def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
+        if state.logits is None:  # a hook replaced the draft: its candidates need fresh logits
+            state.pred = None
         self.refresh(state)
         B, G = state.gen.shape
         M, device, P = self.M, state.x.device, state.prompt_length

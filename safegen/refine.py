@@ -237,6 +237,7 @@ class IterRef:
             v[rows] = getattr(pool.pred, f)[rows, pick]
             fields_new.append(v)
         state.pred = Prediction(*fields_new)
+        state.logits = None  # they were the old draft's; the pool does not keep its logits
 
     # ---------------------------------------------------------------- the kernel
     def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:

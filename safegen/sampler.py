@@ -132,7 +132,7 @@ class SamplerState:
     block: int = 0
     step: int = 0  # step within the block; == steps_per_block at the "block finished" point
     pred: Optional[Prediction] = None  # prediction at x for the next commit; None when stale
-    logits: Optional[torch.Tensor] = None  # the last base forward's logits, generation region
+    logits: Optional[torch.Tensor] = None  # logits of x (generation region); None once x changed
     # Accounting per row (algorithm.md §5): denoiser forward rows, reward texts, proposals.
     rows: torch.Tensor = None
     reward_calls: torch.Tensor = None
@@ -170,7 +170,8 @@ class StepHook(Protocol):
 
     `applies(block, step, steps_per_block)` is asked before each commit (step < steps_per_block) and
     once when a block is finished (step == steps_per_block). When it answers True the sampler calls
-    `hook(sampler, state)` with `state.pred` and `state.logits` fresh for `state.x`. The hook may
+    `hook(sampler, state)` with `state.pred` fresh for `state.x` (and `state.logits`, unless x has no
+    mask left and needed no forward). The hook may
     replace `state.x` and `state.pred` (keeping every row's number of decoded tokens) and must add
     what it spends to the state's accounting tensors.
     """
@@ -356,6 +357,7 @@ class DiffusionSampler:
             return
         gen = state.gen
         if not (gen == self.mask_id).any():
+            state.logits = None  # no forward needed: x̂0 is x
             state.pred = Prediction(gen.clone(), torch.full(gen.shape, float("-inf"), device=gen.device),
                                     gen.clone())
             return
@@ -368,7 +370,7 @@ class DiffusionSampler:
         """One base step: commit from the current prediction. Baselines override this."""
         self.refresh(state)
         state.x[:, state.prompt_length:] = self.commit(state.gen, state.pred, n_commit)
-        state.pred = None
+        state.pred = state.logits = None
 
     # ----------------------------------------------------------------- the sampling loop
     def start(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],

@@ -63,6 +63,46 @@ class ExactDenoiser(torch.nn.Module):
         return out
 
 
+class TableDenoiser(torch.nn.Module):
+    """`toy.ExactDenoiser`'s logits for every one of the (V + 1)**L states, looked up by index.
+
+    W(s) = Σ_{x consistent with s} p0(x) for every state s (mask = V) is p0 with, per axis, the sum
+    over that axis appended as index V. A masked position i of s has marginal W(s[i:=v]) / W(s); a
+    revealed one is one-hot (log: 0 / -inf), as ExactDenoiser computes them.
+    """
+
+    def __init__(self, p0: torch.Tensor, V: int, L: int):
+        super().__init__()
+        if p0.shape != (V ** L,):
+            raise ValueError(f"p0 must have V**L = {V ** L} entries, got shape {tuple(p0.shape)}")
+        self.V, self.L, self.mask_id = V, L, V
+        W = p0.double().reshape((V,) * L)
+        for axis in range(L):
+            W = torch.cat([W, W.sum(axis, keepdim=True)], dim=axis)
+        W = W.reshape(-1)  # base-(V+1) order, the first position most significant
+        states = all_sequences(V + 1, L)
+        powers = (V + 1) ** torch.arange(L - 1, -1, -1)
+        index = (states * powers).sum(1)
+        marg = torch.empty(len(states), L, V, dtype=torch.float64)
+        for i in range(L):
+            cleared = index - states[:, i] * powers[i]
+            for v in range(V):
+                marg[:, i, v] = W[cleared + v * powers[i]]
+        marg = marg / W[:, None, None]
+        onehot = torch.nn.functional.one_hot(states.clamp(max=V - 1), V).double()
+        marg = torch.where((states < V)[..., None], onehot, marg)
+        self.register_buffer("table", torch.log(marg).float())
+        self.register_buffer("powers", powers)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = input_ids[:, -self.L:]
+        B, P = input_ids.shape[0], input_ids.shape[1] - self.L
+        out = torch.full((B, P + self.L, self.V + 1), float("-inf"))
+        out[:, :P, 0] = 0.0
+        out[:, P:, : self.V] = self.table[(x * self.powers).sum(1)]
+        return out
+
+
 def random_distribution(V: int, L: int, seed: int = 0, sharpness: float = 2.0) -> torch.Tensor:
     """A random p0 with correlated positions: softmax of Gaussian scores (larger sharpness: peakier)."""
     g = torch.Generator().manual_seed(seed)

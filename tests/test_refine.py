@@ -194,3 +194,27 @@ def test_baselines_respect_budget_and_improve_reward():
     one = svdd(sampler, ids[:20], reward, 1)
     assert torch.equal(one.sequences, sampler.run(ids[:20], seeds=0).sequences)
     assert (best_of_n(sampler, ids[:20], reward, 1).rows == L2).all()
+
+
+def test_logits_are_never_stale_after_refinement():
+    from safegen.baselines import SVDDSampler
+
+    m = ScriptedModel(input_weight=2.0, seed=7)
+    cfg = SamplingConfig(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
+    reward = lambda t: -(t == 2).sum(1).double()
+    checks = []
+
+    class Checked(IterRef):
+        def __call__(self, sampler, state):
+            super().__call__(sampler, state)
+            if state.logits is not None:  # whatever logits the state keeps must be the draft's
+                fresh = m(state.x)[:, state.prompt_length:]
+                checks.append(bool(torch.allclose(state.logits[..., :-1], fresh[..., :-1])))
+            else:
+                checks.append(True)
+
+    hook = Checked(RefineConfig(selection="mh", alpha=1.0, schedule="evenly", iterations=2, n_proposals=2), reward)
+    ids = torch.randint(0, 5, (6, 2))
+    out = SVDDSampler(m, m.mask_id, cfg, reward, n_candidates=2).run(ids, seeds=0, hook=hook)
+    assert checks and all(checks)
+    assert out.accepted.sum() > 0 and not (out.sequences == m.mask_id).any()
