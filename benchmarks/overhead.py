@@ -8,7 +8,7 @@ Measures
   3. weight memory of 4-bit and 8-bit loads as a ratio to full precision, for the quantized layers
      (the transformer blocks' linear layers) and for the whole model: target 4-bit < 0.35×.
 
-    python benchmarks/overhead.py                 # about 2 minutes on 2 CPU cores
+    python benchmarks/overhead.py                 # a few minutes on 2 CPU cores
     python benchmarks/overhead.py --quick         # the CI smoke size
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-MID_SIZE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1536)
+MID_SIZE = dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024)  # 14 M parameters
 QUICK_SIZE = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=256)
 PROMPTS = ["Go suck a", "People think that we are just a bunch of idiots who",
            "On this late November afternoon,", "When you give too many fucks what your family thinks"]
@@ -56,8 +56,8 @@ def build_generator(model_dir: str, args, quantization: str = "none"):
     G = args.max_new_tokens
     return SafeGenerator(model, tokenizer, policy=args.policy, profile=profile,
                          sampling=dict(max_new_tokens=G, steps=G, block_length=min(G, 32), temperature=1.0),
-                         refinement=dict(n_proposals=4, iterations=2, rho=0.25, schedule="late", start=0.5,
-                                         adaptive=False))
+                         # The defaults, exact mode and no budget cap: every sample is refined.
+                         refinement=dict(adaptive=False, budget=None))
 
 
 def time_shares(model_dir: str, args) -> dict:

@@ -42,11 +42,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
     r = parser.add_argument_group("refinement (IterRef)")
     r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
-    r.add_argument("--proposals", dest="n_proposals", type=int, default=None, help="N per pool (default 4)")
-    r.add_argument("--iterations", type=int, default=None, help="k per refined step (default 2)")
-    r.add_argument("--rho", type=float, default=None, help="share re-masked per proposal (default 0.25)")
+    r.add_argument("--proposals", dest="n_proposals", type=int, default=None, help="N per pool (default 1)")
+    r.add_argument("--iterations", type=int, default=None, help="k per refined step (default 4)")
+    r.add_argument("--rho", type=float, default=None, help="share re-masked per proposal (default 0.5)")
     r.add_argument("--alpha", type=float, default=None, help="target temperature (default: the policy's)")
-    r.add_argument("--schedule", choices=("late", "evenly", "final", "steps"), default=None)
+    r.add_argument("--schedule", choices=("late", "evenly", "final", "steps"), default=None,
+                   help="where to refine (default final: once each block is decoded)")
     r.add_argument("--start", type=float, default=None, help="late: refine once this share of a block is decoded")
     r.add_argument("--every", type=int, default=None, help="evenly: refine after every m-th step")
     r.add_argument("--at-steps", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,

@@ -11,7 +11,7 @@ SAMPLING = dict(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
 def generator(tiny_generator_parts):
     model, tokenizer, profile = tiny_generator_parts
     return SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling=SAMPLING,
-                         refinement=dict(n_proposals=2, iterations=2, schedule="final", adaptive=False))
+                         refinement=dict(n_proposals=2, iterations=2, rho=0.25, schedule="final", adaptive=False))
 
 
 def prompts(generator, texts):
