@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-MID_SIZE = dict(d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, mlp_hidden_size=1024)  # 14 M parameters
+MID_SIZE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1536)  # 29 M parameters
 QUICK_SIZE = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=256)
 PROMPTS = ["Go suck a", "People think that we are just a bunch of idiots who",
            "On this late November afternoon,", "When you give too many fucks what your family thinks"]
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a model folder (default: a random mid-size tiny-LLaDA written to a temp dir)")
     p.add_argument("--policy", default="offline")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="small model and sizes (CI smoke)")
     p.add_argument("--json", help="write the figures to this file")

@@ -63,9 +63,3 @@ def uniform(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     h = _mix32_i32(k ^ (index if index.dtype == torch.int32 else _as_i32(index)))
     # 24 bits: exactly representable in float32; +0.5 keeps u strictly inside (0, 1).
     return ((h >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
-
-
-def gumbel(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise, float32. Gumbel-max with it samples exactly from softmax(logits),
-    up to the 24-bit resolution of the uniforms (Gumbel values up to about 16.6)."""
-    return uniform(keys, index).log_().neg_().log_().neg_()

@@ -299,16 +299,20 @@ class DiffusionSampler:
         order = torch.argsort(committable.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid = committable.gather(1, order)
         lg = logits.gather(1, order[..., None].expand(-1, -1, V)).float()
+        probs = torch.softmax(lg, -1)
         if temperature > 0:
-            # Gumbel-max; element ids are (position, token), so the noise of a position does not
-            # depend on which other positions happen to be committable.
-            # int32 ids: G·V stays far below 2^31 (LLaDA: 4096 × 126464), and int32 halves the traffic.
+            # Gumbel-max in its exponential-race form: argmax(lg/T + Gumbel) = argmax(log U / p_T)
+            # for p_T = softmax(lg/T) and U uniform, 3 passes over the vocabulary instead of 7.
+            # Element ids are (position, token): a position's noise does not depend on which other
+            # positions happen to be committable. int32 ids: G·V stays far below 2^31 (LLaDA:
+            # 4096 × 126464), and int32 halves the memory traffic.
+            p_t = probs if temperature == 1 else torch.softmax(lg / temperature, -1)
             index = order.to(torch.int32)[..., None] * V + torch.arange(V, dtype=torch.int32, device=lg.device)
-            picked = (lg + temperature * rng.gumbel(keys, index)).argmax(-1)
+            picked = (rng.uniform(keys, index).log_() / p_t).argmax(-1)
         else:
             picked = lg.argmax(-1)
         if cfg.remasking == "low_confidence":
-            score = torch.softmax(lg, -1).gather(-1, picked[..., None]).squeeze(-1)
+            score = probs.gather(-1, picked[..., None]).squeeze(-1)
         else:
             score = rng.uniform(rng.derive(keys, 1), order)
         if cfg.confidence_eos_eot_inf and len(self._stop):
