@@ -176,3 +176,13 @@ def test_two_processes_shard_and_merge(tiny_model_dir, tmp_path):
     records = lines(out)
     assert [(r["prompt_index"], r["sample"]) for r in records] == [(i, 0) for i in range(6)]
     assert not list(tmp_path.glob("out.jsonl.part*"))
+
+
+def test_generate_command_prints_before_and_after(tiny_model_dir, capsys):
+    code = main(["generate", "Go suck a", "--model", str(tiny_model_dir), *SMALL, "--exact", "--schedule", "final"])
+    out = capsys.readouterr().out
+    assert code == 0
+    before = [l for l in out.splitlines() if l.startswith("[before] toxicity ")]
+    after = [l for l in out.splitlines() if l.startswith("[after] toxicity ")]
+    assert len(before) == 1 and len(after) == 1
+    assert "denoiser rows" in out
