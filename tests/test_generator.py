@@ -99,3 +99,25 @@ def test_generate_text_applies_chat_template(generator):
     ids, _, _ = generator.encode_prompts(["you are a"])
     text = generator.tokenizer.decode(ids[0])
     assert "<|start_header_id|>" in text and text.rstrip().endswith("<|end_header_id|>")
+
+
+def test_sampler_left_padding_invariance(tiny_generator_parts):
+    """A short prompt gives the same generation alone and left-padded in a batch with a long one."""
+    model, tokenizer, profile = tiny_generator_parts
+    g = SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling=SAMPLING)
+    ids, attn, _ = g.encode_prompts(["the cat", "people think that we are just a bunch of idiots who run around"])
+    assert attn[0].sum() < attn.shape[1]  # the first row is padded
+    cfg = SamplingConfig(**SAMPLING)
+    sampler = DiffusionSampler(model, profile, cfg)
+    batch = sampler.run(ids, attn, seeds=[4, 5])
+    short = ids[0:1, attn[0].bool()]
+    alone = sampler.run(short, None, seeds=[4])
+    P = ids.shape[1]
+    assert torch.equal(batch.sequences[0, P:], alone.sequences[0, short.shape[1]:])
+    # The logits themselves agree within float32 tolerance.
+    with torch.inference_mode():
+        x_pad = batch.sequences[0:1]
+        x_alone = alone.sequences[0:1]
+        a = model(input_ids=x_pad, attention_mask=torch.cat([attn[0:1], torch.ones(1, 8, dtype=torch.long)], 1)).logits
+        b = model(input_ids=x_alone).logits
+    assert torch.allclose(a[0, P:], b[0, short.shape[1]:], atol=1e-4)
