@@ -20,6 +20,7 @@ install: $(STAMP)
 
 # Detoxify a shipped prompt file with the TINY RANDOM offline model and the offline policy.
 demo: $(STAMP)
+	@echo "NOTE: the demo model is a TINY RANDOMLY INITIALISED LLaDA-shaped model: its texts are random words."
 	$(PY) -m safegen tiny-model runs/tiny-model
 	$(PY) -m safegen detoxify examples/prompts.txt -o runs/demo.jsonl \
 		--model runs/tiny-model --quantization none --policy offline \

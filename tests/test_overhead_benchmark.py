@@ -1,0 +1,23 @@
+"""Smoke run of benchmarks/overhead.py at its quick size: the figures exist and are coherent."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+
+
+def test_quick_overhead_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("overhead_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "o.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    t = r["time"]
+    assert abs(t["forward_s"] + t["classifier_s"] + t["other_s"] - t["wall_s"]) < 1e-6
+    assert 0 < t["other_share"] < 1 and t["forward_calls"] > 0 and t["classifier_calls"] > 0
+    w = r["weights"]
+    # Quantized layers shrink: 8-bit about 1/4 of fp32, 4-bit about 1/8 plus statistics.
+    assert 0.2 < w["8bit"]["blocks_linear_ratio_fp32"] < 0.3
+    assert 0.1 < w["4bit"]["blocks_linear_ratio_fp32"] < 0.175
+    assert r["peak_memory"]["plain"]["peak_above_model_mib"] >= 0
