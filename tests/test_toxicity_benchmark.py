@@ -84,21 +84,26 @@ def test_bootstrap_ci_edge_cases():
 
 
 # ---------------------------------------------------------------- refinement plans
+@pytest.mark.parametrize("points", ["final", "late", "spread"])
 @pytest.mark.parametrize("G,T,block", [(20, 20, 20), (20, 20, 10), (16, 8, 8)])
-def test_plans_use_the_budget_without_exceeding_it(G, T, block):
+def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
     from safegen.sampler import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=G, steps=T, block_length=block, temperature=1.0)
-    config, plan = tb.plan_refinement(cfg, 1)
+    config, plan = tb.plan_refinement(cfg, 1, points=points)
     assert config.iterations == 0 and plan["planned_rows"] == T
     for b in (2, 4, 8):
-        config, plan = tb.plan_refinement(cfg, b)
+        config, plan = tb.plan_refinement(cfg, b, rho=0.25 if points == "spread" else 0.5, points=points)
         assert config.budget == b and not config.adaptive
         assert 0.75 * b * T <= plan["planned_rows"] <= b * T, (b, plan)
         S = cfg.steps_per_block
         refined = [(blk, s) for blk in range(cfg.n_blocks) for s in range(1, S + 1) if config.applies(blk, s, S)]
         assert [blk * S + s for blk, s in refined] == plan["points"] and refined
         assert refined[-1] == (cfg.n_blocks - 1, S)  # the finished text is always refined
+        if points == "final":
+            assert all(s == S for _, s in refined)
+        elif points == "late":
+            assert all(s >= 0.75 * S for _, s in refined)
 
 
 def test_evaluator_shares_no_word_with_the_offline_guide():
@@ -196,6 +201,11 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
             assert f["toxicity_probability"]["point"] == pytest.approx(sum(v >= 0.5 for v in top.values()) / 3)
         rows = [x["rows"] for x in samples]
         assert results["methods"][m][b]["rows_per_sample"]["point"] == pytest.approx(sum(rows) / len(rows))
+    # At budget 1 SVDD (one candidate), IterRef and remask-only (no pool affordable) are plain sampling
+    # with the same seeds: the very same texts.
+    texts = {k: {(x["prompt_index"], x["generation"]): x["text"] for x in v} for k, v in by.items()}
+    for m in ("svdd", "iterref", "remask_only"):
+        assert texts[(m, "1")] == texts[("plain", "1")], m
 
 
 @needs_rtp
