@@ -34,17 +34,18 @@ def _group_sum(v: torch.Tensor, n: int) -> torch.Tensor:
     return v.view(-1, n).sum(1)
 
 
-def _final_reward(sampler: DiffusionSampler, reward: Reward, sequences: torch.Tensor, P: int) -> torch.Tensor:
-    return torch.as_tensor(reward(sequences[:, P:]), dtype=torch.float64).reshape(-1).cpu()
-
-
-def _best_per_prompt(sampler, out: SampleOutput, r: torch.Tensor, n: int, P: int,
-                     t0: float) -> SampleOutput:
+def _keep_best(sampler, reward: Reward, out: SampleOutput, n: int, P: int, t0: float) -> SampleOutput:
+    """Each prompt's sample with the highest final reward (with one sample, no reward call)."""
+    if n == 1:
+        r = torch.zeros(out.sequences.shape[0], dtype=torch.float64)
+    else:
+        r = torch.as_tensor(reward(out.sequences[:, P:]), dtype=torch.float64).reshape(-1).cpu()
+        out.reward_calls += 1
     best = r.view(-1, n).argmax(1) + torch.arange(r.numel() // n) * n
     return SampleOutput(sequences=out.sequences[best.to(out.sequences.device)],
                         rows=_group_sum(out.rows, n), reward_calls=_group_sum(out.reward_calls, n),
                         proposed=_group_sum(out.proposed, n), accepted=_group_sum(out.accepted, n),
-                        seconds=time.perf_counter() - t0, extras={"final_reward": r.view(-1, n).max(1).values})
+                        seconds=time.perf_counter() - t0)
 
 
 def best_of_n(sampler: DiffusionSampler, input_ids, reward: Reward, n: int,
@@ -52,10 +53,7 @@ def best_of_n(sampler: DiffusionSampler, input_ids, reward: Reward, n: int,
     t0 = time.perf_counter()
     ids, attn, sub = _expand(input_ids, attention_mask, seeds, n)
     out = sampler.run(ids, attn, sub)
-    P = input_ids.shape[1]
-    r = _final_reward(sampler, reward, out.sequences, P)
-    out.reward_calls += 1
-    return _best_per_prompt(sampler, out, r, n, P, t0)
+    return _keep_best(sampler, reward, out, n, input_ids.shape[1], t0)
 
 
 class SVDDSampler(DiffusionSampler):
@@ -92,8 +90,11 @@ class SVDDSampler(DiffusionSampler):
             next_block = state.block + (state.step + 1 == S)
             nxt = self.predict(logits, gen, self.committable(gen, next_block),
                                self.step_keys(state, state.keys[rows], ahead=1), self.config.temperature)
-        r = torch.as_tensor(self.reward(nxt.xhat0), dtype=torch.float64).view(B, M).cpu()
-        state.reward_calls += M
+        if M == 1:  # nothing to choose: plain sampling, no reward call
+            r = torch.zeros((B, 1), dtype=torch.float64)
+        else:
+            r = torch.as_tensor(self.reward(nxt.xhat0), dtype=torch.float64).view(B, M).cpu()
+            state.reward_calls += M
         if self.alpha > 0:
             u = rng.uniform(rng.derive(state.keys, 10, state.block * S + state.step),
                             torch.arange(M, device=device).expand(B, M)).double().cpu()
@@ -161,7 +162,4 @@ def fk_steering(sampler: DiffusionSampler, input_ids, reward: Reward, n_particle
     t0 = time.perf_counter()
     ids, attn, sub = _expand(input_ids, attention_mask, seeds, n_particles)
     out = sampler.run(ids, attn, sub, hook=FKSteering(reward, n_particles, every, lam))
-    P = input_ids.shape[1]
-    r = _final_reward(sampler, reward, out.sequences, P)
-    out.reward_calls += 1
-    return _best_per_prompt(sampler, out, r, n_particles, P, t0)
+    return _keep_best(sampler, reward, out, n_particles, input_ids.shape[1], t0)

@@ -152,6 +152,19 @@ class IterRef:
         m = torch.clamp(torch.round(self.config.rho * n.double()).long(), min=1)
         return torch.where(n > 0, m, torch.zeros_like(m))
 
+    def allowance(self, sampler: DiffusionSampler, state: SamplerState) -> torch.Tensor:
+        """Rows each sample may spend at this refinement point under the budget: what the budget
+        leaves after the base steps still to come, shared equally among this and the remaining
+        refinement points (what a point leaves unspent carries over), so that an early point
+        cannot starve the later ones, the last of which scores the exact reward."""
+        S, T = sampler.config.steps_per_block, sampler.config.steps
+        per_row = 2.0 if sampler.config.cfg_scale > 0 else 1.0
+        base_left = T - (state.block * S + state.step)
+        left = self.config.budget * T * per_row - state.rows - base_left * per_row
+        points_left = sum(self.applies(b, s, S) for b in range(state.block, sampler.config.n_blocks)
+                          for s in range(1, S + 1) if (b, s) >= (state.block, state.step))
+        return left / max(points_left, 1)
+
     def pool_cost(self, sampler: DiffusionSampler, state: SamplerState, m: torch.Tensor) -> torch.Tensor:
         """Denoiser rows of one pool, per row: N · (re-denoising sub-steps + one scoring forward,
         unless the proposal has no mask left, when x̂0 is the proposal itself)."""
@@ -248,19 +261,19 @@ class IterRef:
         B, G = state.gen.shape
         device = state.x.device
         in_scope = self.scope(sampler, state)
-        current = self.score(state, state.pred.xhat0, torch.arange(B))
         decoded = (state.gen != sampler.mask_id) & in_scope
         active = (decoded.sum(1) > 0).cpu()
-        if cfg.adaptive:
-            active &= current < cfg.accept_reward
         budget_left = None
         if cfg.budget is not None:
-            # Keep the rows the remaining base steps will need; refinement gets the rest.
-            S = sampler.config.steps_per_block
-            T = sampler.config.steps
-            base_left = T - (state.block * S + state.step)
-            per_row = 2.0 if sampler.config.cfg_scale > 0 else 1.0
-            budget_left = cfg.budget * T * per_row - state.rows - base_left * per_row
+            budget_left = self.allowance(sampler, state)
+            active &= self.pool_cost(sampler, state, self.remask_sizes(decoded)) <= budget_left + 1e-9
+        # r(x_t) of the rows that may refine; the others cost no reward call.
+        current = torch.full((B,), float("nan"), dtype=torch.float64)
+        rows = active.nonzero().squeeze(1)
+        if len(rows):
+            current[rows] = self.score(state, state.pred.xhat0[rows.to(device)], rows)
+        if cfg.adaptive:
+            active &= current < cfg.accept_reward
         pool = _Pool(gen=torch.empty((B, N, G), dtype=torch.long, device=device),
                      pred=Prediction(*(torch.empty((B, N, G), dtype=dt, device=device)
                                        for dt in (torch.long, torch.float32, torch.long))),

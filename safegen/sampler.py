@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
@@ -192,7 +192,6 @@ class SampleOutput:
     # Plain sampling of the same prompts and seeds, forked where refinement first applied.
     plain_sequences: Optional[torch.Tensor] = None
     plain_rows: Optional[torch.Tensor] = None  # extra denoiser rows the plain branch cost
-    extras: dict = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> torch.Tensor:

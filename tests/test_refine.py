@@ -193,7 +193,11 @@ def test_baselines_respect_budget_and_improve_reward():
     # SVDD with one candidate and Best-of-1 are plain sampling at plain cost.
     one = svdd(sampler, ids[:20], reward, 1)
     assert torch.equal(one.sequences, sampler.run(ids[:20], seeds=0).sequences)
-    assert (best_of_n(sampler, ids[:20], reward, 1).rows == L2).all()
+    bo1 = best_of_n(sampler, ids[:20], reward, 1)
+    assert (bo1.rows == L2).all()
+    # With nothing to choose from, no method pays for a reward call.
+    assert one.reward_calls.sum() == 0 and bo1.reward_calls.sum() == 0
+    assert fk_steering(sampler, ids[:20], reward, 1).reward_calls.sum() == 0
 
 
 def test_logits_are_never_stale_after_refinement():
@@ -218,3 +222,28 @@ def test_logits_are_never_stale_after_refinement():
     out = SVDDSampler(m, m.mask_id, cfg, reward, n_candidates=2).run(ids, seeds=0, hook=hook)
     assert checks and all(checks)
     assert out.accepted.sum() > 0 and not (out.sequences == m.mask_id).any()
+
+
+def test_budget_is_shared_across_refinement_points_and_unaffordable_points_cost_nothing():
+    m = ScriptedModel(input_weight=1.0)
+    reward = lambda t: -(t == 2).sum(1).double()
+    # Nothing affordable: no proposal and no reward call.
+    cfg8 = SamplingConfig(max_new_tokens=8, steps=8, block_length=8)
+    rc = RefineConfig(n_proposals=4, iterations=2, schedule="late", start=0.5, budget=1)
+    out = DiffusionSampler(m, m.mask_id, cfg8).run(torch.randint(0, 5, (2, 2)), hook=IterRef(rc, reward))
+    assert out.rows.tolist() == [8.0, 8.0] and out.reward_calls.tolist() == [0.0, 0.0]
+    # A generous k would spend everything at the first point; the allowance keeps some for the last.
+    cfg = SamplingConfig(max_new_tokens=16, steps=16, block_length=16, temperature=1.0)
+    proposed_at = []
+
+    class Recorder(IterRef):
+        def __call__(self, sampler, state):
+            before = state.proposed.clone()
+            super().__call__(sampler, state)
+            proposed_at.append((state.step, float((state.proposed - before).sum())))
+
+    rc = RefineConfig(n_proposals=1, iterations=64, rho=0.25, schedule="late", start=0.5, budget=2)
+    out = DiffusionSampler(m, m.mask_id, cfg).run(torch.randint(0, 5, (2, 2)), seeds=1, hook=Recorder(rc, reward))
+    assert (out.rows <= 2 * cfg.steps).all()
+    assert dict(proposed_at)[16] > 0  # the finished text (exact reward) is refined too
+    assert sum(n > 0 for _, n in proposed_at) >= 3
