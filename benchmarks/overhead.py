@@ -170,7 +170,6 @@ def main(argv=None) -> int:
         if model_dir is None:
             from safegen.tiny import write_tiny_model
             model_dir = str(write_tiny_model(Path(tmp) / "mid", seed=0, **(QUICK_SIZE if args.quick else MID_SIZE)))
-        from transformers import AutoConfig
         n_params = sum(p.numel() for p in build_generator(model_dir, args).model.parameters())
         shares = time_shares(model_dir, args)
         memory = {"plain": peak_memory(model_dir, args, refine=False),

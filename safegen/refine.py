@@ -19,9 +19,8 @@ Rows that are done (adaptive mode, exhausted budget, nothing to re-mask) leave t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -265,8 +264,10 @@ class IterRef:
         active = (decoded.sum(1) > 0).cpu()
         budget_left = None
         if cfg.budget is not None:
+            # A pool costs the same all through this point: re-masking keeps the decoded count.
+            cost = self.pool_cost(sampler, state, self.remask_sizes(decoded))
             budget_left = self.allowance(sampler, state)
-            active &= self.pool_cost(sampler, state, self.remask_sizes(decoded)) <= budget_left + 1e-9
+            active &= cost <= budget_left + 1e-9
         # r(x_t) of the rows that may refine; the others cost no reward call.
         current = torch.full((B,), float("nan"), dtype=torch.float64)
         rows = active.nonzero().squeeze(1)
@@ -284,7 +285,6 @@ class IterRef:
         for it in range(cfg.iterations):
             need = active & (pool.next >= N)
             if budget_left is not None and bool(need.any()):
-                cost = self.pool_cost(sampler, state, self.remask_sizes(decoded))
                 affordable = cost <= budget_left + 1e-9
                 active &= ~need | affordable
                 need &= affordable

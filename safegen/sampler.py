@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 

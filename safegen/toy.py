@@ -9,7 +9,7 @@ distance of samples to p* says how exact a sampler is.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
