@@ -38,7 +38,6 @@ toxicity_histograms.png.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from safegen import batch
 
 REPO = Path(__file__).resolve().parents[1]
 RTP_DIR_ENV = "SAFEGEN_RTP_DIR"
@@ -403,49 +404,24 @@ def settings_from(args) -> Settings:
 
 # ============================================================================ resumable cell file
 def _digest(path) -> Optional[str]:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+    return batch.file_digest(path) if path else None
 
 
 def read_cells(path: Path) -> dict[tuple, dict]:
-    """Finished cells of cells.jsonl, keyed (method, budget, chunk). Each line is written whole with
-    one write(); an unterminated last line (a killed run) is cut off, a broken line elsewhere is an
-    error, like safegen.batch does for `safegen detoxify`."""
-    done = {}
-    if not path.exists():
-        return done
-    data = path.read_bytes()
-    pos, line_no = 0, 0
-    while (nl := data.find(b"\n", pos)) != -1:
-        line_no += 1
-        try:
-            cell = json.loads(data[pos:nl])
-            done[(cell["method"], cell["budget"], cell["chunk"])] = cell
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise BenchmarkError(f"{path}:{line_no}: not a benchmark cell ({e}); refusing to resume "
-                                 "into a damaged file") from None
-        pos = nl + 1
-    if pos < len(data):
-        log.warning("%s: cut off an unfinished last line (%d bytes) left by an interrupted run", path, len(data) - pos)
-        with open(path, "r+b") as f:
-            f.truncate(pos)
-    return done
+    """Finished cells of cells.jsonl, keyed (method, budget, chunk), read as `safegen detoxify`
+    reads its output: an unterminated last line (a killed run) is cut off, a broken line elsewhere
+    is an error."""
+    try:
+        return batch.read_records(path, key=lambda c: (c["method"], c["budget"], c["chunk"]), what="benchmark cell")
+    except batch.InputError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def check_fingerprint(out: Path, fingerprint: dict) -> None:
-    meta, cells = out / "config.json", out / "cells.jsonl"
-    if meta.exists():
-        old = json.loads(meta.read_text())
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-            raise BenchmarkError(f"{out} holds a run with another configuration ({details}); rerun with "
-                                 "the same options to resume, or choose another --out")
-    elif cells.exists() and cells.stat().st_size > 0:
-        raise BenchmarkError(f"{cells} exists without {meta.name}: not written by this benchmark; choose another --out")
-    else:
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-        os.replace(tmp, meta)
+    try:
+        batch.check_fingerprint(out / "config.json", out / "cells.jsonl", fingerprint, writer="this benchmark")
+    except batch.InputError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def append_cell(path: Path, cell: dict) -> None:
@@ -743,8 +719,6 @@ def plot(results: dict, scores: dict, out: Path) -> list[Path]:
 
 # ============================================================================ main
 def load_prompts(s: Settings) -> list[str]:
-    from safegen import batch
-
     try:
         lines = batch.read_prompts(s.prompt_file, field=s.field)
     except batch.InputError as e:

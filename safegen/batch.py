@@ -125,11 +125,12 @@ def _field(record, field: Optional[str]) -> tuple[str, Optional[str]]:
 
 
 # ---------------------------------------------------------------------------------- output file
-def _read_done(path: Path) -> dict[tuple[int, int], dict]:
-    """Finished samples of an output file. Each record is written with its newline in one write(),
-    so only an unterminated tail can be unfinished: it is cut off in place. A broken line with
-    records after it is not ours to repair: that is an error naming the line."""
-    done: dict[tuple[int, int], dict] = {}
+def read_records(path: Path, key: Callable[[dict], tuple], what: str = "safegen report line") -> dict[tuple, dict]:
+    """The records of a JSONL file written line by line, keyed by `key(record)`. Each record is
+    written with its newline in one write(), so only an unterminated tail can be unfinished: it is
+    cut off in place. A broken line with records after it is not ours to repair: that is an error
+    naming the line."""
+    done: dict[tuple, dict] = {}
     if not path.exists():
         return done
     data = path.read_bytes()
@@ -138,9 +139,9 @@ def _read_done(path: Path) -> dict[tuple[int, int], dict]:
         line_no += 1
         try:
             record = json.loads(data[pos:nl])
-            done[(record["prompt_index"], record["sample"])] = record
+            done[key(record)] = record
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}:{line_no}: not a safegen report line ({e}); "
+            raise InputError(f"{path}:{line_no}: not a {what} ({e}); "
                              "refusing to resume into a damaged file") from None
         pos = nl + 1
     if pos < len(data):
@@ -151,22 +152,30 @@ def _read_done(path: Path) -> dict[tuple[int, int], dict]:
     return done
 
 
-def _check_meta(output: Path, fingerprint: dict) -> None:
-    meta = output.with_name(output.name + ".meta.json")
+def _read_done(path: Path) -> dict[tuple[int, int], dict]:
+    return read_records(path, key=lambda r: (r["prompt_index"], r["sample"]))
+
+
+def check_fingerprint(meta: Path, data: Path, fingerprint: dict, writer: str = "`safegen detoxify`") -> None:
+    """Resume only into the same configuration: compare with the fingerprint saved in `meta` (or
+    save it, for a new run). `data` is the file the run appends to."""
     if meta.exists():
         old = json.loads(meta.read_text())
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         if changed:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-            raise InputError(f"{output} was started with another configuration ({details}); "
-                             "rerun with the same options to resume, or choose another output file")
-    elif output.exists() and output.stat().st_size > 0:
-        raise InputError(f"{output} exists but was not written by `safegen detoxify` (no {meta.name}); "
-                         "choose another output file")
+            raise InputError(f"{data} was started with another configuration ({details}); "
+                             "rerun with the same options to resume, or write elsewhere")
+    elif data.exists() and data.stat().st_size > 0:
+        raise InputError(f"{data} exists but was not written by {writer} (no {meta.name}); write elsewhere")
     else:
         tmp = meta.with_name(meta.name + ".tmp")
         tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
         os.replace(tmp, meta)
+
+
+def _check_meta(output: Path, fingerprint: dict) -> None:
+    check_fingerprint(output.with_name(output.name + ".meta.json"), output, fingerprint)
 
 
 def file_digest(path: Path) -> str:
