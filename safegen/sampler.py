@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol
 
 import torch
 
@@ -115,11 +115,6 @@ class Prediction:
     def select(self, index: torch.Tensor) -> "Prediction":
         return Prediction(self.candidates[index], self.confidence[index], self.xhat0[index])
 
-    @staticmethod
-    def cat(preds: Sequence["Prediction"]) -> "Prediction":
-        return Prediction(*(torch.cat([getattr(p, f) for p in preds]) for f in
-                            ("candidates", "confidence", "xhat0")))
-
 
 @dataclass
 class SamplerState:
@@ -152,16 +147,6 @@ class SamplerState:
         s = replace(self, x=self.x.clone())
         for name in ("rows", "reward_calls", "proposed", "accepted"):
             setattr(s, name, torch.zeros_like(getattr(self, name)))
-        return s
-
-    def select(self, index: torch.Tensor) -> "SamplerState":
-        """The rows `index` as a new state (used by resampling and Best-of-N bookkeeping)."""
-        s = replace(self, x=self.x[index], keys=self.keys[index],
-                    attention_mask=None if self.attention_mask is None else self.attention_mask[index],
-                    pred=None if self.pred is None else self.pred.select(index),
-                    logits=None if self.logits is None else self.logits[index])
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
-            setattr(s, name, getattr(self, name)[index.cpu()].clone())
         return s
 
 
