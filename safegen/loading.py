@@ -3,9 +3,15 @@
 `load_model` returns the model in eval mode, its tokenizer and the ModelProfile the sampler needs. Every
 failure a user can cause (no cached weights and no network, remote code not trusted, bitsandbytes
 missing, a bad argument) is a LoadError or ValueError whose message says what to do.
+
+LLaDA checkpoints (model_type "llada") always load with safegen's own implementation (safegen.llada):
+the repository's modeling code is never imported, whatever its config.json's auto_map says and whatever
+trust_remote_code is. Other model types load through transformers' Auto classes; those that exist only
+as the repository's own code need trust_remote_code=True.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -18,10 +24,14 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", 
 
 DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # A commit of the hub repository (the snapshot that public projects pin and that appears in their
-# Hugging Face cache paths). Pinned because with trust_remote_code the repository's modeling code runs,
-# and that code changed in October 2025 (attention-mask support) and may change again. To use another
-# commit, pass revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
+# Hugging Face cache paths). It fixes the weights, config.json and tokenizer that are downloaded; the
+# repository's modeling code is not used (safegen.llada replaces it), so which side of its October 2025
+# attention-mask change this commit is on does not matter here. To use another commit, pass
+# revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
 DEFAULT_REVISION = "08b83a6feb34df1a6011b80c3c00c7563e963b07"
+
+# Model types with an implementation in safegen, used in place of any code the repository ships.
+NATIVE_MODEL_TYPES = {"llada": "safegen.llada:LLaDAModelLM"}
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 
@@ -62,7 +72,7 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
         local_files_only = _offline()
     hub = dict(revision=revision, local_files_only=local_files_only)
 
-    _check_model_type(model_id_or_path, hub, trust_remote_code)
+    model_class = _model_class(model_id_or_path, hub, trust_remote_code)
     # bf16 only where the weights will sit on a GPU: not with a CPU device_map, nor with device_map=None
     # unquantized (transformers then keeps the model on the CPU; bitsandbytes would move it to the GPU).
     on_gpu = (torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"}, torch.device("cpu"))
@@ -70,12 +80,12 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
     dtype = _check_dtype(dtype) or (torch.bfloat16 if on_gpu else torch.float32)
     quantization_config = _quantization_config(quantization, dtype)
 
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         # device_map places the weights (on CPU-only machines "auto" resolves to the CPU); a quantized
         # model must never be moved with .to() afterwards.
-        model = AutoModel.from_pretrained(
+        model = model_class.from_pretrained(
             model_id_or_path, quantization_config=quantization_config, device_map=device_map, dtype=dtype,
             trust_remote_code=trust_remote_code, **hub)
         tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
@@ -111,9 +121,11 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or any((f or "").upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
-def _check_model_type(model_id_or_path: str, hub: dict, trust_remote_code: bool) -> None:
-    """Refuse, before any code runs, a model whose class transformers only has as hub code."""
-    from transformers import PretrainedConfig
+def _model_class(model_id_or_path: str, hub: dict, trust_remote_code: bool):
+    """The class whose from_pretrained loads the model: safegen's own for the model types it implements,
+    AutoModel for those transformers knows, the repository's own code only with trust_remote_code.
+    Refuses, before any code runs, a model whose class exists only as hub code that is not trusted."""
+    from transformers import AutoModel, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
@@ -126,16 +138,54 @@ def _check_model_type(model_id_or_path: str, hub: dict, trust_remote_code: bool)
     model_type = config_dict.get("model_type")
     if not model_type:
         raise LoadError(f"config.json of {model_id_or_path} has no model_type")
-    if model_type in CONFIG_MAPPING or trust_remote_code:
-        return
+    if model_type in NATIVE_MODEL_TYPES:
+        import importlib
+
+        module, name = NATIVE_MODEL_TYPES[model_type].split(":")
+        return getattr(importlib.import_module(module), name)
+    if model_type in CONFIG_MAPPING:
+        return AutoModel
+    if trust_remote_code and "AutoModel" in config_dict.get("auto_map", {}):
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return _completed(get_class_from_dynamic_module(config_dict["auto_map"]["AutoModel"], model_id_or_path,
+                                                        **hub))
+    if trust_remote_code:
+        return AutoModel
     if "auto_map" in config_dict:
         at = f" at revision {hub['revision']}" if hub["revision"] else ""
         raise LoadError(
             f"model_type {model_type!r} is not part of transformers: {model_id_or_path} ships its own model "
-            f"code (LLaDA does). Loading it runs that code from the repository{at}; if you trust it, pass "
+            f"code. Loading it runs that code from the repository{at}; if you trust it, pass "
             "trust_remote_code=True (command line: --trust-remote-code).")
     raise LoadError(f"model_type {model_type!r} of {model_id_or_path} is unknown to transformers and the "
                     "repository has no model code (no auto_map in config.json)")
+
+
+def _completed(model_class):
+    """`model_class`, or a subclass that finishes the initialisation transformers 5 expects of it.
+
+    Model code written for transformers 4 may never call post_init() (LLaDA's does not), leaving out
+    the attributes from_pretrained reads (all_tied_weights_keys, ...), and may define tie_weights()
+    without the arguments transformers 5 passes. The subclass calls post_init() where the model's
+    __init__ did not, and calls such a tie_weights() without arguments.
+    """
+    params = inspect.signature(model_class.tie_weights).parameters.values()
+    old_tie_weights = not any(p.kind is p.VAR_KEYWORD or p.name == "missing_keys" for p in params)
+
+    class Completed(model_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not hasattr(self, "all_tied_weights_keys"):
+                self.post_init()
+
+        if old_tie_weights:
+            def tie_weights(self, *args, **kwargs):
+                return model_class.tie_weights(self)
+
+    Completed.__name__, Completed.__qualname__ = model_class.__name__, model_class.__qualname__
+    Completed.__module__ = model_class.__module__
+    return Completed
 
 
 def _quantization_config(quantization: str, compute_dtype: torch.dtype):

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import safegen  # noqa: F401
+from safegen.llada import LLaDAModelLM
 from safegen.loading import DEFAULT_MODEL, DEFAULT_REVISION, HEAD_MODULE, LoadError, load_model
 from safegen.profile import LLADA_IDS, profile_from
 from safegen.tiny import BOS, EOS, EOT, MASK, write_tiny_model
-from transformers import AutoModel, BitsAndBytesConfig
+from transformers import AutoModel, BitsAndBytesConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -131,14 +132,106 @@ def test_missing_folder_and_folder_without_config(tmp_path):
 
 
 def test_remote_code_is_refused_without_trust(tiny_dir, tmp_path):
-    folder = tmp_path / "llada-like"
+    folder = tmp_path / "remote-only"
     shutil.copytree(tiny_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="llada", auto_map={"AutoModel": "modeling_llada.LLaDAModelLM"})
+    config.update(model_type="safegen-test-remote-only", auto_map={"AutoModel": "modeling_x.XModel"})
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError, match="trust_remote_code=True") as caught:
         load_model(str(folder), quantization="none")
     assert "--trust-remote-code" in str(caught.value)
+
+
+REMOTE_BOMB = "raise RuntimeError('the repository code was imported')\n"
+
+
+class ForeignLLaDAConfig(PretrainedConfig):
+    model_type = "llada"
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_llada_hub_layout_loads_with_safegen_s_class_and_never_imports_the_folder_code(
+        tiny_dir, tmp_path, batch, full_logits, trust_remote_code, monkeypatch):
+    # LLaDA's own configuration_llada.py registers "llada" with AutoConfig when imported (by earlier
+    # remote-code use in the same process, say): safegen's class must win all the same.
+    monkeypatch.setitem(CONFIG_MAPPING._extra_content, "llada", ForeignLLaDAConfig)
+    # LLaDA's hub layout: config.json's auto_map names the repository's own files, here files that
+    # raise when imported.
+    folder = tmp_path / "llada-hub-layout"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["LLaDAModelLM"], auto_map={
+        "AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+        "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_llada.py", "modeling_llada.py"):
+        (folder / name).write_text(REMOTE_BOMB)
+    model, _, profile = load_model(str(folder), quantization="none", device_map="cpu",
+                                   trust_remote_code=trust_remote_code)
+    assert type(model) is LLaDAModelLM
+    assert not any("modeling_llada" in name or "configuration_llada" in name for name in sys.modules)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*batch).logits, full_logits)
+    assert profile.mask_id == config["mask_token_id"]
+
+
+REMOTE_CONFIG = """
+from transformers import PretrainedConfig
+
+class OldStyleConfig(PretrainedConfig):
+    model_type = "safegen-test-old-style"
+
+    def __init__(self, width=8, **kwargs):
+        self.width = width
+        super().__init__(**kwargs)
+"""
+
+# Written for transformers 4, like LLaDA's code: no post_init() in __init__, tie_weights() without arguments.
+REMOTE_MODEL = """
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+from .configuration_old_style import OldStyleConfig
+
+class OldStyleModel(PreTrainedModel):
+    config_class = OldStyleConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.width)
+        self.head = torch.nn.Linear(config.width, config.vocab_size, bias=False)
+
+    def tie_weights(self):
+        pass
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return MaskedLMOutput(logits=self.head(self.embed(input_ids)))
+"""
+
+
+def test_remote_code_without_post_init_loads_with_trust(tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "old-style"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / name, folder / name)
+    (folder / "configuration_old_style.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_old_style.py").write_text(REMOTE_MODEL)
+    tiny = json.loads((tiny_dir / "config.json").read_text())
+    vocab = tiny["embedding_size"]
+    (folder / "config.json").write_text(json.dumps(dict(
+        model_type="safegen-test-old-style", width=8, vocab_size=vocab, mask_token_id=tiny["mask_token_id"],
+        auto_map={"AutoConfig": "configuration_old_style.OldStyleConfig",
+                  "AutoModel": "modeling_old_style.OldStyleModel"})))
+    weights = {"embed.weight": torch.randn(vocab, 8), "head.weight": torch.randn(vocab, 8)}
+    save_file(weights, folder / "model.safetensors")
+    model, _, profile = load_model(str(folder), quantization="none", device_map="cpu", trust_remote_code=True)
+    assert type(model).__name__ == "OldStyleModel"
+    torch.testing.assert_close(model.head.weight, weights["head.weight"])
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(model(ids).logits, weights["embed.weight"][ids] @ weights["head.weight"].T)
+    assert profile.mask_id == tiny["mask_token_id"]
 
 
 def test_missing_bitsandbytes_says_how_to_fix(tiny_dir, monkeypatch):

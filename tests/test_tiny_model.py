@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import safegen  # noqa: F401  (registers the tiny model with the Auto classes)
+from safegen.llada import LLaDAConfig, LLaDAModelLM  # importing it registers LLaDA with the Auto classes
 from safegen.tiny import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIAL_TOKENS, TINY_VOCAB_FILE, UNK,
-                          TinyLLaDAConfig, TinyLLaDAModel, build_tiny_tokenizer, write_tiny_model)
+                          build_tiny_tokenizer, write_tiny_model)
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 RTP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp"
@@ -37,14 +37,15 @@ def test_write_is_fast_and_auto_classes_load_it(tmp_path, tiny_dir, model):
     write_tiny_model(tmp_path / "again")
     assert time.perf_counter() - start < 5
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tiny_dir.iterdir()}
-    assert type(model) is TinyLLaDAModel
-    assert type(AutoConfig.from_pretrained(tiny_dir)) is TinyLLaDAConfig
-    assert type(AutoModelForMaskedLM.from_pretrained(tiny_dir)) is TinyLLaDAModel
+    # One architecture: the tiny model is LLaDA's class in a small configuration.
+    assert type(model) is LLaDAModelLM
+    assert type(AutoConfig.from_pretrained(tiny_dir)) is LLaDAConfig
+    assert type(AutoModelForMaskedLM.from_pretrained(tiny_dir)) is LLaDAModelLM
 
 
 def test_config_has_llada_fields_and_tokenizer_ids(tiny_dir, tokenizer):
     config = json.loads((tiny_dir / "config.json").read_text())
-    assert config["model_type"] == "safegen-tiny-llada"
+    assert config["model_type"] == "llada"
     for field in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
                   "max_sequence_length", "rope_theta"):
         assert field in config
@@ -88,7 +89,7 @@ def test_config_overrides_and_their_errors(tmp_path):
     with pytest.raises(ValueError, match="mask_token_id"):
         write_tiny_model(tmp_path / "ids", mask_token_id=3)
     with pytest.raises(ValueError, match="n_heads"):
-        TinyLLaDAConfig(d_model=64, n_heads=3)
+        LLaDAConfig(d_model=64, n_heads=3)
 
 
 def test_logits_shape_and_not_trivial(model):
