@@ -28,7 +28,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", default=None, help="hub revision (commit) to load")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="default 4bit (NF4)")
     g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model repository's own code (LLaDA needs it; it runs code from the hub)")
+                   help="allow the model repository's own code, for models safegen and transformers do not "
+                        "implement (LLaDA does not need it; it runs code from the hub)")
     g.add_argument("--device-map", default="auto", help="accelerate device map (default auto)")
     g.add_argument("--policy", default="default", help="a policy name in policies/ or a YAML path (default: default)")
 
@@ -174,6 +175,24 @@ def _detoxify_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
 
 
+def memory(args) -> int:
+    from .memory import command
+
+    return command(args)
+
+
+def _memory_arguments(parser: argparse.ArgumentParser) -> None:
+    from .loading import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL}); "
+                        "only its config.json is read")
+    parser.add_argument("--revision", default=None, help="hub revision (commit)")
+    parser.add_argument("--quantization", choices=("4bit", "8bit", "none"), default=None,
+                        help="show only this one (default: all)")
+    parser.add_argument("--seq-len", type=int, default=256, help="prompt + generation tokens (default 256)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 # name: (function, help, function adding the arguments)
 COMMANDS = {
     "tiny-model": (tiny_model, "write a tiny random LLaDA-shaped model for offline tests and demos",
@@ -182,6 +201,7 @@ COMMANDS = {
                  _generate_arguments),
     "detoxify": (detoxify, "detoxify a file of prompts in batch, one JSONL report per sample",
                  _detoxify_arguments),
+    "memory": (memory, "parameter count and memory of a LLaDA model, from its config", _memory_arguments),
 }
 
 
