@@ -1,0 +1,48 @@
+"""benchmarks/gpu_check.py end to end on CPU with a small configuration (the GPU run uses LLaDA-8B's)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_run_writes_the_json(gpu_check, tmp_path):
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--small", "--out", str(out), "--prompts", "2", "--gen", "8", "--steps", "8"]) == 0
+    result = json.loads(out.read_text())
+    assert result["plain"]["denoiser_rows_per_sample"] == 8  # one forward row per step
+    # IterRef spends more rows, within its budget of 4 x T.
+    assert 8 < result["iterref"]["denoiser_rows_per_sample"] <= 4 * 8
+    assert result["iterref_over_plain_wall"] == pytest.approx(
+        result["iterref"]["wall_s"] / result["plain"]["wall_s"])
+    assert result["plain"]["wall_per_sample_s"] == pytest.approx(result["plain"]["wall_s"] / 2)
+
+
+def test_random_model_is_4bit_except_head_embedding_and_norms(gpu_check):
+    import bitsandbytes as bnb
+    from safegen.llada import LLaDAConfig
+
+    config = LLaDAConfig(**gpu_check.SMALL)
+    model = gpu_check.random_4bit_model(config, torch.device("cpu"), torch.float32)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds.pop("model.transformer.ff_out") == "Linear"
+    assert len(kinds) == 7 * config.n_layers and set(kinds.values()) == {"Linear4bit"}
+    assert all(m.weight.quant_state.nested for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    ids, mask = gpu_check.random_prompts(config, 3, 10)
+    assert (mask.sum(1) >= 5).all() and (ids[mask == 0] == config.pad_token_id).all()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert logits.shape == (3, 10, config.embedding_size) and torch.isfinite(logits).all()
+    assert logits.std() > 0.3  # random weights, yet not a constant output
