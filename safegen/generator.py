@@ -69,7 +69,7 @@ class GenerateOutput:
 class SafeGenerator:
     """Wraps a masked diffusion LM so that its generations pass a toxicity policy.
 
-    >>> gen = SafeGenerator.from_pretrained("GSAI-ML/LLaDA-8B-Instruct", trust_remote_code=True)
+    >>> gen = SafeGenerator.from_pretrained("GSAI-ML/LLaDA-8B-Instruct")
     >>> out = gen.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # like model.generate
     >>> reports = gen.generate_text(["Tell me about your neighbours"])          # texts with reports
     """
