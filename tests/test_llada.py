@@ -95,3 +95,26 @@ def test_grouped_query_attention_shares_keys_across_heads():
             state[f"model.transformer.blocks.0.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(32, 32)
         full.load_state_dict(state)
         torch.testing.assert_close(full(ids).logits, grouped)
+
+
+def test_rotary_embedding_is_relative_and_uses_the_config_theta():
+    from safegen.llada import rotary_angles, rotate
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 16, dtype=torch.float64).unbind(0)
+    cos, sin = rotary_angles(40, 16, 500000.0, "cpu")
+
+    def score(i, j):  # q at position i against k at position j
+        return (rotate(q, cos[i], sin[i]) * rotate(k, cos[j], sin[j])).sum().item()
+
+    # Only the distance between positions matters, which is why left padding does not shift real tokens.
+    assert score(3, 10) == pytest.approx(score(23, 30), abs=1e-5)
+    assert score(3, 10) != pytest.approx(score(3, 30), abs=1e-3)
+    config = dict(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=50, embedding_size=64)
+    ids = torch.randint(0, 50, (1, 12))
+    torch.manual_seed(1)
+    a = LLaDAModelLM(LLaDAConfig(rope_theta=500000.0, **config)).eval()
+    b = LLaDAModelLM(LLaDAConfig(rope_theta=10.0, **config)).eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max() > 1e-3
