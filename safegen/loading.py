@@ -30,9 +30,6 @@ DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
 DEFAULT_REVISION = "08b83a6feb34df1a6011b80c3c00c7563e963b07"
 
-# Model types with an implementation in safegen, used in place of any code the repository ships.
-NATIVE_MODEL_TYPES = {"llada": "safegen.llada:LLaDAModelLM"}
-
 QUANTIZATIONS = ("4bit", "8bit", "none")
 
 # LLaDA's output head, kept in full precision: it turns every position's state into logits. The full
@@ -138,11 +135,12 @@ def _model_class(model_id_or_path: str, hub: dict, trust_remote_code: bool):
     model_type = config_dict.get("model_type")
     if not model_type:
         raise LoadError(f"config.json of {model_id_or_path} has no model_type")
-    if model_type in NATIVE_MODEL_TYPES:
-        import importlib
+    if model_type == "llada":
+        # By class, not through AutoModel: LLaDA's own configuration_llada.py, once imported anywhere
+        # in the process, registers "llada" with AutoConfig in place of safegen's config.
+        from .llada import LLaDAModelLM
 
-        module, name = NATIVE_MODEL_TYPES[model_type].split(":")
-        return getattr(importlib.import_module(module), name)
+        return LLaDAModelLM
     if model_type in CONFIG_MAPPING:
         return AutoModel
     if trust_remote_code and "AutoModel" in config_dict.get("auto_map", {}):
