@@ -41,7 +41,6 @@ REQUIRED = {
     "input_emb_norm": (False, "scaling the embeddings by sqrt(d_model) is not implemented"),
     "scale_logits": (False, "scaling the logits by 1/sqrt(d_model) is not implemented"),
     "block_group_size": (1, "block groups change the parameter names (block_groups.*), not implemented"),
-    "use_cache": (False, "a masked diffusion LM has no key/value cache"),
 }
 
 
@@ -84,6 +83,8 @@ class LLaDAConfig(PretrainedConfig):
     input_emb_norm: bool = False
     scale_logits: bool = False
     block_group_size: int = 1
+    # Read by nothing: a masked diffusion LM has no key/value cache. Kept (any value) because
+    # configs saved by LLaDA's own code may carry it.
     use_cache: bool = False
 
     def __post_init__(self, **kwargs):

@@ -57,7 +57,7 @@ def test_8b_parameter_names_shapes_and_count(llada_8b):
     ("block_type", "sequential"), ("activation_type", "swiglu"), ("activation_type", "gelu"),
     ("include_bias", True), ("include_qkv_bias", True), ("weight_tying", True), ("alibi", True),
     ("rope", False), ("layer_norm_type", "default"), ("attention_layer_norm", True), ("scale_logits", True),
-    ("input_emb_norm", True), ("block_group_size", 2), ("rope_full_precision", False), ("use_cache", True),
+    ("input_emb_norm", True), ("block_group_size", 2), ("rope_full_precision", False)
 ])
 def test_settings_it_cannot_honour_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"field {field}="):
