@@ -11,12 +11,14 @@ from .detoxify import DetoxifyScorer
 from .hf import HFScorer
 from .lexicon import LexiconScorer
 from .profanity_check import ProfanityCheckScorer
+from .toxic_lstm import ToxicLSTMScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     "detoxify": DetoxifyScorer,
     "hf": HFScorer,
     "profanity_check": ProfanityCheckScorer,
     "lexicon": LexiconScorer,
+    "toxic_lstm": ToxicLSTMScorer,
 }
 
 
@@ -29,4 +31,5 @@ def register_scorer(name: str, scorer: type[Scorer], replace: bool = False) -> N
 
 
 __all__ = ["SCORERS", "register_scorer", "Scorer", "Options", "OptionError",
-           "DetoxifyScorer", "HFScorer", "LexiconScorer", "ProfanityCheckScorer"]
+           "DetoxifyScorer", "HFScorer", "LexiconScorer", "ProfanityCheckScorer",
+           "ToxicLSTMScorer"]
