@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# The toxic_lstm scorer's weights and tokenizer, without its dependencies (TensorFlow among them),
+# which safegen does not need: the scorer runs the network in torch.
+TOXIC_LSTM := toxic-comment-classifier==0.3.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
@@ -14,6 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "$(TOXIC_LSTM)"
 	touch $(STAMP)
 
 install: $(STAMP)

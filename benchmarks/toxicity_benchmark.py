@@ -283,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("scoring")
     s.add_argument("--policy", default="offline",
                    help="guiding policy, name or YAML (default offline; on a GPU machine: default = Detoxify)")
-    s.add_argument("--evaluator", default="eval-offline",
-                   help="policy that scores but never guides, name or YAML (default eval-offline)")
+    s.add_argument("--evaluator", default="eval-neural",
+                   help="policy that scores but never guides, name or YAML (default eval-neural; "
+                        "eval-offline is a word list)")
     s.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default 1000)")
 
     g = p.add_argument_group("model and sampling")
