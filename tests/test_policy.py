@@ -357,7 +357,7 @@ OK_CLASSIFIER = "classifiers: [{name: t, scorer: table}]\n"
     ("classifiers: [{name: t, scorer: table}, {name: t, scorer: table}]", "classifiers[1].name",
      "two classifiers are named 't'"),
     ("classifiers: [{name: t, scorer: perspective}]", "classifiers[t].scorer",
-     "unknown scorer 'perspective'; known scorers: detoxify, hf, lexicon, profanity_check, table"),
+     "unknown scorer 'perspective'; known scorers: detoxify, hf, lexicon, profanity_check, table, toxic_lstm"),
     ("classifiers: [{name: toxigen}]", "classifiers[toxigen].scorer", "unknown scorer 'toxigen'"),
     ("classifiers: [{name: detoxify, varient: original}]", "classifiers[detoxify].varient",
      "unknown option; known options:"),
