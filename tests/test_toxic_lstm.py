@@ -50,9 +50,12 @@ def test_matches_the_keras_outputs_the_package_publishes(scorer):
 
 # -- a second path: the Keras layers written out in numpy, straight from the HDF5 arrays ----------
 
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
 def keras_lstm(x, kernel, recurrent, bias):
     """Keras' LSTM cell over a sequence: gates (input, forget, cell, output), sigmoid and tanh."""
-    sigmoid = lambda z: 1 / (1 + np.exp(-z))
     h = c = np.zeros(recurrent.shape[0])
     states = []
     for x_t in x:
@@ -67,23 +70,23 @@ def numpy_model(ids: np.ndarray, weights: Path) -> np.ndarray:
     import h5py
 
     with h5py.File(weights, "r") as f:
-        a = {name: np.asarray(f[name], dtype=np.float64) for name in _datasets(f)}
-    cell = "layers/bidirectional/{}_layer/cell/vars/{}"
+        def read(name):
+            return np.asarray(f["layers/" + name], dtype=np.float64)
+
+        embedding = read("embedding/vars/0")
+        cells = {d: [read(f"bidirectional/{d}_layer/cell/vars/{k}") for k in range(3)]
+                 for d in ("forward", "backward")}
+        hidden_kernel, hidden_bias = read("dense/vars/0"), read("dense/vars/1")
+        out_kernel, out_bias = read("dense_1/vars/0"), read("dense_1/vars/1")
     out = []
     for row in ids:
-        x = a["layers/embedding/vars/0"][row]
-        forward = keras_lstm(x, *(a[cell.format("forward", k)] for k in range(3)))
-        backward = keras_lstm(x[::-1], *(a[cell.format("backward", k)] for k in range(3)))[::-1]
+        x = embedding[row]
+        forward = keras_lstm(x, *cells["forward"])
+        backward = keras_lstm(x[::-1], *cells["backward"])[::-1]
         pooled = np.concatenate([forward, backward], axis=1).max(axis=0)
-        hidden = np.maximum(pooled @ a["layers/dense/vars/0"] + a["layers/dense/vars/1"], 0)
-        out.append(1 / (1 + np.exp(-(hidden @ a["layers/dense_1/vars/0"] + a["layers/dense_1/vars/1"]))))
+        hidden = np.maximum(pooled @ hidden_kernel + hidden_bias, 0)
+        out.append(sigmoid(hidden @ out_kernel + out_bias))
     return np.array(out)
-
-
-def _datasets(f):
-    names = []
-    f.visititems(lambda name, obj: names.append(name) if name.startswith("layers/") and hasattr(obj, "shape") else None)
-    return names
 
 
 SAMPLES = ["You are so dumb and stupid!", "", "!!!", "I will find you and hurt you",
