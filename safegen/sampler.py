@@ -258,13 +258,17 @@ class DiffusionSampler:
         return logits
 
     def predict(self, logits: torch.Tensor, x_gen: torch.Tensor, committable: torch.Tensor,
-                keys: torch.Tensor, temperature: float) -> Prediction:
+                keys: torch.Tensor, temperature: float, ranking: Optional[str] = None) -> Prediction:
         """Candidates and confidences for the committable positions, and x̂0 for all of them.
 
+        `ranking` orders the commits: the config's `remasking` by default; "max_prob" scores a
+        position by its most likely token's probability, a statistic of the logits alone (what
+        IterRef's proposals use: an order that depends on the sampled token biases them).
         Only the committable positions are sampled, in float32: the reference code draws float64
         Gumbel noise over the full vocabulary of every position, gigabytes at batch 8.
         """
         cfg = self.config
+        ranking = ranking or cfg.remasking
         masked = x_gen == self.mask_id
         V = logits.shape[-1]
         if self.mask_id < V:  # the mask is never a prediction, even from an untrained model
@@ -295,8 +299,10 @@ class DiffusionSampler:
             picked = (rng.uniform(keys, index).log_() / p_t).argmax(-1)
         else:
             picked = lg.argmax(-1)
-        if cfg.remasking == "low_confidence":
+        if ranking == "low_confidence":
             score = probs.gather(-1, picked[..., None]).squeeze(-1)
+        elif ranking == "max_prob":
+            score = probs.max(-1).values
         else:
             score = rng.uniform(rng.derive(keys, 1), order)
         if cfg.confidence_eos_eot_inf and len(self._stop):

@@ -129,6 +129,13 @@ def toxic_count_reward(V: int, L: int, toxic: Iterable[int], weight: float = 1.0
     return TableReward(-weight * counts, V)
 
 
+def toxic_blame(toxic: Iterable[int]):
+    """The toy's blame for `toxic_count_reward`: 1 at each toxic token, 0 elsewhere, which is
+    exactly each position's share of the reward's deficit. ids (n, L) -> (n, L) float."""
+    toxic = torch.tensor(sorted(set(toxic)))
+    return lambda tokens: torch.isin(tokens, toxic.to(tokens.device)).double()
+
+
 def target(p0: torch.Tensor, reward_values: torch.Tensor, alpha: float) -> torch.Tensor:
     """p* ∝ p0 · exp(r / α), by enumeration (log-space for stability)."""
     logp = torch.log(p0.double()) + reward_values.double() / alpha
