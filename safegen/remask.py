@@ -71,14 +71,13 @@ def weighted(w: torch.Tensor, m: torch.Tensor, u: torch.Tensor) -> tuple[torch.T
     E = _suffix_log_esp(log_w, int(m.max()) if m.numel() else 0)
     rows = torch.arange(n, device=w.device)
     left = m.clone()
-    # Positions still available from i on: when it equals `left`, every one of them must join,
-    # whatever rounding says about a probability that is exactly 1.
-    available = (w > 0).flip(1).cumsum(1).flip(1)
+    # When the positions left are exactly as many as the members still to draw, e_r of the rest is
+    # e^-inf and logaddexp returns the other term exactly: log_p is 0.0, so every one joins.
     chosen = torch.zeros((n, G), dtype=torch.bool, device=w.device)
     log_u = torch.log(u.double())
     for i in range(G):
         log_p = log_w[:, i] + E[rows, i + 1, (left - 1).clamp(min=0)] - E[rows, i, left]
-        take = (left > 0) & (w[:, i] > 0) & ((log_u[:, i] < log_p) | (available[:, i] <= left))
+        take = (left > 0) & (log_u[:, i] < log_p)
         chosen[:, i] = take
         left = left - take.long()
     log_q = torch.where(chosen, log_w, torch.zeros_like(log_w)).sum(1) - E[rows, 0, m]
