@@ -20,7 +20,6 @@ after the last step re-masks the whole answer, whatever the scope: a block refin
 cannot reach p*, the chain over the whole answer can.
 
 All rows and all N proposals of a pool are denoised together, as one batch of A·N rows per sub-step.
-Rows that are done (adaptive mode, exhausted budget, nothing to re-mask) leave the batch.
 """
 from __future__ import annotations
 
@@ -53,12 +52,11 @@ SELECTIONS = ("mh", "greedy", "remask_only")
 REMASKS = ("uniform", "targeted")
 
 # The order in which a proposal re-commits its holes. A proposal is a draw from the model's
-# p(x_S | x_rest) only if that order does not depend on the tokens it samples; LLaDA's
-# low_confidence score (the sampled token's probability) does, and on an exact toy a chain that
-# always accepts then drifts away from p0 (benchmarks/RESULTS.md). The most likely token's
-# probability depends on the logits alone, so it keeps the proposal exact, and it is LLaDA's own
-# order at temperature 0: most confident positions first, which a real (inexact) model needs more
-# than a toy does. Random order is exact too; measured against max_prob in RESULTS.md.
+# p(x_S | x_rest) only if that order does not depend on the tokens it samples. LLaDA's
+# low_confidence score (the sampled token's probability) does, and biases the chain (RESULTS.md,
+# exactness). The most likely token's probability is a statistic of the logits alone, and is LLaDA's
+# own order at temperature 0 (most confident first, which an inexact model needs more than a toy);
+# random order is exact as well.
 PROPOSAL_ORDER = "max_prob"
 
 
@@ -81,7 +79,7 @@ class RefineConfig:
     # uniform (the paper's) | targeted: re-mask positions in proportion to ε + (1 − ε)·blame, which
     # needs IterRef's `blame`. Uniform stays the default here because a blame is optional.
     remask: str = "uniform"
-    blame_floor: float = 0.1  # ε: no decoded position is ever impossible to re-mask
+    blame_floor: float = 0.05  # ε: no decoded position is ever impossible to re-mask
     selection: str = "mh"  # mh | greedy | remask_only (ablations, §3)
     proposal_temperature: float = 1.0  # proposals must be stochastic even when sampling is greedy
     # Skip / stop rows whose reward already reaches accept_reward. Knowing that costs one reward

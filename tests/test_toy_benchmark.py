@@ -53,8 +53,8 @@ def test_fitted_iterations_fit_the_budget(bench):
     for setup in bench.SETUPS:
         cfg = bench.sampling_config(setup)
         for b in bench.BUDGETS:
-            for sched in ("final", "late", "evenly"):
-                rc = bench.replace(bench.DEFAULT_ITERREF, schedule=sched).config(cfg, 0.25, b)
+            for sched in ("final", "last", "late", "evenly"):
+                rc = bench.replace(bench.DEFAULT_TARGETED, schedule=sched).config(cfg, 0.25, b)
                 assert bench.worst_case_rows(cfg, rc) <= b * cfg.steps
                 if rc.iterations > 0:
                     assert bench.worst_case_rows(cfg, rc.updated(iterations=rc.iterations + 1)) > b * cfg.steps
@@ -85,15 +85,20 @@ def test_quick_run_writes_every_method_and_budget(bench, tmp_path):
         for b in bench.BUDGETS:
             assert cells[("best_of_n", b)]["rows_mean"] == b * T
             if b > 1:  # the refining methods really spent their extra budget
-                assert cells[("iterref", b)]["rows_mean"] > T, (name, b)
-                assert cells[("iterref", b)]["accept_rate"] is not None
+                for m in ("iterref", "iterref_targeted"):
+                    assert cells[(m, b)]["rows_mean"] > T, (name, m, b)
+                    assert cells[(m, b)]["accept_rate"] is not None
                 assert cells[("remask_only", b)]["accept_rate"] == 1.0
         for c in [c for cs in res["sweeps"].values() for c in cs]:
             assert c["rows_max"] <= c["budget"] * T and math.isfinite(c["tv"])
         for key in ("noise_floor", "plain_tv_p0", "tv_p0_target"):
             assert math.isfinite(res[key])
         assert {e["baseline"] for e in res["efficiency"]} >= {"best_of_n", "fk_steering"}
-    assert data["setups"]["blocks"]["sweeps"].keys() >= {"N_k", "rho", "schedule"}
+    assert data["setups"]["blocks"]["sweeps"].keys() >= {"N_k", "rho", "floor", "schedule"}
+    exact = data["exactness"]["cells"]
+    assert {(c["setup"], c["remask"], c["N"]) for c in exact} == {
+        (s.name, rm, n) for s in bench.EXACT_SETUPS for rm in ("uniform", "targeted") for n in (1, 3)}
+    assert all(math.isfinite(c["tv"]) and math.isfinite(c["z"]) and c["accept_rate"] > 0 for c in exact)
     assert data["all_within_budget"] is True
     md = out_md.read_text()
-    assert "| iterref | 8 |" in md and "TV to p*" in md
+    assert "| iterref_targeted | 8 |" in md and "TV to p*" in md and "### Exactness" in md
