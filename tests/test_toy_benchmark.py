@@ -91,7 +91,7 @@ def test_quick_run_writes_every_method_and_budget(bench, tmp_path):
                 assert cells[("remask_only", b)]["accept_rate"] == 1.0
         for c in [c for cs in res["sweeps"].values() for c in cs]:
             assert c["rows_max"] <= c["budget"] * T and math.isfinite(c["tv"])
-        for key in ("noise_floor", "plain_tv_p0", "tv_p0_target"):
+        for key in ("noise_floor_sim", "plain_tv_p0", "tv_p0_target"):
             assert math.isfinite(res[key])
         assert {e["baseline"] for e in res["efficiency"]} >= {"best_of_n", "fk_steering"}
     assert data["setups"]["blocks"]["sweeps"].keys() >= {"N_k", "rho", "floor", "schedule"}
