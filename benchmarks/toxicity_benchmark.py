@@ -148,9 +148,9 @@ def _point_costs(sampling, n_proposals: int, rho: float, scope: str) -> dict[int
     costs = {}
     for block in range(sampling.n_blocks):
         for step in range(1, S + 1):
-            decoded = sum(counts[:step]) + (block * bl if scope == "all" else 0)
+            last = block == sampling.n_blocks - 1 and step == S  # IterRef re-masks the whole answer there
+            decoded = sampling.max_new_tokens if last else sum(counts[:step]) + (block * bl if scope == "all" else 0)
             m = max(1, round(rho * decoded))  # Python's round, like torch.round: half to even
-            last = block == sampling.n_blocks - 1 and step == S
             costs[block * S + step] = n_proposals * (math.ceil(m / rate) + (0 if last else 1)) * per_row
     return costs
 
