@@ -15,6 +15,13 @@ combines their scores in three steps:
      constraint: a lexicon match is toxic whatever the other classifiers say).
   3. verdict: toxic = aggregate >= threshold, or any label score >= its own label threshold.
 
+Blame (which characters a policy objects to, for targeted re-masking) is combined like the scores:
+each classifier's per-character blame is the max or mean over its labels' blame, the soft
+classifiers' blame goes through the same aggregate, per character, with the same weights, and a
+hard classifier that fires (score >= threshold) raises the characters it matched to its own blame
+(1 for a lexicon match), as its score raises the aggregate to 1. See `Scorer.blame` for each
+scorer's attribution.
+
 The reward for the sampler is a decreasing function of the aggregate toxicity s:
   neg_toxicity   r = -s
   log_nontoxic   r = log(max(1 - s, clip))   (the log-probability of "non-toxic"; clip bounds it)
@@ -29,6 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .attribution import token_blame, token_spans
 from .scorers import OptionError, Scorer
 
 
@@ -146,8 +154,7 @@ class Policy:
         for c in self.classifiers:
             scores = self._run_scorer(c, unique)
             per_label[c.name] = {label: scores[label][inverse] for label in c.labels}
-            stacked = np.stack([per_label[c.name][label] for label in c.labels])
-            per_classifier[c.name] = stacked.max(0) if c.label_aggregate == "max" else stacked.mean(0)
+            per_classifier[c.name] = self._classifier_score(c, per_label[c.name])
 
         aggregate = self._aggregate(per_classifier, len(texts))
         toxic = aggregate >= self.threshold
@@ -156,6 +163,11 @@ class Policy:
                 toxic |= per_label[c.name][label] >= t
         return PolicyScores(aggregate=aggregate, per_classifier=per_classifier,
                             per_label=per_label, toxic=toxic)
+
+    @staticmethod
+    def _classifier_score(c: Classifier, per_label: dict[str, np.ndarray]) -> np.ndarray:
+        stacked = np.stack([per_label[label] for label in c.labels])
+        return stacked.max(0) if c.label_aggregate == "max" else stacked.mean(0)
 
     def _run_scorer(self, c: Classifier, texts: list[str]) -> dict[str, np.ndarray]:
         if not texts:
@@ -193,6 +205,43 @@ class Policy:
                 aggregate = np.where(per_classifier[c.name] >= self.threshold, 1.0, aggregate)
         return aggregate
 
+    def blame(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        """Per text, a float array of len(text) in [0, 1]: how much each character is to blame for
+        the text's toxicity, combined over the classifiers as the module docstring says; and the
+        number of texts the classifiers scored to find out (occlusion costs reward calls)."""
+        texts = list(texts)
+        first_index: dict[str, int] = {}
+        inverse = [first_index.setdefault(t, len(first_index)) for t in texts]
+        unique = list(first_index)
+        per_classifier, cost = {}, 0
+        for c in self.classifiers:
+            by_label = c.scorer.blame(unique)
+            cost += c.scorer.blame_cost(unique)
+            reduce = np.max if c.label_aggregate == "max" else np.mean
+            rows = []
+            for i, text in enumerate(unique):
+                stacked = np.stack([np.asarray(by_label[label][i], dtype=np.float64) for label in c.labels])
+                if stacked.shape[1] != len(text):
+                    raise RuntimeError(f"scorer {c.scorer.name!r} (classifier {c.name!r}) blamed "
+                                       f"{stacked.shape[1]} characters of a text of {len(text)}")
+                rows.append(np.clip(reduce(stacked, axis=0), 0.0, 1.0))
+            per_classifier[c.name] = rows
+        fires = {c.name: self._classifier_score(c, self._run_scorer(c, unique))
+                 for c in self.classifiers if c.hard}
+        soft = [c for c in self.classifiers if not c.hard]
+        weights = np.array([c.weight for c in soft], dtype=np.float64)
+        combined = []
+        for i, text in enumerate(unique):
+            blame = np.zeros(len(text))
+            if soft:
+                stacked = np.stack([per_classifier[c.name][i] for c in soft])
+                blame = np.clip(AGGREGATES[self.aggregate](stacked, weights), 0.0, 1.0)
+            for c in self.classifiers:
+                if c.hard and fires[c.name][i] >= self.threshold:
+                    blame = np.maximum(blame, per_classifier[c.name][i])
+            combined.append(blame)
+        return [combined[k] for k in inverse], cost
+
     # -- reward --------------------------------------------------------------------------------
 
     def reward_from_toxicity(self, tox: np.ndarray) -> np.ndarray:
@@ -217,8 +266,9 @@ class PolicyReward:
 
     `reward(token_ids)` takes a LongTensor (B, G) holding only the generated tokens and returns a
     FloatTensor (B,) on the same device. Counters `calls` and `texts` record how much scoring the
-    sampler asked for; `last_texts` / `last_scores` keep the latest batch so a caller can report
-    or pick the least toxic text without scoring it again.
+    sampler asked for, and `blame_calls` and `blame_texts` how much `blame` did; `last_texts` /
+    `last_scores` keep the latest batch so a caller can report or pick the least toxic text without
+    scoring it again.
     """
 
     def __init__(self, policy: Policy, tokenizer, stop_ids: Sequence[int] = ()):
@@ -227,16 +277,45 @@ class PolicyReward:
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.calls = 0
         self.texts = 0
+        self.blame_calls = 0
+        self.blame_texts = 0
         self.last_texts: list[str] = []
         self.last_scores: PolicyScores | None = None
 
     def decode(self, token_ids) -> list[str]:
-        texts = []
-        for row in token_ids.tolist():
-            # The answer ends at the first stop token; whatever the sampler put after it is not shown.
-            end = next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
-        return texts
+        return [self.tokenizer.decode(self._answer(row), skip_special_tokens=True) for row in token_ids.tolist()]
+
+    def _answer(self, row: list[int]) -> list[int]:
+        # The answer ends at the first stop token; whatever the sampler put after it is not shown.
+        return row[:next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))]
+
+    def blame(self, token_ids):
+        """The blame callable of targeted re-masking: (n, G) generated token ids -> (n, G) float
+        tensor in [0, 1], each position's blame for its text's toxicity (`Policy.blame`, carried
+        from characters to the tokens that produced them by `attribution.token_spans`).
+
+        The stop token and every position after it get 0, the floor's share: they are not shown or
+        scored, so re-drawing them cannot lower the toxicity (the kernel's floor still lets it re-mask
+        them, which its target needs). `blame_texts` counts the texts the classifiers scored for it.
+        """
+        import torch
+
+        if token_ids.dim() != 2:
+            raise ValueError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
+        rows = token_ids.tolist()
+        G = token_ids.shape[1]
+        decoded: dict[tuple, tuple[str, list]] = {}
+        for row in rows:
+            answer = tuple(self._answer(row))
+            if answer not in decoded:
+                decoded[answer] = token_spans(self.tokenizer, answer)
+        answers = [tuple(self._answer(row)) for row in rows]
+        char_blame, cost = self.policy.blame([decoded[a][0] for a in answers])
+        self.blame_calls += 1
+        self.blame_texts += cost
+        out = np.stack([token_blame(b, decoded[a][1], G) for a, b in zip(answers, char_blame)]) if rows \
+            else np.zeros((0, G))
+        return torch.as_tensor(out, dtype=torch.float32, device=token_ids.device)
 
     def __call__(self, token_ids):
         import torch

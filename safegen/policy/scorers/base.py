@@ -7,6 +7,7 @@ line in `scorers/__init__.py`.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
@@ -58,6 +59,16 @@ class Scorer:
     def score(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Return {label: float array of shape (len(texts),) in [0, 1]} for every label in `labels`."""
         raise NotImplementedError
+
+    def blame(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
+        """Which characters each label's score objects to: {label: one float array of len(text) in
+        [0, 1] per text}. A character's blame is at most the text's score for that label, so a text
+        the scorer finds harmless blames nothing much; see `spread` for the rule the soft scorers share."""
+        raise NotImplementedError(f"scorer {self.name!r} cannot say which characters it objects to")
+
+    def blame_cost(self, texts: list[str]) -> int:
+        """Texts `blame(texts)` scores with the model: 0 for an exact attribution, more for occlusion."""
+        return 0
 
 
 class Options:
@@ -157,3 +168,61 @@ def resolve_device(device: str) -> str:
         return device
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# A word, for attribution: a run of non-space characters (punctuation stays with its word).
+WORD = re.compile(r"\S+")
+
+
+def spread(score: float, contributions: Sequence[float], spans: Sequence[tuple[int, int]],
+           length: int) -> np.ndarray:
+    """Per-character blame of a text with `score`, from each word's contribution to it.
+
+    The word that pushes the score up the most gets the whole score; another word gets the score
+    times its contribution relative to that one; words that pull the score down, and characters
+    outside words, get 0. Relative shares keep blame where it is when a classifier saturates (two
+    slurs: removing either leaves the score near 1, yet both are to blame), and scaling by the score
+    leaves a harmless text's blame near 0, so a blame-weighted re-masking falls back to uniform.
+    """
+    blame = np.zeros(length)
+    push = np.maximum(np.asarray(contributions, dtype=np.float64), 0.0)
+    if push.size and push.max() > 0:
+        for (start, end), share in zip(spans, push / push.max()):
+            blame[start:end] = np.maximum(blame[start:end], score * share)
+    return blame
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+def without_word(text: str, span: tuple[int, int]) -> str:
+    """`text` with the word at `span` and the whitespace before it removed."""
+    left, right = text[:span[0]].rstrip(), text[span[1]:]
+    return left + right if left and right else left or right.lstrip()
+
+
+def occlusion_blame(scorer: Scorer, texts: list[str]) -> dict[str, list[np.ndarray]]:
+    """Blame for any classifier by occlusion: a word's contribution is how much the score's logit
+    drops when the word is removed (in logits, so that a drop near a score of 1 still counts).
+    Every text and each of its one-word-shorter variants are scored in one `score` call."""
+    spans = [[m.span() for m in WORD.finditer(t)] for t in texts]
+    batch = []
+    for text, words in zip(texts, spans):
+        batch += [text] + [without_word(text, w) for w in words]
+    scores = scorer.score(batch) if batch else {label: np.zeros(0) for label in scorer.labels}
+    out = {}
+    for label in scorer.labels:
+        s = np.asarray(scores[label], dtype=np.float64)
+        rows, at = [], 0
+        for text, words in zip(texts, spans):
+            full, occluded = s[at], s[at + 1:at + 1 + len(words)]
+            rows.append(spread(full, _logit(full) - _logit(occluded), words, len(text)))
+            at += 1 + len(words)
+        out[label] = rows
+    return out
+
+
+def occlusion_cost(texts: list[str]) -> int:
+    return sum(1 + len(WORD.findall(t)) for t in texts)

@@ -8,6 +8,9 @@ Options:
   device:     cpu | cuda | cuda:N | mps | auto (default cpu)
   batch_size: texts per forward pass (default 32)
 
+Blame (which words it objects to) is by occlusion: each word's drop in the score's logit when it is
+removed, which scores the text and one variant per word, a call of (1 + words) texts.
+
 A released variant is downloaded (torch hub cache) at the first `score` call, not when the policy is
 loaded. Offline, Detoxify needs both local paths: the checkpoint, and `huggingface_config_path` for
 the model and tokenizer files. It still builds a base config from the checkpoint's
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Options, OptionError, Scorer, device_option, resolve_device
+from .base import (Options, OptionError, Scorer, device_option, occlusion_blame, occlusion_cost,
+                   resolve_device)
 
 # Toxicity labels of each released model, after Detoxify's renaming (toxic -> toxicity,
 # severe_toxic -> severe_toxicity, identity_hate -> identity_attack). The unbiased models also
@@ -109,3 +113,9 @@ class DetoxifyScorer(Scorer):
                 # predict() squeezes a one-text batch to a bare float.
                 out[label][start:start + len(chunk)] = np.atleast_1d(np.asarray(predicted[label]))
         return out
+
+    def blame(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
+        return occlusion_blame(self, texts)
+
+    def blame_cost(self, texts: list[str]) -> int:
+        return occlusion_cost(texts)

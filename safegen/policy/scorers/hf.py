@@ -9,6 +9,8 @@ Options:
   max_length:  tokens kept per text; longer texts are truncated (default 512)
   device:      cpu | cuda | cuda:N | mps | auto (default cpu)
 
+Blame (which words it objects to) is by occlusion: each word's drop in the score's logit when it is
+removed, which scores the text and one variant per word, a call of (1 + words) texts.
 Labels are reported under the names written in the policy (an index 1 is reported as "1").
 Remote code is never run (trust_remote_code=False): only architectures transformers ships load.
 A local model's config.json is read when the policy loads, so a wrong label fails early; a hub
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Options, OptionError, Scorer, device_option, resolve_device
+from .base import (Options, OptionError, Scorer, device_option, occlusion_blame, occlusion_cost,
+                   resolve_device)
 
 
 def _label_index(label: str | int, id2label: dict[int, str], key) -> int:
@@ -133,3 +136,9 @@ class HFScorer(Scorer):
             rows.append(probs[:, self._columns].cpu().numpy())
         table = np.concatenate(rows) if rows else np.zeros((0, len(self.labels)))
         return {label: table[:, j].astype(np.float64) for j, label in enumerate(self.labels)}
+
+    def blame(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
+        return occlusion_blame(self, texts)
+
+    def blame_cost(self, texts: list[str]) -> int:
+        return occlusion_cost(texts)
