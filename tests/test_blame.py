@@ -162,6 +162,11 @@ def test_hf_occlusion_blame_matches_one_word_at_a_time(random_hf_classifier):
                  (scorer.score([" ".join(words[:k] + words[k + 1:])])["toxic"][0] for k in range(len(words)))]
         np.testing.assert_allclose(blame, spread(full, drops, spans, len(text)), atol=1e-5)
     assert sum(b.max() > 0.1 for b in got if len(b)) >= 2   # the scores move: words are blamed
+    # Through a policy: the occlusion's texts are counted, a repeated text once.
+    (random_hf_classifier / "p.yaml").write_text("classifiers: [{name: t, scorer: hf, model: ., labels: toxic}]\n")
+    blame, cost = load_policy(random_hf_classifier / "p.yaml").blame(["hello world", "idiot", "hello world"])
+    assert cost.tolist() == [3, 2, 0]
+    np.testing.assert_allclose(blame[0], got[1])
 
 
 # -- policy ------------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def test_policy_combines_blame_like_scores(tmp_path, monkeypatch, aggregate, com
     policy = load_policy(tmp_path / "p.yaml")
     texts = ["axy zz", "xy", "axy zz", "q"]
     blame, cost = policy.blame(texts)
-    assert cost == 0 and [len(b) for b in blame] == [6, 2, 6, 1]
+    assert cost.tolist() == [0] * 4 and [len(b) for b in blame] == [6, 2, 6, 1]
     first = np.array([0, 0.8, 0, 0, 0, 0])          # max over labels a (0.8) and b (0.4)
     second = np.array([0, 0, 0.6, 0, 0, 0])         # mean over labels
     expected = combine(first, second)

@@ -205,18 +205,21 @@ class Policy:
                 aggregate = np.where(per_classifier[c.name] >= self.threshold, 1.0, aggregate)
         return aggregate
 
-    def blame(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
+    def blame(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Per text, a float array of len(text) in [0, 1]: how much each character is to blame for
-        the text's toxicity, combined over the classifiers as the module docstring says; and the
-        number of texts the classifiers scored to find out (occlusion costs reward calls)."""
+        the text's toxicity, combined over the classifiers as the module docstring says; and per
+        text, how many texts the classifiers scored to find out (occlusion costs reward calls; a
+        repeated text is attributed once, and its cost charged to its first occurrence)."""
         texts = list(texts)
         first_index: dict[str, int] = {}
         inverse = [first_index.setdefault(t, len(first_index)) for t in texts]
         unique = list(first_index)
-        per_classifier, cost = {}, 0
+        per_classifier, cost = {}, np.zeros(len(unique))
         for c in self.classifiers:
             by_label = c.scorer.blame(unique)
-            cost += c.scorer.blame_cost(unique)
+            spent = np.array([c.scorer.blame_cost([t]) for t in unique], dtype=np.float64)
+            # A hard classifier is scored once more below, to see whether it fires.
+            cost += spent + (spent > 0) * c.hard
             reduce = np.max if c.label_aggregate == "max" else np.mean
             rows = []
             for i, text in enumerate(unique):
@@ -240,7 +243,9 @@ class Policy:
                 if c.hard and fires[c.name][i] >= self.threshold:
                     blame = np.maximum(blame, per_classifier[c.name][i])
             combined.append(blame)
-        return [combined[k] for k in inverse], cost
+        charged = np.zeros(len(texts))
+        charged[[texts.index(t) for t in unique]] = cost
+        return [combined[k] for k in inverse], charged
 
     # -- reward --------------------------------------------------------------------------------
 
@@ -312,7 +317,7 @@ class PolicyReward:
         answers = [tuple(self._answer(row)) for row in rows]
         char_blame, cost = self.policy.blame([decoded[a][0] for a in answers])
         self.blame_calls += 1
-        self.blame_texts += cost
+        self.blame_texts += int(cost.sum())
         out = np.stack([token_blame(b, decoded[a][1], G) for a, b in zip(answers, char_blame)]) if rows \
             else np.zeros((0, G))
         return torch.as_tensor(out, dtype=torch.float32, device=token_ids.device)
