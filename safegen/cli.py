@@ -55,6 +55,11 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="schedule steps: comma-separated base steps, e.g. 16,32")
     r.add_argument("--scope", choices=("block", "all"), default=None)
     r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None)
+    r.add_argument("--remask", choices=("uniform", "targeted"), default=None,
+                   help="which tokens a proposal re-masks: uniform (the paper's kernel) or targeted "
+                        "(those the policy blames)")
+    r.add_argument("--blame-floor", type=float, default=None,
+                   help="targeted: every token's least re-mask weight, in (0, 1]")
     r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
                    help="refine every sample, even those the policy already accepts (default: adaptive)")
     r.add_argument("--budget", type=float, default=None, help="cap on denoiser rows per sample, x plain")
@@ -73,7 +78,8 @@ def _sampling_options(args) -> dict:
 
 def _refine_options(args) -> dict:
     return {k: getattr(args, k) for k in ("n_proposals", "iterations", "rho", "alpha", "schedule", "start",
-                                          "every", "at_steps", "scope", "selection", "adaptive", "budget")
+                                          "every", "at_steps", "scope", "selection", "remask", "blame_floor",
+                                          "adaptive", "budget")
             if getattr(args, k) is not None}
 
 

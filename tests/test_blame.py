@@ -255,12 +255,14 @@ def test_token_spans_on_the_tiny_tokenizer():
     assert [text[a:b].strip() for a, b in spans] == tok.convert_ids_to_tokens(ids)
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
-    # Sampled sequences are rarely what the tokenizer would write: random ids, specials and
-    # punctuation runs included, agree with decoding every prefix.
+    # Sampled sequences are rarely what the tokenizer would write. On random ids (specials,
+    # punctuation runs, and apostrophes that the clean-up joins to a neighbour: "don ' t" -> "don't"),
+    # each word-level token still owns exactly its own word.
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        row = rng.integers(0, len(tok), size=30).tolist()
-        assert token_spans(tok, row) == prefix_spans(tok, row)
+    for _ in range(30):
+        row = rng.integers(0, len(tok), size=40).tolist()
+        text, spans = token_spans(tok, row)
+        assert [text[a:b].strip() for a, b in spans] == [tok.decode([t], skip_special_tokens=True) for t in row]
 
 
 def test_token_spans_on_a_byte_level_bpe():

@@ -38,6 +38,12 @@ class ProfanityCheckScorer(Scorer):
         from profanity_check import profanity_check
         self._module = profanity_check
         self._predict_prob = profanity_check.predict_prob
+        models = profanity_check.model.calibrated_classifiers_
+        self._weights = np.stack([m.estimator.coef_.ravel() for m in models])        # (models, vocabulary)
+        self._intercepts = np.array([float(m.estimator.intercept_[0]) for m in models])
+        # Each model's calibrated probability is sigmoid(-(a·f + b)): a term t of its decision
+        # function f moves its logit by -a·t (a < 0, so what the SVM counts as profane raises it).
+        self._slopes = np.array([-float(m.calibrators[0].a_) for m in models])
 
     def score(self, texts: list[str]) -> dict[str, np.ndarray]:
         if self._predict_prob is None:
@@ -53,34 +59,35 @@ class ProfanityCheckScorer(Scorer):
         function, and the SVMs' intercepts; terms.sum(1) + intercepts is their decision function."""
         if self._module is None:
             self._load()
-        vectorizer, model = self._module.vectorizer, self._module.model
-        x = vectorizer.transform([text]).tocsr()
-        weights = np.stack([c.estimator.coef_.ravel() for c in model.calibrated_classifiers_])
-        intercepts = np.array([float(c.estimator.intercept_[0]) for c in model.calibrated_classifiers_])
+        spans, terms = self._terms(text, self._module.vectorizer.transform([text]).tocsr())
+        return spans, terms, self._intercepts
+
+    def _terms(self, text: str, row) -> tuple[list[tuple[int, int]], np.ndarray]:
+        vectorizer = self._module.vectorizer
+        values = dict(zip(row.indices.tolist(), row.data.tolist()))
         # The vectorizer's own tokens, found again with their positions. Lowercasing can change a
         # string's length ("İ" becomes two characters), so positions map back character by character.
         origin = [i for i, ch in enumerate(text) for _ in ch.lower()]
         occurrences: dict[int, list[tuple[int, int]]] = {}
         for m in re.finditer(vectorizer.token_pattern, text.lower()):
             column = vectorizer.vocabulary_.get(m.group())
-            if column is not None and x[0, column] != 0:
+            if values.get(column):
                 occurrences.setdefault(column, []).append((origin[m.start()], origin[m.end() - 1] + 1))
         spans, terms = [], []
         for column, places in occurrences.items():
             # A word's TF-IDF value is its count times a constant: each occurrence carries an equal share.
-            share = weights[:, column] * x[0, column] / len(places)
+            share = self._weights[:, column] * values[column] / len(places)
             spans += places
             terms += [share] * len(places)
-        terms = np.array(terms).T if terms else np.zeros((len(intercepts), 0))
-        return spans, terms, intercepts
+        return spans, np.array(terms).T if terms else np.zeros((len(self._intercepts), 0))
 
     def blame(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
         scores = self.score(texts)["profanity"]
-        # Each model's calibrated probability is sigmoid(-(a·f + b)): a word's term t moves its
-        # logit by -a·t (a < 0, so a word the SVM counts as profane raises it).
-        slopes = np.array([-c.calibrators[0].a_ for c in self._module.model.calibrated_classifiers_])
+        if not texts:
+            return {"profanity": []}
+        X = self._module.vectorizer.transform(list(texts)).tocsr()
         rows = []
-        for text, score in zip(texts, scores):
-            spans, terms, _ = self.contributions(text)
-            rows.append(spread(score, slopes @ terms, spans, len(text)))
+        for i, (text, score) in enumerate(zip(texts, scores)):
+            spans, terms = self._terms(text, X[i])
+            rows.append(spread(score, self._slopes @ terms, spans, len(text)))
         return {"profanity": rows}
