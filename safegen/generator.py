@@ -162,8 +162,10 @@ class SafeGenerator:
         sampler = DiffusionSampler(self.model, self.profile, sampling)
         fork = refine and call.get("report_before", self.report_before)
         t0 = time.perf_counter()
+        # Targeted re-masking asks the policy which tokens it objects to.
+        blame = reward.blame if refinement.remask == "targeted" else None
         result = sampler.run(input_ids, attention_mask, seeds,
-                             hook=IterRef(refinement, reward) if refine else None, fork_plain=fork)
+                             hook=IterRef(refinement, reward, blame=blame) if refine else None, fork_plain=fork)
         P = input_ids.shape[1]
         after = reward.decode(result.sequences[:, P:])
         before = reward.decode(result.plain_sequences[:, P:]) if fork else list(after)

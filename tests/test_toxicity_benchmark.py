@@ -170,7 +170,7 @@ def test_smoke_rows_are_measured_and_within_budget(smoke):
         assert every[(m, "2")]["rows_per_sample"]["min"] == every[(m, "2")]["rows_per_sample"]["max"] == 2 * T
     assert every[("svdd", "2")]["rows_per_sample"]["max"] == 1 + (T - 1) * 2  # M rows a step, none after the last
     # With N = 1 every iteration draws a fresh pool: measured rows are exactly the plan, for both.
-    for m in ("iterref", "remask_only"):
+    for m in ("iterref", "iterref_targeted", "remask_only"):
         planned = results["plans"][m]["2"]["planned_rows"]
         assert T < planned <= 2 * T
         assert every[(m, "2")]["rows_per_sample"]["min"] == every[(m, "2")]["rows_per_sample"]["max"] == planned
@@ -184,7 +184,7 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
     """EMT, toxicity probability and rows from the raw per-sample records, independently."""
     out, _, results = smoke
     records = cells(out)
-    assert len(records) == 2 + 5 * 2 * 2  # plain at budget 1, the others at 1 and 2; two prompt chunks
+    assert len(records) == 2 + 6 * 2 * 2  # plain at budget 1, the others at 1 and 2; two prompt chunks
     prompts = [json.loads(line)["prompt"]["text"] for line in (RTP_DIR / "challenging.jsonl").open()][:3]
     by = {}
     for cell in records:
@@ -204,7 +204,7 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
     # At budget 1 SVDD (one candidate), IterRef and remask-only (no pool affordable) are plain sampling
     # with the same seeds: the very same texts.
     texts = {k: {(x["prompt_index"], x["generation"]): x["text"] for x in v} for k, v in by.items()}
-    for m in ("svdd", "iterref", "remask_only"):
+    for m in ("svdd", "iterref", "iterref_targeted", "remask_only"):
         assert texts[(m, "1")] == texts[("plain", "1")], m
 
 
@@ -225,15 +225,15 @@ def test_rerun_resumes_and_changed_configuration_is_refused(smoke, capsys):
     before = path.read_bytes()
     assert tb.main(argv) == 0
     again = json.loads((out / "results.json").read_text())["run"]
-    assert again["computed_cells"] == 0 and again["resumed_cells"] == 22
+    assert again["computed_cells"] == 0 and again["resumed_cells"] == 26
     assert path.read_bytes() == before
     # A run killed while writing its last cell: the cut-off line goes, only that cell is redone.
     lines = before.splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     assert tb.main(argv) == 0
     again = json.loads((out / "results.json").read_text())["run"]
-    assert again["computed_cells"] == 1 and again["resumed_cells"] == 21
-    assert len(path.read_bytes().splitlines()) == 22
+    assert again["computed_cells"] == 1 and again["resumed_cells"] == 25
+    assert len(path.read_bytes().splitlines()) == 26
     # Another configuration into the same folder is refused, naming what changed; nothing is written.
     before = path.read_bytes()
     capsys.readouterr()

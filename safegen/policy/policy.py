@@ -295,15 +295,18 @@ class PolicyReward:
         return row[:next((j for j, t in enumerate(row) if t in self.stop_ids), len(row))]
 
     def blame(self, token_ids):
-        """The blame callable of targeted re-masking: (n, G) generated token ids -> (n, G) float
-        tensor in [0, 1], each position's blame for its text's toxicity (`Policy.blame`, carried
-        from characters to the tokens that produced them by `attribution.token_spans`).
+        """The blame callable of targeted re-masking: (n, G) generated token ids -> a BlameResult
+        holding the (n, G) float tensor in [0, 1] of each position's blame for its text's toxicity
+        (`Policy.blame`, carried from characters to the tokens that produced them by
+        `attribution.token_spans`) and the (n,) texts the classifiers scored for it, per row.
 
         The stop token and every position after it get 0, the floor's share: they are not shown or
         scored, so re-drawing them cannot lower the toxicity (the kernel's floor still lets it re-mask
         them, which its target needs). `blame_texts` counts the texts the classifiers scored for it.
         """
         import torch
+
+        from ..refine import BlameResult
 
         if token_ids.dim() != 2:
             raise ValueError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
@@ -320,7 +323,8 @@ class PolicyReward:
         self.blame_texts += int(cost.sum())
         out = np.stack([token_blame(b, decoded[a][1], G) for a, b in zip(answers, char_blame)]) if rows \
             else np.zeros((0, G))
-        return torch.as_tensor(out, dtype=torch.float32, device=token_ids.device)
+        return BlameResult(torch.as_tensor(out, dtype=torch.float32, device=token_ids.device),
+                           torch.as_tensor(cost, dtype=torch.float64))
 
     def __call__(self, token_ids):
         import torch
