@@ -113,8 +113,9 @@ def test_occlusion_blames_the_words_that_raise_the_score_even_when_it_saturates(
     texts = ["you idiot, what a moron!", "hello there", "idiot"]
     blame = occlusion_blame(scorer, texts)["toxic"]
     score = scorer.score(texts)["toxic"]
-    # Two bad words: removing either leaves 0.73, yet both carry the whole score (0.99).
+    # Two bad words: removing either leaves 0.73, yet both carry the whole score (0.99), no more.
     assert blamed(texts[0], blame[0], level=score[0] - 1e-9) == ["idiot,", "moron!"]
+    assert all(b.max() == pytest.approx(s) for b, s in zip(blame, score) if b.max() > 0)
     assert blame[0][:3].max() == 0 and blame[1].max() == 0
     assert blamed(texts[2], blame[2], level=score[2] - 1e-9) == ["idiot"]
     assert occlusion_cost(texts) == (1 + 5) + (1 + 2) + (1 + 1)
