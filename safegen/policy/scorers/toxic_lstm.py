@@ -15,6 +15,9 @@ the weights with h5py and repeats the tokenizer's preprocessing. Install the pac
 dependencies (`pip install --no-deps toxic-comment-classifier==0.3.0`; `make install` does); it is
 located, never imported, since importing it imports TensorFlow. Nothing is downloaded at run time.
 
+Blame (which words it objects to) is by occlusion: each word's drop in the score's logit when it is
+removed, which scores the text and one variant per word, a call of (1 + words) texts.
+
 SECURITY: the tokenizer file is a pickle. It is read by an unpickler that builds nothing but plain
 data (dicts, lists, strings, numbers, OrderedDict, defaultdict) and, for the one class the file
 holds, keras' Tokenizer, an inert stand-in whose attributes are then checked. Any other class is
@@ -30,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Options, OptionError, Scorer, device_option, resolve_device
+from .base import (Options, OptionError, Scorer, device_option, occlusion_blame, occlusion_cost,
+                   resolve_device)
 
 LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
 # The package pads or truncates every text to this many word ids (its MAXLEN); the network was
@@ -250,3 +254,9 @@ class ToxicLSTMScorer(Scorer):
     def score(self, texts: list[str]) -> dict[str, np.ndarray]:
         probs = self.probabilities(texts)
         return {label: probs[:, LABELS.index(label)] for label in self.labels}
+
+    def blame(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
+        return occlusion_blame(self, texts)
+
+    def blame_cost(self, texts: list[str]) -> int:
+        return occlusion_cost(texts)
