@@ -56,8 +56,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--scope", choices=("block", "all"), default=None)
     r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None)
     r.add_argument("--remask", choices=("uniform", "targeted"), default=None,
-                   help="which tokens a proposal re-masks: uniform (the paper's kernel) or targeted "
-                        "(those the policy blames)")
+                   help="which tokens a proposal re-masks: targeted (those the policy blames; default) "
+                        "or uniform (the paper's kernel)")
     r.add_argument("--blame-floor", type=float, default=None,
                    help="targeted: every token's least re-mask weight, in (0, 1]")
     r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
