@@ -243,8 +243,11 @@ class Policy:
                 if c.hard and fires[c.name][i] >= self.threshold:
                     blame = np.maximum(blame, per_classifier[c.name][i])
             combined.append(blame)
+        first_row = {}
+        for k, t in enumerate(texts):
+            first_row.setdefault(t, k)
         charged = np.zeros(len(texts))
-        charged[[texts.index(t) for t in unique]] = cost
+        charged[[first_row[t] for t in unique]] = cost
         return [combined[k] for k in inverse], charged
 
     # -- reward --------------------------------------------------------------------------------
@@ -310,18 +313,13 @@ class PolicyReward:
 
         if token_ids.dim() != 2:
             raise ValueError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
-        rows = token_ids.tolist()
         G = token_ids.shape[1]
-        decoded: dict[tuple, tuple[str, list]] = {}
-        for row in rows:
-            answer = tuple(self._answer(row))
-            if answer not in decoded:
-                decoded[answer] = token_spans(self.tokenizer, answer)
-        answers = [tuple(self._answer(row)) for row in rows]
+        answers = [tuple(self._answer(row)) for row in token_ids.tolist()]
+        decoded = {a: token_spans(self.tokenizer, a) for a in dict.fromkeys(answers)}  # text, spans
         char_blame, cost = self.policy.blame([decoded[a][0] for a in answers])
         self.blame_calls += 1
         self.blame_texts += int(cost.sum())
-        out = np.stack([token_blame(b, decoded[a][1], G) for a, b in zip(answers, char_blame)]) if rows \
+        out = np.stack([token_blame(b, decoded[a][1], G) for a, b in zip(answers, char_blame)]) if answers \
             else np.zeros((0, G))
         return BlameResult(torch.as_tensor(out, dtype=torch.float32, device=token_ids.device),
                            torch.as_tensor(cost, dtype=torch.float64))
