@@ -1,11 +1,8 @@
 """safegen: toxicity-safe generation for masked diffusion LMs (LLaDA) by reward-guided refinement."""
 
-# Registers the tiny LLaDA-shaped test model with transformers' Auto classes, so that
-# AutoModel.from_pretrained(folder) works after `import safegen`. This imports torch and
-# transformers' modeling base classes; safegen.tiny defers everything else (tokenizers, hub).
-from . import tiny as _tiny  # noqa: F401
-
-# The public API, imported on first use so that `import safegen` stays light.
+# The public API, imported on first use: `import safegen` (and so `safegen --help`) loads neither
+# torch nor transformers. safegen.loading.load_model registers the tiny test model with
+# transformers' Auto classes when it loads one.
 _EXPORTS = {
     "SafeGenerator": "generator", "SampleReport": "generator", "GenerateOutput": "generator",
     "DiffusionSampler": "sampler", "SamplingConfig": "sampler", "SampleOutput": "sampler",

@@ -67,6 +67,8 @@ def read_prompts(path: str | os.PathLike, field: Optional[str] = None, skip_bad:
                 bad(no, f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
             value, problem = _field(record, field)
+            if not problem and not _encodable(value):
+                problem = "the prompt holds a lone surrogate (an escape like \\ud800 that is not a character)"
             if problem:
                 bad(no, problem)
             elif not value.strip():
@@ -101,6 +103,15 @@ def _decode_lines(path: Path, raw: bytes, skip_bad: bool) -> list[tuple[int, str
                 raise InputError(problem + " (re-encode the file as UTF-8, or use --skip-bad)") from None
             log.warning("%s; skipped", problem)
     return out
+
+
+def _encodable(text: str) -> bool:
+    """JSON can escape half a UTF-16 pair ("\\ud800"); no tokenizer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field(record, field: Optional[str]) -> tuple[str, Optional[str]]:
@@ -156,30 +167,117 @@ def _read_done(path: Path) -> dict[tuple[int, int], dict]:
     return read_records(path, key=lambda r: (r["prompt_index"], r["sample"]))
 
 
-def check_fingerprint(meta: Path, data: Path, fingerprint: dict, writer: str = "`safegen detoxify`") -> None:
+class OutputLock:
+    """One writer per output file, enforced by the operating system: an flock on `<file>.lock`, which
+    holds the writer's PID for the message a second writer gets. The kernel drops the lock when its
+    process ends, however it ends, so a killed run never leaves a stale lock behind.
+
+    Opening the lock file is also the check that the output can be written at all, which is why
+    callers take it before loading a model."""
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = Path(output)
+        self.path = self.output.with_name(self.output.name + ".lock")
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        if self.output.is_dir():
+            raise InputError(f"{self.output} is a folder; name a file to write the reports to")
+        while True:
+            try:
+                self.output.parent.mkdir(parents=True, exist_ok=True)
+                if self.output.exists() and not os.access(self.output, os.W_OK):
+                    raise PermissionError(13, "Permission denied")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise InputError(f"{self.output}: cannot write there ({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise InputError(f"{self.output} is being written by another run (process {holder}); "
+                                 "wait for it to finish, or write elsewhere") from None
+            # The lock file is removed on release: if that happened between our open and our flock,
+            # we hold a lock on a file nobody else will see. Retry on the one that is there now.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before the unlock: see the retry in __enter__
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_fingerprint(meta: Path, data: Path, fingerprint: dict, writer: str = "`safegen detoxify`",
+                      others: Sequence[Path] = ()) -> None:
     """Resume only into the same configuration: compare with the fingerprint saved in `meta` (or
-    save it, for a new run). `data` is the file the run appends to."""
+    save it, for a new run). `data` is the file the run appends to; `others` hold records of the
+    same run too (shard parts). With no record written yet there is nothing to protect, and a new
+    configuration replaces the old one."""
     if meta.exists():
         old = json.loads(meta.read_text())
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
+        if changed and not any(p.exists() and p.stat().st_size > 0 for p in (data, *others)):
+            log.info("%s: no record written yet; starting over with the new configuration", data)
+            _save_fingerprint(meta, fingerprint)
+        elif changed:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
             raise InputError(f"{data} was started with another configuration ({details}); "
                              "rerun with the same options to resume, or write elsewhere")
     elif data.exists() and data.stat().st_size > 0:
         raise InputError(f"{data} exists but was not written by {writer} (no {meta.name}); write elsewhere")
     else:
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-        os.replace(tmp, meta)
+        _save_fingerprint(meta, fingerprint)
 
 
-def _check_meta(output: Path, fingerprint: dict) -> None:
-    check_fingerprint(output.with_name(output.name + ".meta.json"), output, fingerprint)
+def _save_fingerprint(meta: Path, fingerprint: dict) -> None:
+    tmp = meta.with_name(meta.name + ".tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    os.replace(tmp, meta)
+
+
+def _check_meta(output: Path, fingerprint: dict, shard: "Shard") -> None:
+    parts = [Shard(r, shard.world).part(output) for r in range(shard.world)] if shard.world > 1 else []
+    check_fingerprint(output.with_name(output.name + ".meta.json"), output, fingerprint, others=parts)
 
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_identity(folder: str | os.PathLike, edge: int = 1 << 20) -> str:
+    """A cheap fingerprint of the weights in a model folder: for each weights file its name, size
+    and a SHA-256 of its first and last `edge` bytes, plus config.json whole. The first MiB holds a
+    safetensors file's header (every tensor's name, shape and offsets) and the first weights; a
+    retrained, re-quantized or re-saved model differs there or in its size. A rewrite that keeps the
+    size and changes only the middle of a file goes unseen: hashing all 16 GB would cost minutes."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES:
+            size = p.stat().st_size
+            h.update(f"{p.name}\0{size}\0".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(edge))
+                if size > edge:
+                    f.seek(max(edge, size - edge))
+                    h.update(f.read(edge))
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -205,19 +303,21 @@ class Shard:
 
 def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate: Callable,
               samples: int, seed: int, batch_size: int, fingerprint: dict,
-              shard: Optional[Shard] = None, progress: bool = True) -> list[dict]:
+              shard: Optional[Shard] = None, progress: bool = True, lock: Optional[OutputLock] = None) -> list[dict]:
     """Generate `samples` per prompt and append one JSON line per sample to `output`.
 
-    generate(prompts: list[str], seeds: list[int]) -> list of report dicts. Returns every record
-    of the finished output (all shards, when this process merged them; else its own part).
+    generate(prompts: list[PromptLine], seeds: list[int]) -> list of report dicts. Returns every
+    record of the finished output (all shards, when this process merged them; else its own part).
+    lock: the caller's OutputLock on this process's file (`shard.part(output)`), taken before it
+    loaded its model; when None, run_batch takes it for the run.
     """
     output = Path(output)
     shard = shard or Shard()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if shard.rank == 0 or shard.world == 1:
-        _check_meta(output, fingerprint)
-    else:
-        _wait_for_meta(output, fingerprint)
+    if lock is None:
+        with OutputLock(shard.part(output)) as lock:
+            return run_batch(prompts, output, generate, samples, seed, batch_size, fingerprint, shard,
+                             progress, lock)
+    check_resume(output, fingerprint, shard)
     part = shard.part(output)
     done = _read_done(output)
     if part != output:
@@ -234,7 +334,7 @@ def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            reports = generate([p.text for p, _, _ in chunk], [sd for _, _, sd in chunk])
+            reports = generate([p for p, _, _ in chunk], [sd for _, _, sd in chunk])
             lines = []
             for (p, s, _), report in zip(chunk, reports):
                 record = {"prompt_index": p.index, "line": p.line, "sample": s, **report}
@@ -254,7 +354,17 @@ def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate
     return sorted(done.values(), key=lambda r: (r["prompt_index"], r["sample"]))
 
 
-def _wait_for_meta(output: Path, fingerprint: dict, timeout: float = 600.0) -> None:
+def check_resume(output: str | os.PathLike, fingerprint: dict, shard: Optional[Shard] = None) -> None:
+    """Refuse to resume `output` under another configuration (rank 0 records it for a new run; the
+    other ranks wait for that record)."""
+    output, shard = Path(output), shard or Shard()
+    if shard.rank == 0:
+        _check_meta(output, fingerprint, shard)
+    else:
+        _wait_for_meta(output, fingerprint, shard)
+
+
+def _wait_for_meta(output: Path, fingerprint: dict, shard: Shard, timeout: float = 600.0) -> None:
     import time
     meta = output.with_name(output.name + ".meta.json")
     t0 = time.monotonic()
@@ -262,7 +372,7 @@ def _wait_for_meta(output: Path, fingerprint: dict, timeout: float = 600.0) -> N
         if time.monotonic() - t0 > timeout:
             raise InputError(f"{meta}: rank 0 did not create it within {timeout:.0f} s")
         time.sleep(0.05)
-    _check_meta(output, fingerprint)
+    _check_meta(output, fingerprint, shard)
 
 
 def _merge_if_last(output: Path, shard: Shard) -> Optional[list[dict]]:

@@ -1,8 +1,37 @@
 """The `safegen` command line. Each subcommand is a function `(args) -> exit code` plus a line in
-COMMANDS that declares its arguments, so adding one touches nothing else."""
+COMMANDS that declares its arguments, so adding one touches nothing else.
+
+Everything a user can get wrong (arguments, policy, prompt file, output path, resume configuration)
+is checked before the model loads, and reported in one line naming the flag, file or line at fault
+(exit code 2). Nothing heavy is imported until a command runs, so `--help` and argument errors are
+quick.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
+
+MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, not {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
 
 
 def tiny_model(args) -> int:
@@ -15,7 +44,7 @@ def tiny_model(args) -> int:
 
 def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="folder to write (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the random weights (default 0)")
 
 
 # ------------------------------------------------------------------------------ model + policy
@@ -36,7 +65,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, default=None, help="generation length G (default 128)")
     s.add_argument("--steps", type=int, default=None, help="denoising steps T (default: G)")
-    s.add_argument("--block-length", type=int, default=None, help="block length (default: min(G, 32))")
+    s.add_argument("--block-length", type=int, default=None,
+                   help="block length (default: the largest divisor of G up to 32)")
     s.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0)")
     s.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
     s.add_argument("--cfg-scale", type=float, default=None)
@@ -68,12 +98,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_options(args) -> dict:
-    opts = {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
+    return {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
                                           "remasking", "cfg_scale") if getattr(args, k) is not None}
-    G = opts.setdefault("max_new_tokens", 128)
-    opts.setdefault("steps", G)
-    opts.setdefault("block_length", min(G, 32))
-    return opts
 
 
 def _refine_options(args) -> dict:
@@ -83,18 +109,32 @@ def _refine_options(args) -> dict:
             if getattr(args, k) is not None}
 
 
-def _build_generator(args, device_map=None):
-    from .generator import SafeGenerator
-    from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model
+def _configure(args):
+    """(policy, sampling, refinement) from the flags, validated: a mistake costs a second, not a
+    model load."""
+    from .generator import middleware_configs
     from .policy import load_policy
 
-    policy = load_policy(args.policy)  # before the model: a bad policy fails in a second, not minutes
-    revision = args.revision or (DEFAULT_REVISION if args.model == DEFAULT_MODEL else None)
-    model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=revision,
+    policy = load_policy(args.policy)
+    sampling, refinement = middleware_configs(policy, _sampling_options(args), _refine_options(args))
+    return policy, sampling, refinement
+
+
+def _revision(args):
+    from .loading import DEFAULT_MODEL, DEFAULT_REVISION
+
+    return args.revision or (DEFAULT_REVISION if args.model == DEFAULT_MODEL else None)
+
+
+def _build_generator(args, policy, sampling, refinement, device_map=None):
+    from .generator import SafeGenerator
+    from .loading import load_model
+
+    model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=_revision(args),
                                            device_map=device_map or args.device_map,
                                            trust_remote_code=args.trust_remote_code)
-    return SafeGenerator(model, tokenizer, policy=policy, profile=profile, sampling=_sampling_options(args),
-                         refinement=_refine_options(args), report_before=not args.no_before)
+    return SafeGenerator(model, tokenizer, policy=policy, profile=profile, sampling=sampling,
+                         refinement=refinement, report_before=not args.no_before)
 
 
 def _max_prompt_tokens(generator, max_new_tokens: int):
@@ -106,10 +146,9 @@ def _max_prompt_tokens(generator, max_new_tokens: int):
 
 # ------------------------------------------------------------------------------ generate
 def generate(args) -> int:
-    gen = _build_generator(args)
-    opts = _sampling_options(args)
+    gen = _build_generator(args, *_configure(args))
     report = gen.generate_text(args.prompt, seed=args.seed, refine=not args.no_refine,
-                               max_prompt_tokens=_max_prompt_tokens(gen, opts["max_new_tokens"]))[0]
+                               max_prompt_tokens=_max_prompt_tokens(gen, gen.sampling.max_new_tokens))[0]
     for label, text, tox in (("before", report.text_before, report.toxicity_before),
                              ("after", report.text_after, report.toxicity_after)):
         verdict = "TOXIC" if tox["toxic"] else "ok"
@@ -123,48 +162,67 @@ def generate(args) -> int:
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt text")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     _model_arguments(parser)
 
 
 # ------------------------------------------------------------------------------ detoxify
-def detoxify(args) -> int:
+def _fingerprint(args, policy, sampling, refinement) -> dict:
+    """What a resumed run must share with the one that started the output. Names are compared by
+    what they resolve to (a policy by name or by path, a folder with or without a trailing slash),
+    and a model folder by the identity of its weights (batch.weights_identity)."""
     import json
+    from pathlib import Path
+
+    from . import batch
+
+    folder = Path(args.model).expanduser()
+    if folder.is_dir():
+        model, revision, weights = str(folder.resolve()), None, batch.weights_identity(folder)
+    else:
+        model, revision, weights = args.model, _revision(args), None
+    return {
+        "input": str(Path(args.input).resolve()), "input_sha256": batch.file_digest(args.input),
+        "field": args.field, "skip_bad": args.skip_bad, "model": model, "revision": revision, "weights": weights,
+        "quantization": args.quantization,
+        "policy": str(Path(policy.source).resolve()) if policy.source else args.policy,
+        "policy_sha256": batch.file_digest(policy.source) if policy.source else None,
+        "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
+        "report_before": not args.no_before,
+        "sampling": json.loads(json.dumps(vars(sampling))),
+        "refinement": json.loads(json.dumps(vars(refinement), default=list)),
+    }
+
+
+def detoxify(args) -> int:
     import os
 
     from . import batch
-    from .policy import load_policy
 
-    if args.samples < 1 or args.batch_size < 1:
-        raise batch.InputError("--samples and --batch-size must be >= 1")
     prompts = batch.read_prompts(args.input, field=args.field, skip_bad=args.skip_bad)
-    load_policy(args.policy)  # fail fast, before loading a model
+    policy, sampling, refinement = _configure(args)
+    if args.samples > 1 and sampling.temperature == 0:
+        raise batch.InputError(f"--samples {args.samples} at --temperature 0 (greedy, the default) would give "
+                               f"{args.samples} identical samples per prompt; set --temperature (e.g. 1.0)")
     shard = batch.Shard.from_env()
-    device_map = None
-    if shard.world > 1:
-        import torch
-        if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
-            device_map = {"": int(os.environ.get("LOCAL_RANK", shard.rank)) % torch.cuda.device_count()}
-    gen = _build_generator(args, device_map)
-    opts = _sampling_options(args)
-    limit = _max_prompt_tokens(gen, opts["max_new_tokens"])
-    fingerprint = {
-        "input": str(os.path.abspath(args.input)), "input_sha256": batch.file_digest(args.input),
-        "field": args.field, "skip_bad": args.skip_bad, "model": args.model, "revision": args.revision,
-        "quantization": args.quantization, "policy": args.policy,
-        "policy_sha256": batch.file_digest(gen.policy.source) if gen.policy.source else None,
-        "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
-        "report_before": not args.no_before,
-        "sampling": json.loads(json.dumps(vars(gen.sampling))),
-        "refinement": json.loads(json.dumps(vars(gen.refinement), default=list)),
-    }
+    fingerprint = _fingerprint(args, policy, sampling, refinement)
+    with batch.OutputLock(shard.part(args.output)) as lock:
+        batch.check_resume(args.output, fingerprint, shard)
+        device_map = None
+        if shard.world > 1:
+            import torch
+            if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
+                device_map = {"": int(os.environ.get("LOCAL_RANK", shard.rank)) % torch.cuda.device_count()}
+        gen = _build_generator(args, policy, sampling, refinement, device_map)
+        limit = _max_prompt_tokens(gen, sampling.max_new_tokens)
 
-    def run(texts, seeds):
-        reports = gen.generate_text(list(texts), seeds=seeds, refine=not args.no_refine, max_prompt_tokens=limit)
-        return [r.to_dict() for r in reports]
+        def run(lines, seeds):
+            reports = gen.generate_text([p.text for p in lines], seeds=seeds, refine=not args.no_refine,
+                                        max_prompt_tokens=limit, labels=[f"{args.input}:{p.line}" for p in lines])
+            return [r.to_dict() for r in reports]
 
-    records = batch.run_batch(prompts, args.output, run, samples=args.samples, seed=args.seed,
-                              batch_size=args.batch_size, fingerprint=fingerprint, shard=shard)
+        records = batch.run_batch(prompts, args.output, run, samples=args.samples, seed=args.seed,
+                                  batch_size=args.batch_size, fingerprint=fingerprint, shard=shard, lock=lock)
     print(batch.format_summary(batch.summarize(records)))
     print(f"reports: {args.output}" + ("" if shard.world == 1 else f" (this process: rank {shard.rank} of {shard.world})"))
     return 0
@@ -175,9 +233,10 @@ def _detoxify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="JSONL reports, one line per sample (resumable)")
     parser.add_argument("--field", default=None, help="JSONL field (dotted, e.g. prompt.text) or CSV column")
     parser.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of stopping")
-    parser.add_argument("--samples", type=int, default=1, help="generations per prompt (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--samples", type=_positive, default=1,
+                        help="generations per prompt (default 1; more than 1 needs --temperature > 0)")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--batch-size", type=_positive, default=8)
     _model_arguments(parser)
 
 
@@ -218,25 +277,48 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (function, help_text, add_arguments) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
-        sub.set_defaults(run=function)
+        # Configuration fields by the flag that sets them, for error messages.
+        flags = {a.dest: max(a.option_strings, key=len) for a in sub._actions if a.option_strings}
+        sub.set_defaults(run=function, flags=flags)
     return parser
 
 
-def main(argv=None) -> int:
-    """Exit codes: 0 done, 2 bad input or configuration (a one-line message, no traceback)."""
-    import logging
-    import sys
+# The exceptions that mean "the user asked for something wrong", by module. Looked up only in
+# modules already imported: one that is not imported cannot have raised, and importing it (torch)
+# would slow the answer to a mistake.
+USER_ERRORS = (("safegen.batch", "InputError"), ("safegen.loading", "LoadError"),
+               ("safegen.policy", "PolicyError"), ("safegen.sampler", "ConfigError"))
 
-    from .batch import InputError
-    from .loading import LoadError
-    from .policy import PolicyError
-    from .sampler import ConfigError
+
+def _is_user_error(err: BaseException) -> bool:
+    return any(isinstance(err, getattr(sys.modules[m], name)) for m, name in USER_ERRORS if m in sys.modules)
+
+
+def _in_flags(message: str, flags: dict) -> str:
+    """`sampling.steps` -> `--steps`: name what the user typed, not the internal field."""
+    import re
+
+    return re.sub(r"\b(?:sampling|refine|refinement)\.(\w+)",
+                  lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 bad input or configuration (a one-line message, no traceback),
+    130 interrupted (Ctrl-C)."""
+    import logging
 
     logging.basicConfig(level=logging.WARNING, format="safegen: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (InputError, PolicyError, ConfigError, LoadError) as e:
-        print(f"safegen {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        resume = (f"; the finished samples are in {args.output}: rerun the same command to resume"
+                  if args.command == "detoxify" else "")
+        print(f"\nsafegen {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        print(f"safegen {args.command}: error: {_in_flags(str(e), args.flags)}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from . import keywords
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
@@ -28,11 +29,9 @@ Prompt = Union[str, Sequence[dict]]  # a string, or chat messages [{"role": ...,
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
 _REFINE_FIELDS = {f.name for f in fields(RefineConfig)}
-# Keyword arguments of generate() that are not configuration fields.
-_CALL_FIELDS = {"seed", "seeds", "refine", "report_before", "return_dict_in_generate"}
-# transformers generation-config fields that mean nothing for a diffusion sampler; accepted from a
-# GenerationConfig object (which always carries them), never silently from keyword arguments.
-_IGNORED_GENERATION_FIELDS = {"do_sample", "pad_token_id", "eos_token_id", "bos_token_id"}
+# Keyword arguments of generate() that are not configuration fields: safegen's own, and those of
+# transformers' generate() whose meaning carries over.
+_CALL_FIELDS = {"seed", "seeds", "refine", "report_before", "return_dict_in_generate", *keywords.HONOURED}
 
 
 @dataclass
@@ -85,19 +84,7 @@ class SafeGenerator:
             from .loading import profile_from
             profile = profile_from(model.config, tokenizer)
         self.profile = profile
-        self.sampling = _as_config(sampling, SamplingConfig, "sampling")
-        # The policy's α is the refinement's unless the caller set one. A middleware should spend
-        # nothing on samples the policy already accepts: adaptive refinement is on by default here
-        # (the benchmark turns it off for the exact target). A policy can say which tokens it objects
-        # to, and re-masking those beat uniform re-masking at equal rows on both benchmarks
-        # (benchmarks/RESULTS.md), so that is the default here.
-        if refinement is None or isinstance(refinement, dict):
-            refinement = _as_config({"alpha": self.policy.alpha, "adaptive": True, "budget": DEFAULT_BUDGET,
-                                     "accept_reward": self.policy.reward_threshold, "remask": "targeted",
-                                     **(refinement or {})}, RefineConfig, "refinement")
-        elif refinement.adaptive and refinement.accept_reward is None:
-            refinement = dataclasses.replace(refinement, accept_reward=self.policy.reward_threshold)
-        self.refinement = refinement.validate()
+        self.sampling, self.refinement = middleware_configs(self.policy, sampling, refinement)
         self.report_before = report_before
 
     @classmethod
@@ -116,52 +103,96 @@ class SafeGenerator:
                    profile=profile, report_before=report_before)
 
     # ---------------------------------------------------------------- configuration
-    def resolve(self, generation_config=None, **kwargs):
+    def resolve(self, generation_config=None, prompt_length: Optional[int] = None, **kwargs):
         """(SamplingConfig, RefineConfig, call options) by priority: kwargs > generation_config >
-        this generator's configs > defaults. Unknown keyword arguments are an error naming them."""
-        unknown = sorted(set(kwargs) - _SAMPLING_FIELDS - _REFINE_FIELDS - _CALL_FIELDS)
-        if unknown:
-            raise TypeError(f"generate() got unknown argument(s) {unknown}; sampling options: "
-                            f"{sorted(_SAMPLING_FIELDS)}, refinement options: {sorted(_REFINE_FIELDS)}, "
-                            f"call options: {sorted(_CALL_FIELDS)}")
+        this generator's configs > defaults. A keyword of transformers' generate() that has no
+        meaning here is an error saying why; an unknown one is an error listing the known ones.
+        From a GenerationConfig object (which carries every field) only the known keys are read."""
+        _check_keywords(kwargs, "generate() got")
         from_config = {}
         if generation_config is not None:
-            items = generation_config if isinstance(generation_config, dict) else \
-                generation_config.to_diff_dict() if hasattr(generation_config, "to_diff_dict") else \
-                vars(generation_config)
-            for k, v in items.items():
-                if k in _SAMPLING_FIELDS or k in _REFINE_FIELDS:
-                    from_config[k] = v
-                elif isinstance(generation_config, dict) and k not in _IGNORED_GENERATION_FIELDS | _CALL_FIELDS:
-                    raise TypeError(f"generation_config has unknown key {k!r}")
-                elif k in _CALL_FIELDS:
-                    kwargs.setdefault(k, v)
-            if from_config.get("temperature") and not getattr(generation_config, "do_sample", True):
-                from_config["temperature"] = 0.0  # transformers' do_sample=False means greedy
+            is_dict = isinstance(generation_config, dict)
+            items = generation_config if is_dict else generation_config.to_diff_dict() \
+                if hasattr(generation_config, "to_diff_dict") else vars(generation_config)
+            if is_dict:
+                _check_keywords(items, "generation_config has")
+            from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS}
+            if not is_dict and "temperature" in from_config and not getattr(generation_config, "do_sample", True):
+                from_config["do_sample"] = False  # a diff dict omits the default do_sample=False: greedy
         merged = {**from_config, **kwargs}
-        sampling = self.sampling.updated(**{k: v for k, v in merged.items() if k in _SAMPLING_FIELDS})
+        if "max_length" in merged and "max_new_tokens" not in merged:
+            if prompt_length is None or merged["max_length"] - prompt_length < 1:
+                raise ValueError(f"max_length={merged['max_length']} leaves no room to generate after the "
+                                 f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
+            merged["max_new_tokens"] = merged["max_length"] - prompt_length
+        _sample_or_not(merged, self.sampling.temperature)
+        sampling = self.sampling.updated(**fit_lengths(self.sampling, {k: v for k, v in merged.items()
+                                                                        if k in _SAMPLING_FIELDS}))
         refinement = self.refinement.updated(**{k: v for k, v in merged.items() if k in _REFINE_FIELDS})
         call = {k: v for k, v in merged.items() if k in _CALL_FIELDS}
+        n = call.get("num_return_sequences", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_return_sequences must be a positive integer, got {n!r}")
+        if n > 1 and sampling.temperature == 0:
+            raise ValueError(f"num_return_sequences={n} at temperature 0 (greedy) would return {n} identical "
+                             "sequences per prompt; pass do_sample=True or a temperature > 0")
         return sampling, refinement, call
 
     # ---------------------------------------------------------------- token interface
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  generation_config=None, **kwargs):
-        """Like `model.generate`: a LongTensor (B, P+G) of prompt plus generation, padded after the
-        first EOS/EOT. With `return_dict_in_generate=True`, a GenerateOutput with the reports.
-        Options: any SamplingConfig or RefineConfig field, `seed` (row i gets seed + i) or `seeds`
-        (one per row), `refine=False` (plain sampling), `report_before=False` (skip the fork)."""
-        sampling, refinement, call = self.resolve(generation_config, **kwargs)
+        """Like `model.generate`: a LongTensor (B·n, P+G) of prompt plus generation, padded after
+        the first EOS/EOT. With `return_dict_in_generate=True`, a GenerateOutput with the reports.
+
+        Options: any SamplingConfig or RefineConfig field, `seed` (output row i gets seed + i) or
+        `seeds` (one per output row), `refine=False` (plain sampling), `report_before=False`.
+        Setting max_new_tokens (G) alone fits the rest to it (see `fit_lengths`). From transformers'
+        generate: max_length (G = max_length - prompt length), num_return_sequences (n samples per
+        prompt, each with its own seed; needs temperature > 0), do_sample (False: greedy; True:
+        temperature 1 unless one is set), pad_token_id (fills after the first stop token),
+        eos_token_id (an id or up to two ids that end the answer); use_cache and bos_token_id change
+        nothing. Other generate keywords are refused with the reason.
+
+        A right-padded batch (the tokenizer's default side) is re-padded to the left, where the
+        sampler needs the padding: the generation must follow each prompt's last token. The
+        returned rows then hold the prompts left padded.
+        """
+        sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[-1], **kwargs)
+        if attention_mask is not None:
+            input_ids, attention_mask = left_padded(input_ids, attention_mask, self._pad_id(call))
         out = self._generate(input_ids, attention_mask, sampling, refinement, call, prompts=None)
         return out if call.get("return_dict_in_generate") else out.sequences
 
+    def _pad_id(self, call: dict) -> int:
+        pad = call.get("pad_token_id", self.profile.pad_id)
+        return pad if pad is not None else self.profile.eos_id
+
+    def _call_profile(self, call: dict) -> ModelProfile:
+        """The model profile with the call's pad_token_id and eos_token_id."""
+        changes = {}
+        if call.get("pad_token_id") is not None:
+            changes["pad_id"] = int(call["pad_token_id"])
+        if call.get("eos_token_id") is not None:
+            eos = call["eos_token_id"]
+            eos = [eos] if isinstance(eos, int) else list(eos)
+            if not 1 <= len(eos) <= 2 or not all(isinstance(e, int) for e in eos):
+                raise ValueError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
+            changes["eos_id"], changes["eot_id"] = eos[0], eos[1] if len(eos) > 1 else None
+        return dataclasses.replace(self.profile, **changes) if changes else self.profile
+
     def _generate(self, input_ids, attention_mask, sampling, refinement, call, prompts):
+        n = call.get("num_return_sequences", 1)
+        if n > 1:
+            input_ids = input_ids.repeat_interleave(n, 0)
+            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, 0)
+            prompts = None if prompts is None else [p for p in prompts for _ in range(n)]
         B = input_ids.shape[0]
         seeds = call.get("seeds", call.get("seed", 0))
         seeds = [seeds + i for i in range(B)] if isinstance(seeds, int) else list(seeds)
         refine = call.get("refine", True) and refinement.iterations > 0
-        reward = self.policy.reward_fn(self.tokenizer, self.profile.stop_ids)
-        sampler = DiffusionSampler(self.model, self.profile, sampling)
+        profile = self._call_profile(call)
+        reward = self.policy.reward_fn(self.tokenizer, profile.stop_ids)
+        sampler = DiffusionSampler(self.model, profile, sampling)
         fork = refine and call.get("report_before", self.report_before)
         t0 = time.perf_counter()
         # Targeted re-masking asks the policy which tokens it objects to.
@@ -184,7 +215,7 @@ class SafeGenerator:
                 action = self.policy.on_toxic
                 if action == "refuse":
                     text = self.policy.refusal_text
-                    sequences[i, P:] = self._encode_answer(text, sequences.shape[1] - P, sequences.device)
+                    sequences[i, P:] = self._encode_answer(text, sequences.shape[1] - P, sequences.device, profile)
                 elif action == "best" and fork and tb["aggregate"] < ta["aggregate"]:
                     text = before[i]
                     sequences[i] = result.plain_sequences[i]
@@ -201,28 +232,31 @@ class SafeGenerator:
                 seconds=seconds, seed=int(seeds[i])))
         return GenerateOutput(sequences=sequences, reports=reports)
 
-    def _encode_answer(self, text: str, length: int, device) -> torch.Tensor:
+    def _encode_answer(self, text: str, length: int, device, profile: ModelProfile) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: length - 1]
-        pad = self.profile.pad_id if self.profile.pad_id is not None else self.profile.eos_id
-        stop = self.profile.eos_id if self.profile.eos_id is not None else pad
+        pad = profile.pad_id if profile.pad_id is not None else profile.eos_id
+        stop = profile.eos_id if profile.eos_id is not None else pad
         row = ids + [stop] + [pad] * (length - len(ids) - 1)
         return torch.tensor(row[:length], dtype=torch.long, device=device)
 
     # ---------------------------------------------------------------- text interface
-    def encode_prompts(self, prompts: Sequence[Prompt], max_prompt_tokens: Optional[int] = None):
+    def encode_prompts(self, prompts: Sequence[Prompt], max_prompt_tokens: Optional[int] = None,
+                       labels: Optional[Sequence[str]] = None):
         """Token ids (left padded) and attention mask for strings or chat-message lists.
 
         With a chat template (instruct models) a string becomes one user message; without one
         (base models) it is prefixed with BOS. Prompts longer than max_prompt_tokens keep their
-        first tokens, with a warning.
+        first tokens, with a warning naming the prompt by its label (e.g. its file and line).
         """
+        labels = labels or [f"prompt {i}" for i in range(len(prompts))]
         rows, shown = [], []
         for i, p in enumerate(prompts):
             messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
             if not all(isinstance(m, dict) and "content" in m and "role" in m for m in messages):
                 raise TypeError(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
             if max_prompt_tokens is not None:
-                messages = [dict(m, content=self._truncate(m["content"], max_prompt_tokens, i)) for m in messages]
+                messages = [dict(m, content=self._truncate(m["content"], max_prompt_tokens, labels[i]))
+                            for m in messages]
             if self.profile.chat_template:
                 ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
                 if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -243,23 +277,103 @@ class SafeGenerator:
             attention[i, width - len(r):] = 1
         return input_ids, attention, shown
 
-    def _truncate(self, content: str, limit: int, index: int) -> str:
+    def _truncate(self, content: str, limit: int, label: str) -> str:
         ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
         if len(ids) <= limit:
             return content
-        log.warning("prompt %d has %d tokens; truncated to the first %d", index, len(ids), limit)
+        log.warning("%s has %d tokens; truncated to the first %d", label, len(ids), limit)
         return self.tokenizer.decode(ids[:limit], skip_special_tokens=True)
 
     def generate_text(self, prompts: Union[Prompt, Sequence[Prompt]], max_prompt_tokens: Optional[int] = None,
-                      generation_config=None, **kwargs) -> list[SampleReport]:
-        """Generate for strings or chat messages; returns one SampleReport per prompt (`.text`)."""
+                      generation_config=None, labels: Optional[Sequence[str]] = None,
+                      **kwargs) -> list[SampleReport]:
+        """Generate for strings or chat messages; returns one SampleReport per sample (`.text`):
+        num_return_sequences per prompt, in prompt order. No prompts give no reports. `labels`
+        name the prompts in warnings (default "prompt <i>")."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
-        sampling, refinement, call = self.resolve(generation_config, **kwargs)
-        input_ids, attention, shown = self.encode_prompts(prompts, max_prompt_tokens)
+        if not prompts:
+            self.resolve(generation_config, **kwargs)  # still refuse bad options
+            return []
+        input_ids, attention, shown = self.encode_prompts(prompts, max_prompt_tokens, labels)
+        sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[1], **kwargs)
         device = DiffusionSampler(self.model, self.profile, sampling).device
         out = self._generate(input_ids.to(device), attention.to(device), sampling, refinement, call, shown)
         return out.reports
+
+
+def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[SamplingConfig, RefineConfig]:
+    """The validated configs of a SafeGenerator with this policy: the policy's α is the refinement's
+    unless the caller set one, and a middleware spends nothing on samples the policy already accepts
+    (adaptive refinement with a budget is on unless set otherwise; the benchmark turns it off for the
+    exact target). A policy can say which tokens it objects to, and re-masking those beat uniform
+    re-masking at equal rows on both benchmarks (benchmarks/RESULTS.md), so that is the default
+    here. Dicts may set max_new_tokens alone: `fit_lengths` derives the rest."""
+    if sampling is None or isinstance(sampling, dict):
+        sampling = fit_lengths(SamplingConfig(), sampling or {})
+    sampling = _as_config(sampling, SamplingConfig, "sampling")
+    if refinement is None or isinstance(refinement, dict):
+        refinement = _as_config({"alpha": policy.alpha, "adaptive": True, "budget": DEFAULT_BUDGET,
+                                 "accept_reward": policy.reward_threshold, "remask": "targeted",
+                                 **(refinement or {})}, RefineConfig, "refinement")
+    elif refinement.adaptive and refinement.accept_reward is None:
+        refinement = dataclasses.replace(refinement, accept_reward=policy.reward_threshold)
+    return sampling, refinement.validate()
+
+
+def fit_lengths(base: SamplingConfig, options: dict) -> dict:
+    """`options` with steps and block_length fitted to a max_new_tokens (G) that they leave unset:
+    block_length stays base's if it divides G, else becomes the largest divisor of G below it; steps
+    keep base's commits per step (G·base.steps/base.max_new_tokens), rounded up to a multiple of
+    the number of blocks and at most G. With the defaults (128 tokens, 128 steps, blocks of 32),
+    G = 16 gives 16 steps in one block and G = 48 gives 48 steps in two blocks of 24."""
+    if "max_new_tokens" not in options:
+        return options
+    G = options["max_new_tokens"]
+    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
+        return options  # validation names the problem
+    out = dict(options)
+    if "block_length" not in out:
+        out["block_length"] = max(d for d in range(1, min(G, base.block_length) + 1) if G % d == 0)
+    if "steps" not in out and isinstance(out["block_length"], int) and out["block_length"] >= 1:
+        blocks = max(1, G // out["block_length"])
+        wanted = -(-G * base.steps // base.max_new_tokens)
+        out["steps"] = min(G, -(-wanted // blocks) * blocks)
+    return out
+
+
+def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
+    """The batch with each row's padding moved to its left (unchanged when it is there already)."""
+    keep = attention_mask.bool()
+    if not (keep[:, :-1] & ~keep[:, 1:]).any():  # no attended token before a padded one
+        return input_ids, attention_mask
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # padding first, each part in order
+    keep = keep.gather(1, order)
+    ids = torch.where(keep, input_ids.gather(1, order), torch.full_like(input_ids, pad_id))
+    return ids, keep.to(attention_mask.dtype)
+
+
+def _check_keywords(options: dict, where: str) -> None:
+    refused = sorted(k for k in options if k in keywords.REFUSED)
+    if refused:
+        raise TypeError(f"{where} {', '.join(f'{k} ({keywords.REFUSED[k]})' for k in refused)}")
+    unknown = sorted(set(options) - _SAMPLING_FIELDS - _REFINE_FIELDS - _CALL_FIELDS)
+    if unknown:
+        raise TypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
+                        f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
+
+
+def _sample_or_not(options: dict, configured_temperature: float) -> None:
+    """transformers' do_sample: False means greedy; True samples at the temperature given, else 1."""
+    if "do_sample" not in options:
+        return
+    temperature = options.get("temperature", configured_temperature)
+    if not options["do_sample"]:
+        options["temperature"] = 0.0
+    elif "temperature" in options and not temperature:
+        raise ValueError("do_sample=True with temperature=0 contradicts itself: drop one of them")
+    elif not temperature:
+        options["temperature"] = 1.0
 
 
 def _as_config(value, cls, name):

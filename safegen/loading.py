@@ -15,8 +15,6 @@ import inspect
 import os
 from pathlib import Path
 
-import torch
-
 from .profile import profile_from
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", "LoadError", "load_model",
@@ -53,6 +51,8 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
     dtype: of the unquantized weights and of 4-bit compute; bfloat16 on a GPU, float32 on CPU when None.
     local_files_only: None follows HF_HUB_OFFLINE as set when this function is called.
     """
+    import torch
+
     quantization = _check_quantization(quantization)
     folder = Path(model_id_or_path).expanduser()
     if folder.is_dir():
@@ -77,19 +77,38 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
     dtype = _check_dtype(dtype) or (torch.bfloat16 if on_gpu else torch.float32)
     quantization_config = _quantization_config(quantization, dtype)
 
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
+    # A damaged folder (a config value of the wrong type, a truncated weights file, missing tokenizer
+    # files) surfaces as whatever the parser at fault raises; name the folder and the part instead.
+    damaged = (TypeError, ValueError, KeyError, SafetensorError)
     try:
         # device_map places the weights (on CPU-only machines "auto" resolves to the CPU); a quantized
         # model must never be moved with .to() afterwards.
         model = model_class.from_pretrained(
             model_id_or_path, quantization_config=quantization_config, device_map=device_map, dtype=dtype,
             trust_remote_code=trust_remote_code, **hub)
+    except OSError as err:
+        raise _not_found(model_id_or_path, revision, err) from None
+    except damaged as err:
+        raise LoadError(f"the model in {model_id_or_path} cannot be built from its config.json and weights "
+                        f"({type(err).__name__}: {_first_line(err)})") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
     except OSError as err:
         raise _not_found(model_id_or_path, revision, err) from None
+    except damaged as err:
+        raise LoadError(f"the tokenizer of {model_id_or_path} cannot be loaded: are its tokenizer files "
+                        f"there? ({type(err).__name__}: {_first_line(err)})") from None
     model.eval()
-    return model, tokenizer, profile_from(model.config, tokenizer)
+    profile = profile_from(model.config, tokenizer)
+    wrong = [f"{k}={v!r}" for k, v in vars(profile).items()
+             if k.endswith("_id") and v is not None and (not isinstance(v, int) or isinstance(v, bool))]
+    if wrong:
+        raise LoadError(f"{model_id_or_path}: the special token ids must be integers, got {', '.join(wrong)} "
+                        "(from config.json or the tokenizer)")
+    return model, tokenizer, profile
 
 
 def _check_quantization(quantization) -> str:
@@ -102,6 +121,8 @@ def _check_quantization(quantization) -> str:
 
 
 def _check_dtype(dtype):
+    import torch
+
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -202,8 +223,12 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=[HEAD_MODULE])
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _not_found(model_id_or_path: str, revision: str | None, err: Exception) -> LoadError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = _first_line(err)
     if Path(model_id_or_path).expanduser().is_dir():
         return LoadError(f"model folder {model_id_or_path} cannot be loaded: {reason}")
     at = f" at revision {revision}" if revision else ""

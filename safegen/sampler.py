@@ -143,12 +143,6 @@ class SamplerState:
     def gen(self) -> torch.Tensor:
         return self.x[:, self.prompt_length:]
 
-    def copy(self) -> "SamplerState":
-        s = replace(self, x=self.x.clone())
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
-            setattr(s, name, torch.zeros_like(getattr(self, name)))
-        return s
-
 
 class StepHook(Protocol):
     """An extension of the sampler at chosen (block, step) points.
@@ -394,14 +388,16 @@ class DiffusionSampler:
 
         seeds: one int (row i gets seed + i) or one int per row. A row's output depends only on its
         prompt and its seed. fork_plain: also return what plain sampling gives for the same prompts
-        and seeds, by copying the state where the hook first applies (the shared prefix is not
-        recomputed; the copy's extra forwards are reported in plain_rows).
+        and seeds. A row's plain branch is forked from its state just before the hook first changed
+        it; a row the hook never changed is its own plain sample and costs nothing extra. The
+        branches' extra forwards are reported in plain_rows.
         """
         t0 = time.perf_counter()
         cfg = self.config
         S = cfg.steps_per_block
         state = self.start(input_ids, attention_mask, seeds)
         plain: Optional[SamplerState] = None
+        plain_of = torch.zeros(0, dtype=torch.long, device=state.x.device)  # plain row -> state row
         with torch.inference_mode():
             for block in range(cfg.n_blocks):
                 state.block = block
@@ -413,22 +409,51 @@ class DiffusionSampler:
                         plain.block, plain.step = block, step
                     if hook is not None and hook.applies(block, step, S):
                         self.refresh(state)
-                        if fork_plain and plain is None:
-                            plain = state.copy()
+                        x, pred = state.x.clone(), state.pred
                         hook(self, state)
+                        if fork_plain:
+                            plain, plain_of = self._fork_changed(state, x, pred, plain, plain_of)
                     if step < S:
                         self.advance(state, counts[:, step])
                         if plain is not None:
-                            self.advance(plain, counts[:, step])
+                            self.advance(plain, counts[plain_of, step])
         out = SampleOutput(
             sequences=self.cut_at_stop(state.x, state.prompt_length),
             rows=state.rows, reward_calls=state.reward_calls, proposed=state.proposed,
             accepted=state.accepted, seconds=time.perf_counter() - t0)
         if fork_plain:
-            out.plain_sequences = out.sequences.clone() if plain is None else \
-                self.cut_at_stop(plain.x, plain.prompt_length)
-            out.plain_rows = torch.zeros_like(state.rows) if plain is None else plain.rows
+            out.plain_sequences = out.sequences.clone()
+            out.plain_rows = torch.zeros_like(state.rows)
+            if plain is not None:
+                out.plain_sequences[plain_of] = self.cut_at_stop(plain.x, plain.prompt_length)
+                out.plain_rows.index_add_(0, plain_of.cpu(), plain.rows)
         return out
+
+    def _fork_changed(self, state: SamplerState, x: torch.Tensor, pred: Prediction,
+                      plain: Optional[SamplerState], plain_of: torch.Tensor):
+        """Add to the plain branch the rows the hook just changed for the first time, as they were
+        before it (`x`, `pred`). Returns the branch and its map to state rows."""
+        changed = (state.x != x).any(1)
+        changed[plain_of] = False
+        new = changed.nonzero().squeeze(1)
+        if len(new) == 0:
+            return plain, plain_of
+        mask = None if state.attention_mask is None else state.attention_mask[new]
+        rows = SamplerState(x=x[new], attention_mask=mask, prompt_length=state.prompt_length,
+                            keys=state.keys[new], block=state.block, step=state.step, pred=pred.select(new))
+        if plain is None:
+            return rows, new
+        # The branch's own prediction at this point: the forward its next commit would make anyway.
+        self.refresh(plain)
+        p, q = plain.pred, rows.pred
+        merged = SamplerState(
+            x=torch.cat([plain.x, rows.x]), prompt_length=state.prompt_length,
+            attention_mask=None if mask is None else torch.cat([plain.attention_mask, mask]),
+            keys=torch.cat([plain.keys, rows.keys]), block=state.block, step=state.step,
+            pred=Prediction(*(torch.cat([a, b]) for a, b in
+                              ((p.candidates, q.candidates), (p.confidence, q.confidence), (p.xhat0, q.xhat0)))),
+            rows=torch.cat([plain.rows, rows.rows]))
+        return merged, torch.cat([plain_of, new])
 
     def cut_at_stop(self, x: torch.Tensor, prompt_length: int) -> torch.Tensor:
         """Everything after the first EOS/EOT of the generation becomes padding."""
