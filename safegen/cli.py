@@ -196,6 +196,7 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
 
 def detoxify(args) -> int:
     import os
+    from pathlib import Path
 
     from . import batch
 
@@ -206,7 +207,7 @@ def detoxify(args) -> int:
                                f"{args.samples} identical samples per prompt; set --temperature (e.g. 1.0)")
     shard = batch.Shard.from_env()
     fingerprint = _fingerprint(args, policy, sampling, refinement)
-    with batch.OutputLock(shard.part(args.output)) as lock:
+    with batch.OutputLock(shard.part(Path(args.output))) as lock:
         batch.check_resume(args.output, fingerprint, shard)
         device_map = None
         if shard.world > 1:
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The exceptions that mean "the user asked for something wrong", by module. Looked up only in
 # modules already imported: one that is not imported cannot have raised, and importing it (torch)
 # would slow the answer to a mistake.
-USER_ERRORS = (("safegen.batch", "InputError"), ("safegen.loading", "LoadError"),
+USER_ERRORS = (("safegen.prompts", "InputError"), ("safegen.loading", "LoadError"),
                ("safegen.policy", "PolicyError"), ("safegen.sampler", "ConfigError"))
 
 

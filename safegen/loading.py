@@ -14,8 +14,12 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .profile import profile_from
+
+if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
+    import torch
 
 __all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", "LoadError", "load_model",
            "profile_from"]

@@ -98,10 +98,10 @@ def test_long_prompt_is_truncated_with_warning(tiny_model_dir, tmp_path, caplog)
     assert "truncated" in caplog.text
 
 
-def fake_generate(texts, seeds):
-    return [{"prompt": t, "seed": s, "toxic_before": False, "toxic_after": False, "refined": False,
+def fake_generate(lines, seeds):
+    return [{"prompt": p.text, "seed": s, "toxic_before": False, "toxic_after": False, "refined": False,
              "toxicity_before": {"aggregate": 0.0}, "toxicity_after": {"aggregate": 0.0}, "nfe": 1.0,
-             "nfe_before": 0.0, "reward_calls": 0.0, "seconds": 0.0} for t, s in zip(texts, seeds)]
+             "nfe_before": 0.0, "reward_calls": 0.0, "seconds": 0.0} for p, s in zip(lines, seeds)]
 
 
 def test_shards_partition_the_work_and_merge(tmp_path):
@@ -124,7 +124,7 @@ def test_unfinished_tail_is_cut_and_damaged_file_refused(tmp_path):
     good = out.read_bytes()
     out.write_bytes(good + b'{"prompt_index": 2, "sam')  # a write cut short
     calls = []
-    records = batch.run_batch(prompts, out, lambda t, s: calls.append(t) or fake_generate(t, s), 1, 0, 8,
+    records = batch.run_batch(prompts, out, lambda t, s: calls.append([p.text for p in t]) or fake_generate(t, s), 1, 0, 8,
                               {"x": 1}, progress=False)
     assert calls == [["p2"]] and len(records) == 3
     assert out.read_bytes().startswith(good) and out.read_bytes().count(b"\n") == 3
