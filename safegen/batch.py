@@ -3,9 +3,9 @@
 Output is JSONL, one report per sample, each line written with a single write() and fsynced once
 per batch, so a killed run leaves at most an unfinished last line; a rerun cuts it off, skips every
 finished sample, and refuses to continue if the configuration changed (a sidecar `.meta.json`
-holds the fingerprint). Under `accelerate launch` (or torchrun) every process takes the samples
-k ≡ rank (mod world size), writes its own part file, and the last process to finish merges the
-parts into the output file.
+holds the fingerprint). Each file has one writer at a time (OutputLock). Under `accelerate launch`
+(or torchrun) every process takes the samples k ≡ rank (mod world size), writes (and locks) its own
+part file, and the last process to finish merges the parts into the output file.
 """
 from __future__ import annotations
 
