@@ -1,8 +1,8 @@
 """safegen: toxicity-safe generation for masked diffusion LMs (LLaDA) by reward-guided refinement."""
 
 # The public API, imported on first use: `import safegen` (and so `safegen --help`) loads neither
-# torch nor transformers. safegen.loading.load_model registers the tiny test model with
-# transformers' Auto classes when it loads one.
+# torch nor transformers. LLaDA registers with transformers' Auto classes when safegen.llada is
+# imported (load_model imports it for LLaDA folders).
 _EXPORTS = {
     "SafeGenerator": "generator", "SampleReport": "generator", "GenerateOutput": "generator",
     "DiffusionSampler": "sampler", "SamplingConfig": "sampler", "SampleOutput": "sampler",
