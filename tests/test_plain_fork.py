@@ -24,7 +24,7 @@ class ChangeRecorder:
 
 def test_untouched_rows_cost_nothing_and_forks_are_plain_sampling():
     m = ScriptedModel(input_weight=1.0, seed=4)
-    ids = torch.randint(0, 5, (16, 3))
+    ids = torch.randint(0, 5, (16, 3), generator=torch.Generator().manual_seed(0))
     cfg = SamplingConfig(max_new_tokens=16, steps=16, block_length=8, temperature=1.0)
     reward = lambda t: -(t == 2).sum(1).double()
     sampler = DiffusionSampler(m, m.mask_id, cfg)
