@@ -143,6 +143,12 @@ class SamplerState:
     def gen(self) -> torch.Tensor:
         return self.x[:, self.prompt_length:]
 
+    def copy(self) -> "SamplerState":
+        s = replace(self, x=self.x.clone())
+        for name in ("rows", "reward_calls", "proposed", "accepted"):
+            setattr(s, name, torch.zeros_like(getattr(self, name)))
+        return s
+
 
 class StepHook(Protocol):
     """An extension of the sampler at chosen (block, step) points.
