@@ -56,10 +56,40 @@ def _as_i32(x: torch.Tensor) -> torch.Tensor:
     return (((x & _M32) ^ 0x80000000) - 0x80000000).to(torch.int32)
 
 
+def _hash(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits (as int32) per element: `keys` (n,), `index` (n, ...) element ids below 2^32."""
+    k = _as_i32(keys).reshape(keys.shape + (1,) * (index.dim() - 1))
+    return _mix32_i32(k ^ (index if index.dtype == torch.int32 else _as_i32(index)))
+
+
 def uniform(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """U(0,1) float32, exclusive of both ends. `keys` (n,) and `index` (n, ...) element ids below
     2^32 (int64, or int32 holding the same bits): the same (key, index) always gives the same number."""
-    k = _as_i32(keys).reshape(keys.shape + (1,) * (index.dim() - 1))
-    h = _mix32_i32(k ^ (index if index.dtype == torch.int32 else _as_i32(index)))
     # 24 bits: exactly representable in float32; +0.5 keeps u strictly inside (0, 1).
-    return ((h >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
+    return ((_hash(keys, index) >> 8) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(1.0 / (1 << 24))
+
+
+def uniform52(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """U(0,1) float64 with 52 random bits, from the hashes of ids 2·index and 2·index + 1 (index
+    below 2^31). Fine enough that a probability as small as 2^-40 is still drawn at its rate."""
+    index = index.to(torch.int64) * 2
+    hi = (_hash(keys, index) >> 6) & 0x3FFFFFF
+    lo = (_hash(keys, index + 1) >> 6) & 0x3FFFFFF
+    # (m + 0.5) / 2^52 for m < 2^52 lies strictly inside (0, 1), and float64 holds it exactly.
+    return (hi.to(torch.float64) * (1 << 26) + lo).add_(0.5).mul_(2.0 ** -52)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index i with cdf[i-1] < u·total <= cdf[i] along the last axis of `probs` (unnormalised,
+    non-negative): a draw from probs / total for u uniform in (0, 1]. The running sum is float64:
+    in float32 over a 126k vocabulary its rounding would outweigh the rare tokens. Taking the first
+    index that reaches u·total never lands on a zero-probability entry, even when u·total rounds
+    up to the total."""
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    return torch.searchsorted(cdf, (u.to(torch.float64) * cdf[..., -1])[..., None]).squeeze(-1)
+
+
+def categorical(keys: torch.Tensor, index: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """One draw from each distribution `probs` (n, ..., V) by inverse CDF, the uniform keyed by
+    (key, index) with `index` (n, ...): one hashed number pair per draw, not one per category."""
+    return inverse_cdf(probs, uniform52(keys, index))

@@ -8,7 +8,7 @@ Generation starts from the prompt followed by G mask tokens and unmasks them ove
 * the linear noise schedule implies a constant number of commits per step: `n_masked // steps`, the
   remainder going to the first steps;
 * each step makes one forward over the whole sequence, proposes a token for every masked position of
-  the block (argmax, or Gumbel-max at temperature > 0), scores it ("low_confidence": the model's
+  the block (argmax, or a sample at temperature > 0), scores it ("low_confidence": the model's
   probability of that token; "random": uniform noise) and commits the best-scoring positions.
   Committed tokens are never re-masked by the base sampler.
 
@@ -51,7 +51,7 @@ class SamplingConfig:
     max_new_tokens: int = 128  # G, the generation length (LLaDA's gen_length)
     steps: int = 128  # T, denoising steps over the whole generation
     block_length: int = 32
-    temperature: float = 0.0  # 0: argmax candidates; > 0: Gumbel-max sampling
+    temperature: float = 0.0  # 0: argmax candidates; > 0: sampling from softmax(logits / T)
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance; 0 disables it
     logits_eos_inf: bool = False  # forbid EOS as a candidate token
@@ -289,14 +289,11 @@ class DiffusionSampler:
         lg = logits.gather(1, order[..., None].expand(-1, -1, V)).float()
         probs = torch.softmax(lg, -1)
         if temperature > 0:
-            # Gumbel-max in its exponential-race form: argmax(lg/T + Gumbel) = argmax(log U / p_T)
-            # for p_T = softmax(lg/T) and U uniform, 3 passes over the vocabulary instead of 7.
-            # Element ids are (position, token): a position's noise does not depend on which other
-            # positions happen to be committable. int32 ids: G·V stays far below 2^31 (LLaDA:
-            # 4096 × 126464), and int32 halves the memory traffic.
+            # A draw from softmax(lg/T) by inverse CDF: the same distribution as the reference
+            # code's Gumbel-max, with one 52-bit uniform per position instead of one number per token.
+            # Keyed by position: its draw does not depend on which other positions are committable.
             p_t = probs if temperature == 1 else torch.softmax(lg / temperature, -1)
-            index = order.to(torch.int32)[..., None] * V + torch.arange(V, dtype=torch.int32, device=lg.device)
-            picked = (rng.uniform(keys, index).log_() / p_t).argmax(-1)
+            picked = rng.categorical(keys, order, p_t)
         else:
             picked = lg.argmax(-1)
         if ranking == "low_confidence":

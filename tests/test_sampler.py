@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from safegen import rng
 from safegen.profile import ModelProfile
 from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig, generate, transfer_counts
 
@@ -99,16 +100,42 @@ def test_temperature_zero_is_deterministic_and_seeds_matter_at_positive_temperat
     assert not torch.equal(c, d)
 
 
-def test_gumbel_sampling_matches_softmax():
-    m = ScriptedModel(vocab=5, seed=1)
-    m.table[:] = torch.tensor([1.0, 0.0, -1.0, 0.5, 0.0])
-    n = 4000
-    cfg = SamplingConfig(max_new_tokens=1, steps=1, block_length=1, temperature=1.0)
-    out = DiffusionSampler(m, m.mask_id, cfg).run(torch.zeros((n, 1), dtype=torch.long), seeds=0)
-    freq = torch.bincount(out.sequences[:, 1], minlength=5).double() / n
-    expected = torch.softmax(m.table[1, :4].double(), 0)
-    assert freq[4] == 0  # the mask is never sampled
-    assert torch.allclose(freq[:4], expected, atol=0.03)
+def _predict(logits, committable, seeds, temperature):
+    """predict() on given logits for all-masked rows (the last vocabulary entry is the mask)."""
+    V = logits.shape[-1]
+    s = DiffusionSampler(ScriptedModel(vocab=V), V - 1, SamplingConfig(temperature=temperature))
+    x_gen = torch.full(logits.shape[:2], V - 1)
+    return s.predict(logits.clone(), x_gen, committable, rng.seed_keys(seeds), temperature)
+
+
+def test_sampling_draws_exactly_softmax_over_temperature():
+    T, rows, G = 0.7, 100, 200
+    table = torch.tensor([1.0, 0.0, -1.0, 0.5, float("-inf"), 0.0, 2.0, -2.5, 0.3])  # the last is the mask
+    logits = table.expand(rows, G, -1)
+    picked = _predict(logits, torch.ones(rows, G, dtype=torch.bool), torch.arange(rows), T).candidates
+    n = picked.numel()
+    counts = torch.bincount(picked.flatten(), minlength=len(table)).double()
+    expected = n * torch.softmax(table[:-1].double() / T, 0)
+    assert counts[4] == 0 and counts[-1] == 0  # the -inf token and the mask are never drawn
+    live = expected > 0
+    # Every token's count: a z-test (binomial sd) at 4.5 sd; all together: Pearson's chi-square
+    # against its 1 - 1e-5 quantile (Wilson-Hilferty, z = 4.26).
+    sd = (expected * (1 - expected / n)).sqrt()
+    assert ((counts[:-1] - expected).abs()[live] < 4.5 * sd[live]).all()
+    df = int(live.sum()) - 1
+    chi2 = float(((counts[:-1] - expected)[live] ** 2 / expected[live]).sum())
+    assert chi2 < df * (1 - 2 / (9 * df) + 4.26 * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_a_positions_draw_does_not_depend_on_which_others_are_committable():
+    # Proposals re-denoise a subset of positions and must see the noise the base sampler would.
+    logits = torch.randn(6, 16, 30, generator=torch.Generator().manual_seed(0))
+    every = torch.ones(6, 16, dtype=torch.bool)
+    some = torch.rand(6, 16, generator=torch.Generator().manual_seed(1)) < 0.3
+    a = _predict(logits, every, torch.arange(6), 1.0).candidates
+    b = _predict(logits, some, torch.arange(6), 1.0).candidates
+    assert torch.equal(a[some], b[some])
+    assert not torch.equal(a, _predict(logits, every, torch.arange(6) + 6, 1.0).candidates)
 
 
 def test_cfg_doubles_the_forward_batch():
