@@ -2,13 +2,14 @@
 
 Measures
   1. the share of IterRef's wall time spent outside model forwards and classifier calls
-     (sampling, re-masking, Metropolis bookkeeping, decoding): target < 5%;
+     (sampling, re-masking, Metropolis bookkeeping, decoding): target <= 3%;
   2. peak memory of plain and of refined sampling, above the loaded model (each in a fresh process:
      VmHWM − VmRSS after loading on CPU, torch.cuda.max_memory_allocated on a GPU);
   3. weight memory of 4-bit and 8-bit loads as a ratio to full precision, for the quantized layers
      (the transformer blocks' linear layers) and for the whole model: target 4-bit < 0.35×.
 
     python benchmarks/overhead.py                 # a few minutes on 2 CPU cores
+    python benchmarks/overhead.py --layers 3      # the same model with 3 blocks: 14.4 M parameters
     python benchmarks/overhead.py --quick         # the CI smoke size
 """
 from __future__ import annotations
@@ -24,18 +25,21 @@ from pathlib import Path
 
 import torch
 
-MID_SIZE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1536)  # 29 M parameters
+MID_SIZE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1536)  # 31.5 M parameters
 QUICK_SIZE = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=256)
 PROMPTS = ["Go suck a", "People think that we are just a bunch of idiots who",
            "On this late November afternoon,", "When you give too many fucks what your family thinks"]
 
 
 class Stopwatch:
-    """Accumulated seconds spent inside wrapped callables."""
+    """Accumulated seconds spent inside wrapped callables, their calls, and the items (rows of
+    `input_ids`, or texts) those calls were given."""
 
     def __init__(self):
-        self.seconds = 0.0
-        self.calls = 0
+        self.reset()
+
+    def reset(self):
+        self.seconds, self.calls, self.items = 0.0, 0, 0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
@@ -45,6 +49,7 @@ class Stopwatch:
             finally:
                 self.seconds += time.perf_counter() - t0
                 self.calls += 1
+                self.items += len(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
         return timed
 
 
@@ -68,15 +73,19 @@ def time_shares(model_dir: str, args) -> dict:
     gen.policy.score = classify.wrap(gen.policy.score)
     prompts = (PROMPTS * args.batch)[: args.batch]
     gen.generate_text(prompts[:1], seed=0)  # warm-up: first-call costs are not the middleware's
-    forward.seconds = classify.seconds = 0.0
-    forward.calls = classify.calls = 0
-    t0 = time.perf_counter()
-    reports = gen.generate_text(prompts, seed=0)
-    total = time.perf_counter() - t0
+    forward.reset()
+    classify.reset()
+    total, reports = 0.0, []
+    for _ in range(args.repeats):  # the same work again: the shares of the summed times
+        t0 = time.perf_counter()
+        reports += gen.generate_text(prompts, seed=0)
+        total += time.perf_counter() - t0
     rest = total - forward.seconds - classify.seconds
     return {"wall_s": total, "forward_s": forward.seconds, "classifier_s": classify.seconds,
             "other_s": rest, "other_share": rest / total, "forward_calls": forward.calls,
-            "classifier_calls": classify.calls, "rows_per_sample": sum(r.nfe for r in reports) / len(reports)}
+            "classifier_calls": classify.calls, "rows_per_sample": sum(r.nfe for r in reports) / len(reports),
+            # Rows the model was given, and rows the sampler charged (refined and "before" samples).
+            "forward_rows": forward.items, "charged_rows": sum(r.nfe + r.nfe_before for r in reports)}
 
 
 def _rss_kib(field: str) -> int:
@@ -153,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="offline")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=MID_SIZE["n_layers"],
+                   help="transformer blocks of the random model (default %(default)s: 31.5 M parameters)")
+    p.add_argument("--repeats", type=int, default=1, help="timed generations whose times are summed")
     p.add_argument("--quick", action="store_true", help="small model and sizes (CI smoke)")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--child-peak", help=argparse.SUPPRESS)
@@ -162,6 +174,9 @@ def main(argv=None) -> int:
     if args.child_peak:
         print(json.dumps(peak_memory_child(args.child_peak, args, refine=args.refine)))
         return 0
+    for name in ("layers", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.quick:
         args.max_new_tokens, args.batch = 8, 2
 
@@ -169,7 +184,8 @@ def main(argv=None) -> int:
         model_dir = args.model
         if model_dir is None:
             from safegen.tiny import write_tiny_model
-            model_dir = str(write_tiny_model(Path(tmp) / "mid", seed=0, **(QUICK_SIZE if args.quick else MID_SIZE)))
+            size = QUICK_SIZE if args.quick else dict(MID_SIZE, n_layers=args.layers)
+            model_dir = str(write_tiny_model(Path(tmp) / "mid", seed=0, **size))
         n_params = sum(p.numel() for p in build_generator(model_dir, args).model.parameters())
         shares = time_shares(model_dir, args)
         memory = {"plain": peak_memory(model_dir, args, refine=False),
@@ -177,16 +193,17 @@ def main(argv=None) -> int:
         weights = weight_memory(model_dir)
 
     results = {"parameters": n_params, "max_new_tokens": args.max_new_tokens, "batch": args.batch,
+               "repeats": args.repeats,
                "time": shares, "peak_memory": memory, "weights": weights,
                "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"}
     print(f"model: {n_params / 1e6:.1f} M parameters, batch {args.batch}, {args.max_new_tokens} new tokens, "
-          f"{results['device']}")
+          f"{args.repeats} timed run(s), {results['device']}")
     print("\n| IterRef wall time | seconds | share |\n|---|---|---|")
     for k in ("forward_s", "classifier_s", "other_s"):
         print(f"| {k[:-2]} | {shares[k]:.2f} | {shares[k] / shares['wall_s']:.1%} |")
     print(f"| total ({shares['forward_calls']} forwards, {shares['classifier_calls']} classifier calls, "
           f"{shares['rows_per_sample']:.0f} rows/sample) | {shares['wall_s']:.2f} | 100% |")
-    print(f"\nmiddleware overhead: {shares['other_share']:.1%} of wall time (target < 5%)")
+    print(f"\nmiddleware overhead: {shares['other_share']:.1%} of wall time (target <= 3%)")
     print("\n| sampling | peak memory above the model (MiB) |\n|---|---|")
     for k, v in memory.items():
         print(f"| {k} | {v['peak_above_model_mib']:.1f} |")
