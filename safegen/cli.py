@@ -174,7 +174,7 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
     import json
     from pathlib import Path
 
-    from . import batch
+    from . import batch, rng
 
     folder = Path(args.model).expanduser()
     if folder.is_dir():
@@ -189,6 +189,7 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
         "policy_sha256": batch.file_digest(policy.source) if policy.source else None,
         "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
         "report_before": not args.no_before,
+        "draws": rng.DRAWS_VERSION,
         "sampling": json.loads(json.dumps(vars(sampling))),
         "refinement": json.loads(json.dumps(vars(refinement), default=list)),
     }

@@ -15,6 +15,11 @@ import torch
 
 _M32 = 0xFFFFFFFF
 
+# Which random draws a seed gives. Bump it whenever the same (seed, configuration) starts giving other
+# samples (2: tokens drawn by inverse CDF instead of Gumbel-max), so that a resumed batch run never
+# mixes samples of two schemes in one file (the run's fingerprint holds it).
+DRAWS_VERSION = 2
+
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """Bijective 32-bit mixer on int64 tensors holding values in [0, 2^32)."""
