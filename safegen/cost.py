@@ -18,14 +18,13 @@ tests check one against the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .refine_config import RefineConfig
 from .sampler import SamplingConfig, global_step, transfer_counts
 
-if TYPE_CHECKING:  # refine imports this module
-    from .refine import RefineConfig
 
 # (block, step, steps_per_block) -> does the kernel apply there (RefineConfig.applies, IterRef.applies)
 Applies = Callable[[int, int, int], bool]
@@ -83,13 +82,13 @@ def pool_rows(sampling: SamplingConfig, n_proposals: int, m: torch.Tensor,
     return n_proposals * (substeps + mask_left.long()).double() * rows_per_forward(sampling)
 
 
-def point_pool_rows(sampling: SamplingConfig, refine: "RefineConfig", t: int) -> float:
+def point_pool_rows(sampling: SamplingConfig, refine: RefineConfig, t: int) -> float:
     """Rows of one pool at point t with the refine config's N, rho and scope."""
     m = remask_sizes(refine.rho, torch.tensor([decoded_at(sampling, t, refine.scope)]))
     return float(pool_rows(sampling, refine.n_proposals, m, torch.tensor([not is_last(sampling, t)]))[0])
 
 
-def worst_case_rows(sampling: SamplingConfig, refine: "RefineConfig",
+def worst_case_rows(sampling: SamplingConfig, refine: RefineConfig,
                     points: Optional[Sequence[int]] = None) -> float:
     """Rows per sample when every iteration draws a new pool: plain_rows + k · Σ pool rows over
     `points` (None: the refine config's schedule)."""
@@ -138,7 +137,7 @@ def candidate_point_sets(sampling: SamplingConfig, points: str = "spread") -> li
     return sorted(sets)
 
 
-def plan(sampling: SamplingConfig, refine: "RefineConfig", budget: float,
+def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
          point_sets: Optional[Iterable[Sequence[int]]] = None, max_iterations: Optional[int] = None,
          use: float = 1.0) -> Plan:
     """The iterations k (and points) of a refinement whose worst case (every iteration draws a new
