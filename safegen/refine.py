@@ -29,11 +29,13 @@ from typing import Callable, Optional
 import torch
 
 from . import cost, remask, rng
-from .remask import Blame, BlameResult  # noqa: F401  (part of IterRef's interface)
+from .remask import Blame, BlameResult
 from .refine_config import RefineConfig
 from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
 
 Reward = Callable[[torch.Tensor], torch.Tensor]  # (n, G) token ids of the generation -> (n,) float
+
+__all__ = ["Blame", "BlameResult", "IterRef", "PROPOSAL_ORDER", "RefineConfig", "Reward"]
 
 # The order in which a proposal re-commits its holes. A proposal is a draw from the model's
 # p(x_S | x_rest) only if that order does not depend on the tokens it samples. LLaDA's
