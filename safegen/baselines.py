@@ -17,14 +17,14 @@ import torch
 
 from . import rng
 from .refine import Reward
-from .sampler import DiffusionSampler, Prediction, SampleOutput, SamplerState, row_keys
+from .sampler import DiffusionSampler, Prediction, SampleOutput, SamplerState, global_step, row_keys
 
 
 def _expand(input_ids, attention_mask, seeds, n: int):
     """Each prompt n times, with n seeds per prompt derived from the prompt's own seed."""
     B = input_ids.shape[0]
     base = row_keys(seeds, B, torch.device("cpu"))
-    sub = rng.derive(base.repeat_interleave(n), 7, torch.arange(n).repeat(B))
+    sub = rng.derive(base.repeat_interleave(n), rng.Stream.SAMPLES, torch.arange(n).repeat(B))
     ids = input_ids.repeat_interleave(n, 0)
     attn = None if attention_mask is None else attention_mask.repeat_interleave(n, 0)
     return ids, attn, sub.tolist()
@@ -73,30 +73,31 @@ class SVDDSampler(DiffusionSampler):
         self.refresh(state)
         B, G = state.gen.shape
         M, device, P = self.M, state.x.device, state.prompt_length
-        S = self.config.steps_per_block
-        rows = torch.arange(B, device=device).repeat_interleave(M)
+        S, t = self.config.steps_per_block, self.global_step(state)
+        owner = torch.arange(B, device=device).repeat_interleave(M)
         j = torch.arange(M, device=device).repeat(B)
         # Candidate 0 uses the step's own noise, so M = 1 is exactly plain sampling.
-        keys = torch.where(j == 0, self.step_keys(state)[rows], rng.derive(state.keys[rows], 9, state.block * S + state.step, j))
-        gen = state.gen[rows]
+        keys = torch.where(j == 0, self.step_keys(state)[owner],
+                           rng.derive(state.keys[owner], rng.Stream.SVDD_CANDIDATE, t, j))
+        gen = state.gen[owner]
         committable = self.committable(gen, state.block)
-        pred = self.predict(state.logits[rows], gen, committable, keys, self.config.temperature)
-        gen = self.commit(gen, pred, n_commit[rows])
+        pred = self.predict(state.logits[owner], gen, committable, keys, self.config.temperature)
+        gen = self.commit(gen, pred, n_commit[owner])
         last = state.block == self.config.n_blocks - 1 and state.step == S - 1
         if last:  # fully decoded: x̂0 is the candidate, no forward
             nxt = Prediction(gen.clone(), torch.full(gen.shape, float("-inf"), device=device), gen.clone())
         else:
-            logits = self.forward(state, torch.cat([state.x[rows, :P], gen], 1), rows)
+            logits = self.forward(state, torch.cat([state.x[owner, :P], gen], 1), owner)
             next_block = state.block + (state.step + 1 == S)
             nxt = self.predict(logits, gen, self.committable(gen, next_block),
-                               self.step_keys(state, state.keys[rows], ahead=1), self.config.temperature)
+                               self.step_keys(state, state.keys[owner], ahead=1), self.config.temperature)
         if M == 1:  # nothing to choose: plain sampling, no reward call
             r = torch.zeros((B, 1), dtype=torch.float64)
         else:
             r = torch.as_tensor(self.reward(nxt.xhat0), dtype=torch.float64).view(B, M).cpu()
             state.reward_calls += M
         if self.alpha > 0:
-            u = rng.uniform(rng.derive(state.keys, 10, state.block * S + state.step),
+            u = rng.uniform(rng.derive(state.keys, rng.Stream.SVDD_SELECT, t),
                             torch.arange(M, device=device).expand(B, M)).double().cpu()
             choice = (r / self.alpha - torch.log(-torch.log(u))).argmax(1)  # Gumbel-max over candidates
         else:
@@ -130,8 +131,7 @@ class FKSteering:
         self.resamplings = 0
 
     def applies(self, block: int, step: int, S: int) -> bool:
-        t = block * S + step
-        return step >= 1 and t % self.every == 0 and self.K > 1
+        return step >= 1 and global_step(block, step, S) % self.every == 0 and self.K > 1
 
     def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:
         B = state.x.shape[0]
@@ -140,7 +140,7 @@ class FKSteering:
         if self.r_prev is None:
             self.r_prev = torch.zeros(B, dtype=torch.float64)
         logw = (self.lam * (r - self.r_prev)).view(-1, self.K)
-        u = rng.uniform(rng.derive(state.keys.view(-1, self.K)[:, 0], 11, self.resamplings),
+        u = rng.uniform(rng.derive(state.keys.view(-1, self.K)[:, 0], rng.Stream.FK_RESAMPLE, self.resamplings),
                         torch.arange(self.K, device=state.keys.device).expand(B // self.K, self.K)).double().cpu()
         # Multinomial resampling by inverse CDF with one uniform per particle.
         w = torch.softmax(logw, 1)
@@ -152,7 +152,7 @@ class FKSteering:
         state.x = state.x[dev_idx]
         state.pred = state.pred.select(dev_idx)
         state.logits = None if state.logits is None else state.logits[dev_idx]
-        state.keys = rng.derive(state.keys[dev_idx], 12, self.resamplings, torch.arange(B, device=state.x.device))
+        state.keys = rng.derive(state.keys[dev_idx], rng.Stream.FK_REKEY, self.resamplings, torch.arange(B, device=state.x.device))
         self.r_prev = r[idx]
         self.resamplings += 1
 

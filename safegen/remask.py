@@ -18,7 +18,22 @@ Metropolis correction q(S | x') / q(S | x) needs. Rows are vectorised; the loops
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Union
+
 import torch
+
+
+class BlameResult(NamedTuple):
+    """What a blame callable returns when its attribution cost reward-model calls (occlusion, say);
+    a plain (n, G) tensor means it cost none."""
+
+    blame: torch.Tensor  # (n, G) in [0, 1]: how much each position is to blame for a low reward
+    reward_calls: Union[float, torch.Tensor]  # texts the reward model scored for it, per row: a number or (n,)
+
+
+# (n, G) token ids of the generation -> (n, G) blame in [0, 1], or a BlameResult. IterRef calls it on
+# exactly the x̂0 batches it scores: the current draft at each refined point, and every proposal.
+Blame = Callable[[torch.Tensor], Union[torch.Tensor, BlameResult]]
 
 
 def uniform(eligible: torch.Tensor, m: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -34,6 +49,24 @@ def weights(blame: torch.Tensor, eligible: torch.Tensor, floor: float) -> torch.
     """w = ε + (1 − ε) · blame on the eligible positions, 0 elsewhere (never drawn), float64."""
     w = floor + (1.0 - floor) * blame.double().clamp(0.0, 1.0)
     return torch.where(eligible, w, torch.zeros_like(w))
+
+
+def blame_weights(blame_fn: Blame, xhat0: torch.Tensor, eligible: torch.Tensor,
+                  floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The re-mask weights of `weights` for blame_fn(xhat0), checked, and the reward calls the blame
+    reports ((n,) float64, CPU)."""
+    out = blame_fn(xhat0)
+    calls = 0.0
+    if isinstance(out, BlameResult):
+        out, calls = out.blame, out.reward_calls
+    blame = torch.as_tensor(out).to(device=xhat0.device, dtype=torch.float64)
+    if blame.shape != xhat0.shape:
+        raise ValueError(f"the blame returned shape {tuple(blame.shape)} for token ids of shape "
+                         f"{tuple(xhat0.shape)}: it must be one value per generated token")
+    if not bool(((blame >= -1e-6) & (blame <= 1 + 1e-6)).all()):  # float32 rounding is let through
+        raise ValueError("the blame returned values outside [0, 1] (or NaN)")
+    calls = torch.as_tensor(calls, dtype=torch.float64).cpu().expand(xhat0.shape[0]).contiguous()
+    return weights(blame, eligible, floor), calls
 
 
 def _suffix_log_esp(log_w: torch.Tensor, top: int) -> torch.Tensor:
@@ -69,16 +102,16 @@ def weighted(w: torch.Tensor, m: torch.Tensor, u: torch.Tensor) -> tuple[torch.T
     n, G = w.shape
     log_w = torch.log(w.double())
     E = _suffix_log_esp(log_w, int(m.max()) if m.numel() else 0)
-    rows = torch.arange(n, device=w.device)
+    idx = torch.arange(n, device=w.device)
     left = m.clone()
     # When the positions left are exactly as many as the members still to draw, e_r of the rest is
     # e^-inf and logaddexp returns the other term exactly: log_p is 0.0, so every one joins.
     chosen = torch.zeros((n, G), dtype=torch.bool, device=w.device)
     log_u = torch.log(u.double())
     for i in range(G):
-        log_p = log_w[:, i] + E[rows, i + 1, (left - 1).clamp(min=0)] - E[rows, i, left]
+        log_p = log_w[:, i] + E[idx, i + 1, (left - 1).clamp(min=0)] - E[idx, i, left]
         take = (left > 0) & (log_u[:, i] < log_p)
         chosen[:, i] = take
         left = left - take.long()
-    log_q = torch.where(chosen, log_w, torch.zeros_like(log_w)).sum(1) - E[rows, 0, m]
+    log_q = torch.where(chosen, log_w, torch.zeros_like(log_w)).sum(1) - E[idx, 0, m]
     return chosen, log_q

@@ -11,6 +11,8 @@ int64 in [0, 2^32); the bulk draws run it in int32, 40x faster than int64 on a C
 """
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -19,6 +21,29 @@ _M32 = 0xFFFFFFFF
 # samples (2: tokens drawn by inverse CDF instead of Gumbel-max), so that a resumed batch run never
 # mixes samples of two schemes in one file (the run's fingerprint holds it).
 DRAWS_VERSION = 2
+
+
+class Stream(IntEnum):
+    """Tags of the streams derived from a row's key. The values are part of every output: changing
+    one changes what a seed generates."""
+
+    STEP = 0  # a base step's noise: derive(row, STEP, t), shared by a row and its proposals
+    PROPOSAL = 1  # an IterRef proposal: derive(row, PROPOSAL, t, pool draw, member)
+    ACCEPT = 3  # IterRef's Metropolis uniform: derive(row, ACCEPT, t, iteration)
+    SAMPLES = 7  # Best-of-N / FK-steering: the n seeds of a prompt, derive(row, SAMPLES, j)
+    SVDD_CANDIDATE = 9  # SVDD's extra candidates: derive(row, SVDD_CANDIDATE, t, j)
+    SVDD_SELECT = 10  # SVDD's softmax selection: derive(row, SVDD_SELECT, t)
+    FK_RESAMPLE = 11  # FK-steering's resampling uniforms: derive(first particle, FK_RESAMPLE, round)
+    FK_REKEY = 12  # a resampled particle's fresh key: derive(particle, FK_REKEY, round, index)
+
+
+class Sub(IntEnum):
+    """Tags of the streams derived from a step's or a proposal's key (a second level: the same
+    values as some Stream tags, under a different parent)."""
+
+    REMASK = 0  # which tokens a proposal re-masks: derive(proposal, REMASK)
+    ORDER = 1  # the "random" commit order: derive(step keys, ORDER)
+    SUBSTEP = 2  # a proposal's re-denoising sub-step: derive(proposal, SUBSTEP, sub-step)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -169,7 +169,7 @@ class StepHook(Protocol):
 @dataclass
 class SampleOutput:
     sequences: torch.Tensor  # (B, P+G) prompt + generation, stop-cut and padded
-    rows: torch.Tensor  # (B,) denoiser forward rows spent per sample
+    rows: torch.Tensor  # (B,) denoiser rows spent per sample (safegen.cost)
     reward_calls: torch.Tensor  # (B,) texts scored by the reward per sample
     proposed: torch.Tensor  # (B,) refinement proposals examined
     accepted: torch.Tensor  # (B,) refinement proposals accepted
@@ -191,6 +191,12 @@ def _accepts_attention_mask(model) -> bool:
         return True
     return "attention_mask" in params or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def global_step(block: int, step: int, steps_per_block: int) -> int:
+    """Base steps done at (block, step) of the loop: t in 1..T at the points a hook sees after a
+    commit (step 0 of a block is the previous block's finished point)."""
+    return block * steps_per_block + step
 
 
 def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -238,13 +244,14 @@ class DiffusionSampler:
             real = torch.ones_like(prompt, dtype=torch.bool) if attn is None else attn[:, :P].bool()
             prompt[real] = self.mask_id
             both = self._call(torch.cat([x, uncond]), None if attn is None else torch.cat([attn, attn]))
+            ran = torch.cat([owner, owner])
             cond, unc = both.chunk(2)
             logits = unc + (self.config.cfg_scale + 1) * (cond - unc)
-            per_row = 2.0
         else:
             logits = self._call(x, attn)
-            per_row = 1.0
-        state.rows.index_add_(0, owner.cpu(), torch.full((len(owner),), per_row, dtype=torch.float64))
+            ran = owner
+        # Each row the model ran is charged to its owner: what safegen.cost.rows_per_forward predicts.
+        state.rows.index_add_(0, ran.cpu(), torch.ones(len(ran), dtype=torch.float64))
         return logits[:, P:]
 
     def _call(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
@@ -301,7 +308,7 @@ class DiffusionSampler:
         elif ranking == "max_prob":
             score = probs.max(-1).values
         else:
-            score = rng.uniform(rng.derive(keys, 1), order)
+            score = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)
         if cfg.confidence_eos_eot_inf and len(self._stop):
             # Below every real score, above the -inf of non-committable positions.
             score = torch.where(torch.isin(picked, self._stop.to(picked.device)),
@@ -335,8 +342,12 @@ class DiffusionSampler:
                   ahead: int = 0) -> torch.Tensor:
         """The keys of the base step the state is at (plus `ahead`); the same for a row and all its
         proposals, so an accepted proposal continues with exactly the noise its parent would use."""
-        t = state.block * self.config.steps_per_block + state.step + ahead
-        return rng.derive(state.keys if keys is None else keys, 0, t)
+        t = self.global_step(state) + ahead
+        return rng.derive(state.keys if keys is None else keys, rng.Stream.STEP, t)
+
+    def global_step(self, state: SamplerState) -> int:
+        """t, the base steps done at the state's point (1..T where a hook is called)."""
+        return global_step(state.block, state.step, self.config.steps_per_block)
 
     def next_block(self, state: SamplerState) -> int:
         """The block the next commit goes to (the post-block point looks ahead)."""

@@ -1,32 +1,18 @@
 """Smoke test of benchmarks/toy_exact.py: its quick mode runs every method at every budget, writes
 finite figures, and every method's measured rows stay within its budget."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
 
+from benchmarks import toy_cells, toy_exact, toy_report
 from safegen import toy
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_exact.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("toy_exact", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["toy_exact"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("toy_exact", None)
+from safegen.refine import IterRef
 
 
-def test_table_denoiser_matches_exact_denoiser(bench):
+def test_table_denoiser_matches_exact_denoiser():
     for V, L in [(3, 5), (4, 4)]:
         p0 = toy.random_distribution(V, L, seed=3, sharpness=2.0)
         fast, exact = toy.TableDenoiser(p0, V, L), toy.ExactDenoiser(p0, V, L)
@@ -41,37 +27,45 @@ def test_table_denoiser_matches_exact_denoiser(bench):
         assert torch.allclose(a[fin], b[fin], atol=1e-5)
 
 
-def test_budget_to_reach_interpolates_in_log_budget(bench):
+def test_budget_to_reach_interpolates_in_log_budget():
     curve = [(1, 0.8), (2, 0.4), (4, 0.2), (8, 0.1)]
-    assert bench.budget_to_reach(curve, 0.8) == 1
-    assert bench.budget_to_reach(curve, 0.4) == pytest.approx(2.0)
-    assert bench.budget_to_reach(curve, 0.3) == pytest.approx(2 ** 1.5)
-    assert bench.budget_to_reach(curve, 0.05) is None
+    assert toy_report.budget_to_reach(curve, 0.8) == 1
+    assert toy_report.budget_to_reach(curve, 0.4) == pytest.approx(2.0)
+    assert toy_report.budget_to_reach(curve, 0.3) == pytest.approx(2 ** 1.5)
+    assert toy_report.budget_to_reach(curve, 0.05) is None
 
 
-def test_fitted_iterations_fit_the_budget(bench):
-    for setup in bench.SETUPS:
-        cfg = bench.sampling_config(setup)
-        for b in bench.BUDGETS:
-            for sched in ("final", "last", "late", "evenly"):
-                rc = bench.replace(bench.DEFAULT_TARGETED, schedule=sched).config(cfg, 0.25, b)
-                assert bench.worst_case_rows(cfg, rc) <= b * cfg.steps
-                if rc.iterations > 0:
-                    assert bench.worst_case_rows(cfg, rc.updated(iterations=rc.iterations + 1)) > b * cfg.steps
+def test_fitted_iterations_fit_the_budget():
+    """The k each setup's IterRef gets at each budget is the largest whose worst case (every
+    iteration draws a pool: remask-only) fits b · T, the rows of one iteration measured by running
+    the sampler with k = 1."""
+    for setup in toy_cells.SETUPS:
+        problem = toy_cells.Problem(setup, 0.25)
+        T = problem.cfg.steps
+        for sched in ("final", "last", "late", "evenly"):
+            choice = replace(toy_cells.DEFAULT_TARGETED, schedule=sched)
+            rc = replace(choice.config(problem.cfg, 0.25, 8), iterations=1, selection="remask_only", budget=None)
+            out = problem.sampler.run(torch.empty((2, 0), dtype=torch.long), seeds=0,
+                                      hook=IterRef(rc, problem.reward, problem.blame))
+            per_iteration = float(out.rows[0]) - T
+            assert per_iteration > 0 and out.rows[1] == out.rows[0]
+            for b in toy_cells.BUDGETS:
+                k = choice.config(problem.cfg, 0.25, b).iterations
+                assert T + k * per_iteration <= b * T < T + (k + 1) * per_iteration, (setup.name, sched, b, k)
 
 
-def test_quick_run_writes_every_method_and_budget(bench, tmp_path):
+def test_quick_run_writes_every_method_and_budget(tmp_path):
     out_json, out_md = tmp_path / "toy.json", tmp_path / "toy.md"
-    bench.main(["--quick", "--samples", "100", "--no-progress", "--json", str(out_json),
+    toy_exact.main(["--quick", "--samples", "100", "--no-progress", "--json", str(out_json),
                 "--markdown", str(out_md)])
     data = json.loads(out_json.read_text())
     assert data["config"]["quick"] is True
-    assert set(data["setups"]) == {s.name for s in bench.SETUPS}
+    assert set(data["setups"]) == {s.name for s in toy_cells.SETUPS}
     numbers = ("mean_reward", "toxic_rate", "tv", "rows_mean", "rows_max", "reward_calls_mean", "seconds")
     for name, res in data["setups"].items():
         T = res["T"]
         cells = {(c["method"], c["budget"]): c for c in res["main"]}
-        expected = {("plain", 1)} | {(m, b) for m in bench.METHODS[1:] for b in bench.BUDGETS}
+        expected = {("plain", 1)} | {(m, b) for m in toy_cells.METHODS[1:] for b in toy_cells.BUDGETS}
         assert set(cells) == expected, name
         for (method, b), c in cells.items():
             for key in numbers:
@@ -82,7 +76,7 @@ def test_quick_run_writes_every_method_and_budget(bench, tmp_path):
             assert c["rows_max"] <= b * T and c["within_budget"], (name, method, b, c["rows_max"])
             assert c["rows_mean"] >= T  # nothing samples for less than plain sampling
         assert cells[("plain", 1)]["rows_max"] == T
-        for b in bench.BUDGETS:
+        for b in toy_cells.BUDGETS:
             assert cells[("best_of_n", b)]["rows_mean"] == b * T
             if b > 1:  # the refining methods really spent their extra budget
                 for m in ("iterref", "iterref_targeted"):
@@ -97,7 +91,7 @@ def test_quick_run_writes_every_method_and_budget(bench, tmp_path):
     assert data["setups"]["blocks"]["sweeps"].keys() >= {"N_k", "rho", "floor", "schedule"}
     exact = data["exactness"]["cells"]
     assert {(c["setup"], c["remask"], c["N"]) for c in exact} == {
-        (s.name, rm, n) for s in bench.EXACT_SETUPS for rm in ("uniform", "targeted") for n in (1, 3)}
+        (s.name, rm, n) for s in toy_cells.EXACT_SETUPS for rm in ("uniform", "targeted") for n in (1, 3)}
     assert all(math.isfinite(c["tv"]) and math.isfinite(c["z"]) and c["accept_rate"] > 0 for c in exact)
     assert data["all_within_budget"] is True
     md = out_md.read_text()

@@ -1,0 +1,99 @@
+"""IterRef's settings: pools, iterations, where to refine, how to re-mask and select, the budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .sampler import ConfigError, global_step, updated_config
+
+SCHEDULES = ("late", "evenly", "final", "steps")
+SCOPES = ("block", "all")
+SELECTIONS = ("mh", "greedy", "remask_only")
+REMASKS = ("uniform", "targeted")
+
+
+@dataclass
+class RefineConfig:
+    # Defaults from benchmarks/toy_exact.py (RESULTS.md): at equal rows N = 1 beat every larger pool
+    # (an accepted pool's unexamined members are rows spent for nothing), rho 0.5 had the lowest
+    # toxic rate on average, and "final" (exact reward) was best or within 0.011 of the best schedule
+    # with targeted re-masking; refining each finished block, not only the last, paid on two blocks.
+    n_proposals: int = 1  # N, proposals per pool
+    iterations: int = 4  # k, kernel applications per refined step
+    rho: float = 0.5  # share of the decoded tokens in scope that a proposal re-masks (at least 1)
+    alpha: float = 0.1  # α, the temperature of the target p · exp(r/α)
+    schedule: str = "final"  # where to refine (§4): late | evenly | final | steps
+    start: float = 0.75  # late: refine once this share of the block is decoded
+    every: int = 1  # evenly: refine after every m-th step
+    at_steps: tuple = ()  # schedule "steps": base steps (1..T) after which to refine
+    # Re-mask the current block only, or "all" generated tokens so far. The point after the last
+    # step always spans the whole answer, so that the last chain targets p* over all of it.
+    scope: str = "block"
+    # uniform (the paper's) | targeted: re-mask positions in proportion to ε + (1 − ε)·blame, which
+    # needs IterRef's `blame`. Uniform stays the default here because a blame is optional.
+    remask: str = "uniform"
+    blame_floor: float = 0.05  # ε: no decoded position is ever impossible to re-mask
+    selection: str = "mh"  # mh | greedy | remask_only (ablations, §3)
+    proposal_temperature: float = 1.0  # proposals must be stochastic even when sampling is greedy
+    # Skip / stop rows whose reward already reaches accept_reward. Knowing that costs one reward
+    # call per row at every refined point, also for the rows it then skips.
+    adaptive: bool = False
+    accept_reward: Optional[float] = None  # adaptive mode's bar, e.g. the policy's reward threshold
+    budget: Optional[float] = None  # cap on denoiser rows per sample, as a multiple of T
+
+    def validate(self) -> "RefineConfig":
+        def positive_int(name, minimum):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+                raise ConfigError(f"refine.{name} must be an integer >= {minimum}, got {v!r}")
+
+        positive_int("n_proposals", 1)
+        positive_int("iterations", 0)
+        positive_int("every", 1)
+        if not (isinstance(self.rho, (int, float)) and 0 < self.rho <= 1):
+            raise ConfigError(f"refine.rho must be in (0, 1], got {self.rho!r}")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ConfigError(f"refine.alpha must be > 0, got {self.alpha!r}")
+        if not (isinstance(self.start, (int, float)) and 0 <= self.start <= 1):
+            raise ConfigError(f"refine.start must be in [0, 1], got {self.start!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"refine.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "steps":
+            if not self.at_steps or not all(isinstance(s, int) and s >= 1 for s in self.at_steps):
+                raise ConfigError(f"refine.at_steps must be a non-empty list of steps >= 1 for "
+                                  f"schedule 'steps', got {self.at_steps!r}")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"refine.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"refine.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.remask not in REMASKS:
+            raise ConfigError(f"refine.remask must be one of {REMASKS}, got {self.remask!r}")
+        if not (isinstance(self.blame_floor, (int, float)) and 0 < self.blame_floor <= 1):
+            raise ConfigError(f"refine.blame_floor must be in (0, 1], got {self.blame_floor!r}")
+        if not (isinstance(self.proposal_temperature, (int, float)) and self.proposal_temperature >= 0):
+            raise ConfigError(f"refine.proposal_temperature must be >= 0, got {self.proposal_temperature!r}")
+        if self.adaptive and self.accept_reward is None:
+            raise ConfigError("refine.accept_reward is required when refine.adaptive is on "
+                              "(the reward at which a row counts as acceptable)")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget >= 1):
+            raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling), got {self.budget!r}")
+        return self
+
+    def updated(self, **overrides) -> "RefineConfig":
+        if "at_steps" in overrides:
+            overrides["at_steps"] = tuple(overrides["at_steps"])
+        return updated_config(self, "refine", overrides)
+
+    def applies(self, block: int, step: int, steps_per_block: int) -> bool:
+        """Is the kernel applied after `step` commits of `block`? Points are steps 1..S of a block:
+        step 0 of a block is the same draft as the previous block's finished point."""
+        if step < 1:
+            return False
+        t = global_step(block, step, steps_per_block)
+        if self.schedule == "late":
+            return step / steps_per_block >= self.start
+        if self.schedule == "evenly":
+            return t % self.every == 0
+        if self.schedule == "final":
+            return step == steps_per_block
+        return t in self.at_steps
