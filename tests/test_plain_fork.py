@@ -26,7 +26,7 @@ def test_untouched_rows_cost_nothing_and_forks_are_plain_sampling():
     m = ScriptedModel(input_weight=1.0, seed=4)
     ids = torch.randint(0, 5, (16, 3), generator=torch.Generator().manual_seed(0))
     cfg = SamplingConfig(max_new_tokens=16, steps=16, block_length=8, temperature=1.0)
-    reward = lambda t: -(t == 2).sum(1).double()
+    reward = lambda t: -(t == 4).sum(1).double()
     sampler = DiffusionSampler(m, m.mask_id, cfg)
     plain = sampler.run(ids, seeds=0)
     # Refinement from the first block on, with a bar that a few rows pass: refinement leaves them be.
