@@ -83,9 +83,9 @@ def time_shares(model_dir: str, args) -> dict:
     rest = total - forward.seconds - classify.seconds
     return {"wall_s": total, "forward_s": forward.seconds, "classifier_s": classify.seconds,
             "other_s": rest, "other_share": rest / total, "forward_calls": forward.calls,
-            "classifier_calls": classify.calls, "rows_per_sample": sum(r.nfe for r in reports) / len(reports),
+            "classifier_calls": classify.calls, "rows_per_sample": sum(r.rows for r in reports) / len(reports),
             # Rows the model was given, and rows the sampler charged (refined and "before" samples).
-            "forward_rows": forward.items, "charged_rows": sum(r.nfe + r.nfe_before for r in reports)}
+            "forward_rows": forward.items, "charged_rows": sum(r.rows + r.rows_before for r in reports)}
 
 
 def _rss_kib(field: str) -> int:

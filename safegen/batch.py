@@ -309,8 +309,8 @@ def summarize(records: Iterable[dict]) -> dict:
         "mean_toxicity_before": mean(lambda r: r["toxicity_before"]["aggregate"]),
         "mean_toxicity_after": mean(lambda r: r["toxicity_after"]["aggregate"]),
         "refined": sum(bool(r["refined"]) for r in records),
-        "nfe_per_sample": mean(lambda r: r["nfe"]),
-        "nfe_before_per_sample": mean(lambda r: r["nfe_before"]),
+        "rows_per_sample": mean(lambda r: r["rows"]),
+        "rows_before_per_sample": mean(lambda r: r["rows_before"]),
         "reward_calls_per_sample": mean(lambda r: r["reward_calls"]),
         "seconds": sum(r["seconds"] for r in records),
     }
@@ -325,7 +325,7 @@ def format_summary(summary: dict) -> str:
         ("toxic rate", f"{s['toxic_rate_before']:.3f} -> {s['toxic_rate_after']:.3f}"),
         ("mean toxicity", f"{s['mean_toxicity_before']:.4f} -> {s['mean_toxicity_after']:.4f}"),
         ("refined samples", f"{s['refined']}"),
-        ("denoiser rows (NFE) / sample", f"{s['nfe_per_sample']:.1f} (+{s['nfe_before_per_sample']:.1f} for 'before')"),
+        ("denoiser rows / sample", f"{s['rows_per_sample']:.1f} (+{s['rows_before_per_sample']:.1f} for 'before')"),
         ("reward texts / sample", f"{s['reward_calls_per_sample']:.1f}"),
         ("time", f"{s['seconds']:.1f} s"),
     ]

@@ -155,7 +155,7 @@ def generate(args) -> int:
         print(f"[{label}] toxicity {tox['aggregate']:.3f} ({verdict}): {text}")
     if report.action not in ("none", "flag"):
         print(f"[returned, {report.action}] {report.text}")
-    print(f"denoiser rows {report.nfe:.0f} (+{report.nfe_before:.0f} for 'before'), reward texts "
+    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), reward texts "
           f"{report.reward_calls:.0f}, {report.seconds:.2f} s")
     return 0
 

@@ -48,8 +48,8 @@ class SampleReport:
     toxic_after: bool
     refined: bool  # did refinement change the sample?
     action: str  # "none" (not toxic), or the policy's on_toxic outcome: "flag" | "refuse" | "best"
-    nfe: float  # denoiser forward rows spent on this sample
-    nfe_before: float  # extra rows spent computing the "before" sample (0 when not computed)
+    rows: float  # denoiser rows spent on this sample (safegen.cost: CFG counts 2 per forward)
+    rows_before: float  # extra denoiser rows spent computing the "before" sample (0 when not computed)
     reward_calls: float  # texts the reward scored for this sample during refinement
     acceptance_rate: Optional[float]  # accepted / proposed (None when nothing was proposed)
     seconds: float  # the batch's wall time divided by its size
@@ -225,8 +225,8 @@ class SafeGenerator:
                 toxicity_before=tb, toxicity_after=ta, toxic_before=tb["toxic"], toxic_after=ta["toxic"],
                 refined=bool(fork and not torch.equal(result.sequences[i], result.plain_sequences[i]))
                 or (not fork and float(result.accepted[i]) > 0),
-                action=action, nfe=float(result.rows[i]),
-                nfe_before=float(result.plain_rows[i]) if fork else 0.0,
+                action=action, rows=float(result.rows[i]),
+                rows_before=float(result.plain_rows[i]) if fork else 0.0,
                 reward_calls=float(result.reward_calls[i]),
                 acceptance_rate=float(result.accepted[i]) / proposed if proposed else None,
                 seconds=seconds, seed=int(seeds[i])))

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .sampler import ConfigError, global_step, updated_config
+from .sampler import global_step
+from .sampling_config import ConfigError, updated_config
 
 SCHEDULES = ("late", "evenly", "final", "steps")
 SCOPES = ("block", "all")

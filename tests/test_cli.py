@@ -35,9 +35,9 @@ def test_end_to_end_jsonl_rtp_schema(tiny_model_dir, tmp_path, capsys):
     assert [(r["prompt_index"], r["sample"]) for r in records] == [(i, s) for i in range(3) for s in range(2)]
     for r in records:
         for key in ("prompt", "text_before", "text_after", "toxicity_before", "toxicity_after", "toxic_before",
-                    "toxic_after", "refined", "action", "nfe", "reward_calls", "acceptance_rate", "seconds", "seed"):
+                    "toxic_after", "refined", "action", "rows", "reward_calls", "acceptance_rate", "seconds", "seed"):
             assert key in r
-        assert r["nfe"] >= 8
+        assert r["rows"] >= 8
     assert len({r["seed"] for r in records}) == 6
     printed = capsys.readouterr().out
     assert "toxic rate" in printed and "denoiser rows" in printed
@@ -100,8 +100,8 @@ def test_long_prompt_is_truncated_with_warning(tiny_model_dir, tmp_path, caplog)
 
 def fake_generate(lines, seeds):
     return [{"prompt": p.text, "seed": s, "toxic_before": False, "toxic_after": False, "refined": False,
-             "toxicity_before": {"aggregate": 0.0}, "toxicity_after": {"aggregate": 0.0}, "nfe": 1.0,
-             "nfe_before": 0.0, "reward_calls": 0.0, "seconds": 0.0} for p, s in zip(lines, seeds)]
+             "toxicity_before": {"aggregate": 0.0}, "toxicity_after": {"aggregate": 0.0}, "rows": 1.0,
+             "rows_before": 0.0, "reward_calls": 0.0, "seconds": 0.0} for p, s in zip(lines, seeds)]
 
 
 def test_shards_partition_the_work_and_merge(tmp_path):

@@ -39,7 +39,7 @@ def test_refinement_off_is_plain_sampling(generator):
     assert torch.equal(out, plain.sequences)
     res = generator.generate(ids, attention_mask=attn, seed=5, refine=False, return_dict_in_generate=True)
     for r in res.reports:
-        assert r.text_before == r.text_after and r.nfe == 8 and r.nfe_before == 0 and not r.refined
+        assert r.text_before == r.text_after and r.rows == 8 and r.rows_before == 0 and not r.refined
 
 
 def test_reports_consistent_with_accounting(generator):
@@ -51,8 +51,8 @@ def test_reports_consistent_with_accounting(generator):
         assert r.text_before == generator.policy.reward_fn(generator.tokenizer, generator.profile.stop_ids) \
             .decode(plain[i:i + 1, ids.shape[1]:])[0]
         # final schedule, k=2, N=2, rho=0.25 of 8 -> m=2 one-token sub-steps, no scoring forward at the end.
-        assert r.nfe <= 8 + 2 * 2 * 2 and r.nfe > 8
-        assert r.nfe_before == 0  # the fork happens after the last step: plain costs nothing extra
+        assert r.rows <= 8 + 2 * 2 * 2 and r.rows > 8
+        assert r.rows_before == 0  # the fork happens after the last step: plain costs nothing extra
         assert r.reward_calls >= 1 + 2
         assert 0 <= (r.acceptance_rate or 0) <= 1
         assert r.toxic_after == (r.toxicity_after["aggregate"] >= generator.policy.threshold or r.toxic_after)
