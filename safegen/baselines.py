@@ -1,4 +1,4 @@
-"""Test-time alignment baselines on the same sampler and accounting (algorithm.md §6).
+"""Test-time alignment baselines on the same sampler and accounting (docs/method.md §7).
 
 At budget b (a multiple of plain sampling's T denoiser rows per sample):
   Best-of-N   N = b independent samples, keep the highest final reward;

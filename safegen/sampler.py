@@ -59,7 +59,7 @@ class SamplerState:
     step: int = 0  # step within the block; == steps_per_block at the "block finished" point
     pred: Optional[Prediction] = None  # prediction at x for the next commit; None when stale
     logits: Optional[torch.Tensor] = None  # logits of x (generation region); None once x changed
-    # Accounting per row (algorithm.md §5): denoiser forward rows, reward texts, proposals.
+    # Accounting per row (docs/cost.md): denoiser rows, reward texts, proposals.
     rows: torch.Tensor = None
     reward_calls: torch.Tensor = None
     proposed: torch.Tensor = None
