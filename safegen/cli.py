@@ -24,6 +24,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def _step_list(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated step numbers such as 16,32, not {text!r}") from None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -81,7 +88,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="where to refine (default final: once each block is decoded)")
     r.add_argument("--start", type=float, default=None, help="late: refine once this share of a block is decoded")
     r.add_argument("--every", type=int, default=None, help="evenly: refine after every m-th step")
-    r.add_argument("--at-steps", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+    r.add_argument("--at-steps", type=_step_list, default=None,
                    help="schedule steps: comma-separated base steps, e.g. 16,32")
     r.add_argument("--scope", choices=("block", "all"), default=None)
     r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None)

@@ -51,6 +51,7 @@ def test_import_loads_neither_torch_nor_transformers():
     (["--seed", "-5"], "argument --seed: must be an integer from 0"),
     (["--seed", "99999999999999999999999"], "argument --seed: must be an integer from 0"),
     (["--samples", "0"], "argument --samples: must be a positive integer"),
+    (["--at-steps", "3,x"], "argument --at-steps: must be comma-separated step numbers"),
 ])
 def test_bad_numbers_are_argument_errors(prompts, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
