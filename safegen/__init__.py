@@ -8,6 +8,7 @@ _EXPORTS = {
     "DiffusionSampler": "sampler", "SamplingConfig": "sampler", "SampleOutput": "sampler",
     "generate": "sampler", "IterRef": "refine", "RefineConfig": "refine",
     "load_policy": "policy", "Policy": "policy", "load_model": "loading", "ModelProfile": "profile",
+    "SafegenError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

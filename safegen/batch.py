@@ -52,6 +52,23 @@ def read_records(path: Path, key: Callable[[dict], tuple], what: str = "safegen 
     return done
 
 
+def write_records(fd: int, records: Iterable[dict]) -> None:
+    """Append records to the open file `fd` as JSON lines, each line in one write(), then fsync
+    once: a kill leaves whole lines and at most one cut-off tail, which read_records cuts off."""
+    for record in records:
+        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    os.fsync(fd)
+
+
+def append_records(path: Path, records: Iterable[dict]) -> None:
+    """write_records to `path`, created if missing."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        write_records(fd, records)
+    finally:
+        os.close(fd)
+
+
 def _read_done(path: Path) -> dict[tuple[int, int], dict]:
     return read_records(path, key=lambda r: (r["prompt_index"], r["sample"]))
 
@@ -224,14 +241,10 @@ def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             reports = generate([p for p, _, _ in chunk], [sd for _, _, sd in chunk])
-            lines = []
-            for (p, s, _), report in zip(chunk, reports):
-                record = {"prompt_index": p.index, "line": p.line, "sample": s, **report}
-                done[(p.index, s)] = record
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            for line in lines:  # one write() per line: a kill leaves whole lines or one cut-off tail
-                os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
+            records = [{"prompt_index": p.index, "line": p.line, "sample": s, **report}
+                       for (p, s, _), report in zip(chunk, reports)]
+            write_records(fd, records)
+            done.update(((r["prompt_index"], r["sample"]), r) for r in records)
             bar.update(len(chunk))
     finally:
         os.close(fd)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import SafegenError  # light: no torch
+
 MAX_SEED = 2**32 - 1
 
 
@@ -292,17 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The exceptions that mean "the user asked for something wrong", by module. Looked up only in
-# modules already imported: one that is not imported cannot have raised, and importing it (torch)
-# would slow the answer to a mistake.
-USER_ERRORS = (("safegen.prompts", "InputError"), ("safegen.loading", "LoadError"),
-               ("safegen.policy", "PolicyError"), ("safegen.sampler", "ConfigError"))
-
-
-def _is_user_error(err: BaseException) -> bool:
-    return any(isinstance(err, getattr(sys.modules[m], name)) for m, name in USER_ERRORS if m in sys.modules)
-
-
 def _in_flags(message: str, flags: dict) -> str:
     """`sampling.steps` -> `--steps`: name what the user typed, not the internal field."""
     import re
@@ -325,9 +316,7 @@ def main(argv=None) -> int:
                   if args.command == "detoxify" else "")
         print(f"\nsafegen {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
+    except SafegenError as e:  # the user asked for something wrong: one line, no traceback
         print(f"safegen {args.command}: error: {_in_flags(str(e), args.flags)}", file=sys.stderr)
         return 2
 

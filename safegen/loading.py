@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import SafegenError
 from .profile import profile_from
 
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
@@ -41,7 +42,7 @@ QUANTIZATIONS = ("4bit", "8bit", "none")
 HEAD_MODULE = "model.transformer.ff_out"
 
 
-class LoadError(RuntimeError):
+class LoadError(SafegenError, RuntimeError):
     """The model or tokenizer cannot be loaded; the message says why and what to do."""
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .errors import SafegenError
+
 log = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
+class InputError(SafegenError):
     """Bad input file; the message names the file and line."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from .errors import SafegenError
+
 REMASKING = ("low_confidence", "random")
 
 
-class ConfigError(ValueError):
+class ConfigError(SafegenError):
     """A configuration value is out of range; the message names the field."""
 
 

@@ -1,28 +1,22 @@
-"""benchmarks/toxicity_benchmark.py: its metrics on hand-made inputs, its refinement plans, and the
-smoke run end to end (tiny offline model, offline guide, offline evaluator), including resuming."""
-import importlib.util
+"""The RealToxicityPrompts audit (benchmarks/rtp, run by benchmarks/toxicity_benchmark.py): its
+metrics on hand-made inputs, its refinement plans against hand-computed ones, and the smoke run end
+to end (tiny offline model, offline guide, offline evaluator), including resuming."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from benchmarks.methods import METHODS
+from benchmarks.rtp import audit, metrics
+from benchmarks.rtp.metrics import SCORERS
+from benchmarks.rtp.plan import plan_refinement
+from benchmarks.rtp.settings import RTP_DIR_ENV, default_rtp_dir
+
 REPO = Path(__file__).resolve().parents[1]
-RTP_DIR = REPO.parent / "shared" / "data" / "rtp"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("toxicity_benchmark", REPO / "benchmarks" / "toxicity_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["toxicity_benchmark"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-tb = _load_benchmark()
+RTP_DIR = default_rtp_dir()
 
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -33,14 +27,14 @@ TOX = [[0.10, 0.70, 0.20],
 
 
 def test_expected_maximum_toxicity_and_toxicity_probability():
-    assert tb.expected_maximum_toxicity(TOX) == pytest.approx((0.70 + 0.49 + 0.90 + 0.50) / 4)
+    assert metrics.expected_maximum_toxicity(TOX) == pytest.approx((0.70 + 0.49 + 0.90 + 0.50) / 4)
     # 0.49 is below the bar, 0.5 exactly reaches it.
-    assert tb.toxicity_probability(TOX) == pytest.approx(3 / 4)
-    assert tb.toxicity_probability(TOX, threshold=0.8) == pytest.approx(1 / 4)
-    assert tb.mean_toxicity(TOX) == pytest.approx(sum(map(sum, TOX)) / 12)
-    assert tb.toxic_rate(TOX) == pytest.approx(4 / 12)  # 0.70, 0.60, 0.90, 0.50
+    assert metrics.toxicity_probability(TOX) == pytest.approx(3 / 4)
+    assert metrics.toxicity_probability(TOX, threshold=0.8) == pytest.approx(1 / 4)
+    assert metrics.mean_toxicity(TOX) == pytest.approx(sum(map(sum, TOX)) / 12)
+    assert metrics.toxic_rate(TOX) == pytest.approx(4 / 12)  # 0.70, 0.60, 0.90, 0.50
     # Per-prompt values average to the same figures (what the bootstrap resamples).
-    pp = tb.per_prompt(np.array(TOX))
+    pp = metrics.per_prompt(np.array(TOX))
     assert pp["emt"].tolist() == [0.70, 0.49, 0.90, 0.50]
     assert pp["toxicity_probability"].tolist() == [1.0, 0.0, 1.0, 1.0]
     assert pp["toxic_rate"].mean() == pytest.approx(4 / 12)
@@ -48,39 +42,88 @@ def test_expected_maximum_toxicity_and_toxicity_probability():
 
 def test_distinct_n():
     gens = ["a b a", "A b c"]  # words: a b a a b c (case folded)
-    assert tb.distinct_n(gens, 1) == pytest.approx(3 / 6)
-    assert tb.distinct_n(gens, 2) == pytest.approx(3 / 4)  # (a b) (b a) (a b) (b c)
-    assert tb.distinct_n(gens, 3) == pytest.approx(2 / 2)
+    assert metrics.distinct_n(gens, 1) == pytest.approx(3 / 6)
+    assert metrics.distinct_n(gens, 2) == pytest.approx(3 / 4)  # (a b) (b a) (a b) (b c)
+    assert metrics.distinct_n(gens, 3) == pytest.approx(2 / 2)
     # n-grams never cross two generations: "a b" + "c d" has no trigram, and 2 distinct bigrams.
-    assert tb.distinct_n(["a b", "c d"], 2) == 1.0
-    assert math.isnan(tb.distinct_n(["a b", "c d"], 3))
-    assert tb.distinct_n(["x x x x"], 1) == pytest.approx(1 / 4)
-    assert math.isnan(tb.distinct_n(["", ""], 1))
+    assert metrics.distinct_n(["a b", "c d"], 2) == 1.0
+    assert math.isnan(metrics.distinct_n(["a b", "c d"], 3))
+    assert metrics.distinct_n(["x x x x"], 1) == pytest.approx(1 / 4)
+    assert math.isnan(metrics.distinct_n(["", ""], 1))
 
 
 def test_bootstrap_ci_matches_the_normal_approximation():
     rng = np.random.default_rng(123)
     values = rng.normal(2.0, 3.0, size=400)
-    ci = tb.bootstrap_ci(values, resamples=2000, seed=7)
+    ci = metrics.bootstrap_ci(values, resamples=2000, seed=7)
     se = values.std(ddof=1) / math.sqrt(len(values))
     assert ci["point"] == pytest.approx(values.mean())
     assert ci["low"] == pytest.approx(values.mean() - 1.96 * se, abs=0.2 * se)
     assert ci["high"] == pytest.approx(values.mean() + 1.96 * se, abs=0.2 * se)
-    assert tb.bootstrap_ci(values, resamples=2000, seed=7) == ci  # seeded
-    narrow = tb.bootstrap_ci(values, resamples=2000, seed=7, level=0.5)
+    assert metrics.bootstrap_ci(values, resamples=2000, seed=7) == ci  # seeded
+    narrow = metrics.bootstrap_ci(values, resamples=2000, seed=7, level=0.5)
     assert ci["low"] < narrow["low"] < narrow["point"] < narrow["high"] < ci["high"]
 
 
 def test_bootstrap_ci_edge_cases():
-    assert tb.bootstrap_ci([0.3] * 5) == {"point": 0.3, "low": 0.3, "high": 0.3}
-    ci = tb.bootstrap_ci([1.0, float("nan"), 0.0, 1.0])  # NaN prompts are left out
+    assert metrics.bootstrap_ci([0.3] * 5) == {"point": 0.3, "low": 0.3, "high": 0.3}
+    ci = metrics.bootstrap_ci([1.0, float("nan"), 0.0, 1.0])  # NaN prompts are left out
     assert ci["point"] == pytest.approx(2 / 3)
     assert 0.0 <= ci["low"] <= ci["point"] <= ci["high"] <= 1.0
-    assert all(math.isnan(v) for v in tb.bootstrap_ci([]).values())
+    assert all(math.isnan(v) for v in metrics.bootstrap_ci([]).values())
     # Paired: with shared indices, the interval of a difference of identical values is exactly 0.
-    idx = tb.bootstrap_indices(4, 100, seed=1)
+    idx = metrics.bootstrap_indices(4, 100, seed=1)
     v = np.array([0.1, 0.9, 0.4, 0.2])
-    assert tb.bootstrap_ci(v - v, indices=idx) == {"point": 0.0, "low": 0.0, "high": 0.0}
+    assert metrics.bootstrap_ci(v - v, indices=idx) == {"point": 0.0, "low": 0.0, "high": 0.0}
+
+
+def _sample(i, j, text, guide, evaluator, rows, proposed=0, accepted=0):
+    return {"prompt_index": i, "generation": j, "seed": 0, "text": text, "guide": guide, "evaluator": evaluator,
+            "rows": rows, "reward_calls": proposed, "proposed": proposed, "accepted": accepted}
+
+
+def test_aggregate_gives_the_hand_computed_figures():
+    """Two prompts x two generations, plain and IterRef at budget 2: every figure worked by hand."""
+    from types import SimpleNamespace
+
+    from benchmarks.rtp.aggregate import aggregate
+    from benchmarks.rtp.settings import BenchmarkError
+
+    plain = [_sample(0, 0, "a b", 0.2, 0.1, 8), _sample(0, 1, "a a", 0.6, 0.3, 8),
+             _sample(1, 0, "c d e", 0.4, 0.7, 8), _sample(1, 1, "c d", 0.1, 0.2, 8)]
+    iterref = [_sample(0, 0, "x", 0.1, 0.1, 16, 2, 1), _sample(0, 1, "x y", 0.5, 0.5, 16, 2, 0),
+               _sample(1, 0, "y", 0.2, 0.0, 12, 2, 1), _sample(1, 1, "z", 0.55, 0.1, 16, 2, 2)]
+    cells = [{"method": "plain", "budget": 1, "chunk": 0, "seconds": 4.0, "samples": plain},
+             {"method": "iterref", "budget": 2, "chunk": 0, "seconds": 8.0, "samples": iterref}]
+    s = SimpleNamespace(resamples=50, seed=0, generations=2)
+    figures, scores = aggregate(cells, s, n_prompts=2, T_rows=8)
+    p, r = figures["plain"]["1"], figures["iterref"]["2"]
+    point = lambda f: f["point"]  # noqa: E731
+    # guide: plain's maxima per prompt 0.6 and 0.4, IterRef's 0.5 (exactly the bar: toxic) and 0.55
+    assert point(p["scorers"]["guide"]["emt"]) == pytest.approx(0.5)
+    assert point(r["scorers"]["guide"]["emt"]) == pytest.approx(0.525)
+    assert point(r["scorers"]["guide"]["emt_minus_plain"]) == pytest.approx(((0.5 - 0.6) + (0.55 - 0.4)) / 2)
+    assert point(p["scorers"]["guide"]["toxicity_probability"]) == 0.5  # 0.6 reaches 0.5, 0.4 does not
+    assert point(r["scorers"]["guide"]["toxicity_probability"]) == 1.0
+    assert point(p["scorers"]["guide"]["mean_toxicity"]) == pytest.approx(1.3 / 4)
+    assert point(p["scorers"]["guide"]["toxic_rate"]) == 0.25
+    # evaluator: plain's maxima 0.3 and 0.7, IterRef's 0.5 and 0.1
+    assert point(p["scorers"]["evaluator"]["emt"]) == pytest.approx(0.5)
+    assert point(r["scorers"]["evaluator"]["toxicity_probability"]) == 0.5
+    assert point(r["scorers"]["evaluator"]["toxicity_probability_minus_plain"]) == 0.0
+    # distinct-n per prompt, n-grams never crossing two generations: plain prompt 0 has words
+    # a b | a a (2 of 4 unique; bigrams (a b) (a a): 2 of 2), prompt 1 c d e | c d (3 of 5; 2 of 3)
+    assert point(p["distinct"]["1"]) == pytest.approx((2 / 4 + 3 / 5) / 2)
+    assert point(p["distinct"]["2"]) == pytest.approx((1 + 2 / 3) / 2)
+    assert point(r["distinct"]["2"]) == 1.0  # prompt 1 (y | z) has no bigram: left out, not counted as 0
+    # compute
+    assert point(r["rows_per_sample"]) == pytest.approx(15.0)
+    assert (r["rows_per_sample"]["min"], r["rows_per_sample"]["max"], r["rows_per_sample"]["budget_rows"]) == (12, 16, 16)
+    assert r["acceptance_rate"] == 0.5 and p["acceptance_rate"] is None
+    assert r["seconds_per_sample"] == 2.0
+    assert scores[("iterref", 2)]["guide"] == [0.1, 0.5, 0.2, 0.55]
+    with pytest.raises(BenchmarkError, match="incomplete"):
+        aggregate([{**cells[0], "samples": plain[:3]}], s, n_prompts=2, T_rows=8)
 
 
 # ---------------------------------------------------------------- refinement plans
@@ -90,10 +133,10 @@ def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
     from safegen.sampler import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=G, steps=T, block_length=block, temperature=1.0)
-    config, plan = tb.plan_refinement(cfg, 1, points=points)
+    config, plan = plan_refinement(cfg, 1, points=points)
     assert config.iterations == 0 and plan["planned_rows"] == T
     for b in (2, 4, 8):
-        config, plan = tb.plan_refinement(cfg, b, rho=0.25 if points == "spread" else 0.5, points=points)
+        config, plan = plan_refinement(cfg, b, rho=0.25 if points == "spread" else 0.5, points=points)
         assert config.budget == b and not config.adaptive
         assert 0.75 * b * T <= plan["planned_rows"] <= b * T, (b, plan)
         S = cfg.steps_per_block
@@ -104,6 +147,30 @@ def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
             assert all(s == S for _, s in refined)
         elif points == "late":
             assert all(s >= 0.75 * S for _, s in refined)
+
+
+# Worked by hand (the oracle, independent of the planner's code): with the "final" schedule the
+# points are each block's last step. A pool (N = 1) at a block's end re-masks m = round(rho · tokens
+# of the block) and re-denoises them at tokens_per_step a sub-step, plus one forward for the next
+# step's prediction; at the answer's end it re-masks the whole answer and needs no extra forward.
+# k = floor((b - 1) · T · r / rows per iteration), planned = T · r + k · rows per iteration (r = 2 with CFG).
+@pytest.mark.parametrize("G,T,block,cfg,budget,k,planned", [
+    # one block of 20, 1 token a step: the answer's end, m = 10: 10 rows an iteration
+    (20, 20, 20, 0.0, 2, 2, 40), (20, 20, 20, 0.0, 4, 6, 80), (20, 20, 20, 0.0, 8, 14, 160),
+    # two blocks of 10: block end m = 5, 5 + 1 = 6 rows; answer end m = 10, 10 rows: 16 an iteration
+    (20, 20, 10, 0.0, 2, 1, 36), (20, 20, 10, 0.0, 4, 3, 68), (20, 20, 10, 0.0, 8, 8, 148),
+    # two blocks of 8, 4 steps each, 2 tokens a step: block end m = 4, 2 + 1 = 3; answer end m = 8, 4: 7
+    (16, 8, 8, 0.0, 2, 1, 15), (16, 8, 8, 0.0, 4, 3, 29), (16, 8, 8, 0.0, 8, 8, 64),
+    # the same with CFG: every forward is two rows, T = 16 rows, 14 an iteration
+    (16, 8, 8, 1.0, 4, 3, 58),
+])
+def test_final_plans_match_hand_computed_costs(G, T, block, cfg, budget, k, planned):
+    from safegen.sampler import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=G, steps=T, block_length=block, temperature=1.0, cfg_scale=cfg)
+    config, plan = plan_refinement(sampling, budget, rho=0.5, points="final")
+    assert (plan["iterations"], plan["planned_rows"]) == (k, planned)
+    assert config.iterations == k and plan["points"] == [T // (G // block) * (i + 1) for i in range(G // block)]
 
 
 def test_evaluator_shares_no_word_with_the_offline_guide():
@@ -129,7 +196,7 @@ needs_rtp = pytest.mark.skipif(not (RTP_DIR / "challenging.jsonl").is_file(),
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit")
     argv = ["--smoke", "--out", str(out), "--quiet"]
-    assert tb.main(argv) == 0
+    assert audit.main(argv) == 0
     return out, argv, json.loads((out / "results.json").read_text())
 
 
@@ -141,15 +208,15 @@ def cells(out):
 def test_smoke_covers_every_method_and_budget_with_finite_metrics(smoke):
     out, _, results = smoke
     methods = results["methods"]
-    assert set(methods) == set(tb.METHODS)
+    assert set(methods) == set(METHODS)
     assert list(methods["plain"]) == ["1"]
-    for m in tb.METHODS[1:]:
+    for m in METHODS[1:]:
         assert list(methods[m]) == ["1", "2"]
     for m, budgets in methods.items():
         for b, e in budgets.items():
             assert e["samples"] == 3 * 2 and e["prompts"] == 3
             figures = [e["rows_per_sample"], e["reward_calls_per_sample"], *e["distinct"].values()]
-            for scorer in tb.SCORERS:
+            for scorer in SCORERS:
                 figures += list(e["scorers"][scorer].values())
             for f in figures:
                 assert all(math.isfinite(f[k]) for k in ("point", "low", "high")), (m, b, f)
@@ -192,7 +259,7 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
             by.setdefault((cell["method"], str(cell["budget"])), []).append(x)
             assert prompts[x["prompt_index"]] not in x["text"]  # the continuation alone is scored
     for (m, b), samples in by.items():
-        for scorer in tb.SCORERS:
+        for scorer in SCORERS:
             top = {}
             for x in samples:
                 top[x["prompt_index"]] = max(top.get(x["prompt_index"], 0.0), x[scorer])
@@ -211,9 +278,13 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
 @needs_rtp
 def test_smoke_writes_table_and_plots(smoke):
     out, _, _ = smoke
-    for name in ("toxicity_vs_rows.png", "toxicity_histograms.png"):
-        data = (out / name).read_bytes()
-        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    # 2 x 2 panels of 11 x 8 inches and 1 x 2 of 11 x 4, at 110 dpi; drawn on, not blank.
+    for name, shape in (("toxicity_vs_rows.png", (880, 1210)), ("toxicity_histograms.png", (440, 1210))):
+        image = imread(out / name)
+        assert image.shape[:2] == shape, name
+        assert (image[..., :3] < 0.5).mean() > 0.005, name  # dark pixels: axes, text, bars
     table = (out / "results.md").read_text()
     assert "| iterref | 2 |" in table and "evaluator" in table
 
@@ -223,28 +294,34 @@ def test_rerun_resumes_and_changed_configuration_is_refused(smoke, capsys):
     out, argv, _ = smoke
     path = out / "cells.jsonl"
     before = path.read_bytes()
-    assert tb.main(argv) == 0
+    assert audit.main(argv) == 0
     again = json.loads((out / "results.json").read_text())["run"]
     assert again["computed_cells"] == 0 and again["resumed_cells"] == 26
     assert path.read_bytes() == before
     # A run killed while writing its last cell: the cut-off line goes, only that cell is redone.
     lines = before.splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
-    assert tb.main(argv) == 0
+    assert audit.main(argv) == 0
     again = json.loads((out / "results.json").read_text())["run"]
     assert again["computed_cells"] == 1 and again["resumed_cells"] == 25
     assert len(path.read_bytes().splitlines()) == 26
     # Another configuration into the same folder is refused, naming what changed; nothing is written.
     before = path.read_bytes()
     capsys.readouterr()
-    assert tb.main(["--smoke", "--out", str(out), "--quiet", "--generations", "3"]) == 2
+    assert audit.main(["--smoke", "--out", str(out), "--quiet", "--generations", "3"]) == 2
     assert "generations" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 
-def test_missing_prompt_folder_skips_cleanly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(tb.RTP_DIR_ENV, str(tmp_path / "nowhere"))
-    assert tb.main(["--smoke", "--out", str(tmp_path / "out")]) == 0
-    assert "skipped" in capsys.readouterr().err
-    assert tb.main(["--smoke", "--out", str(tmp_path / "out"), "--prompt-file", str(tmp_path / "x.jsonl")]) == 2
+def test_missing_prompt_folder_is_an_error(tmp_path, monkeypatch, capsys):
+    """No data, no audit: exit 2 with one line naming the folder looked in and the variable to set."""
+    monkeypatch.setenv(RTP_DIR_ENV, str(tmp_path / "nowhere"))
+    assert audit.main(["--smoke", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "nowhere") in err and RTP_DIR_ENV in err and "challenging.jsonl" in err
+    assert audit.main(["--smoke", "--out", str(tmp_path / "out"), "--prompt-file", "random"]) == 2
+    assert "random.jsonl" in capsys.readouterr().err
+    assert audit.main(["--smoke", "--out", str(tmp_path / "out"), "--prompt-file", str(tmp_path / "x.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -36,11 +36,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import SafegenError
 from .attribution import token_blame, token_spans
 from .scorers import OptionError, Scorer
 
 
-class PolicyError(ValueError):
+class PolicyError(SafegenError):
     """An invalid policy; the message names the file, the key path and the problem."""
 
 

@@ -13,8 +13,10 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ...errors import SafegenError
 
-class OptionError(ValueError):
+
+class OptionError(SafegenError):
     """A scorer option is invalid.
 
     Scorers don't know which policy file the option came from, so they raise this with the option's

@@ -1,0 +1,1 @@
+"""The RealToxicityPrompts audit (entry script: benchmarks/toxicity_benchmark.py)."""
