@@ -18,7 +18,7 @@ from . import keywords
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
-from .sampler import DiffusionSampler, SamplingConfig, updated_config
+from .sampler import ConfigError, DiffusionSampler, SamplingConfig, updated_config
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,12 @@ class SafeGenerator:
         reward = self.policy.reward_fn(self.tokenizer, profile.stop_ids)
         sampler = DiffusionSampler(self.model, profile, sampling)
         fork = refine and call.get("report_before", self.report_before)
+        if refine and not fork and self.policy.on_toxic == "best":
+            # "best" picks the less toxic of the text before refinement and the one after; without
+            # the report before there is nothing to pick from, and returning "after" would be a
+            # silent "flag".
+            raise ConfigError("on_toxic: best needs the text before refinement, which report_before=False "
+                              "(--no-before) skips: keep the report before, or choose on_toxic flag or refuse")
         t0 = time.perf_counter()
         # Targeted re-masking asks the policy which tokens it objects to.
         blame = reward.blame if refinement.remask == "targeted" else None

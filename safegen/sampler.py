@@ -109,11 +109,6 @@ class SampleOutput:
     plain_sequences: Optional[torch.Tensor] = None
     plain_rows: Optional[torch.Tensor] = None  # extra denoiser rows the plain branch cost
 
-    @property
-    def acceptance_rate(self) -> torch.Tensor:
-        return torch.where(self.proposed > 0, self.accepted / self.proposed.clamp(min=1),
-                           torch.full_like(self.proposed, float("nan")))
-
 
 def _accepts_attention_mask(model) -> bool:
     try:

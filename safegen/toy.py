@@ -115,10 +115,8 @@ class TableReward:
 
     def __init__(self, values: torch.Tensor, V: int):
         self.values, self.V = values.double(), V
-        self.calls = 0
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.calls += tokens.shape[0]
         return self.values[encode(tokens.cpu(), self.V)]
 
 

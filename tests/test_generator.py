@@ -55,7 +55,11 @@ def test_reports_consistent_with_accounting(generator):
         assert r.rows_before == 0  # the fork happens after the last step: plain costs nothing extra
         assert r.reward_calls >= 1 + 2
         assert 0 <= (r.acceptance_rate or 0) <= 1
-        assert r.toxic_after == (r.toxicity_after["aggregate"] >= generator.policy.threshold or r.toxic_after)
+        # The verdicts are the policy's on each text, scored alone (the generator scores them in one batch).
+        for text, scores, toxic in ((r.text_after, r.toxicity_after, r.toxic_after),
+                                    (r.text_before, r.toxicity_before, r.toxic_before)):
+            alone = generator.policy.score([text])
+            assert toxic == bool(alone.toxic[0]) and scores == alone.row(0)
         assert r.seed == i
 
 
@@ -91,6 +95,10 @@ def test_on_toxic_actions(tiny_generator_parts):
     r = g.generate_text("Hello there", seed=0)[0]
     assert r.action == "best"
     assert r.text == (r.text_before if r.toxicity_before["aggregate"] < r.toxicity_after["aggregate"] else r.text_after)
+    # "best" picks between the texts before and after: without the one before it is an error, not a silent "flag".
+    with pytest.raises(ConfigError, match="on_toxic: best.*report_before"):
+        g.generate_text("Hello there", seed=0, report_before=False)
+    assert g.generate_text("Hello there", seed=0, report_before=False, refine=False)[0].action == "best"
 
 
 def test_generate_text_applies_chat_template(generator):

@@ -1,21 +1,17 @@
 """benchmarks/gpu_check.py end to end on CPU with a small configuration (the GPU run uses LLaDA-8B's)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("bitsandbytes")
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import gpu_check
+
+    return gpu_check
 
 
 def test_small_run_writes_the_json(gpu_check, tmp_path):

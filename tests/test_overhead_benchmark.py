@@ -1,15 +1,10 @@
 """Smoke run of benchmarks/overhead.py at its quick size: the figures exist and are coherent."""
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+from benchmarks import overhead as bench
 
 
 def test_quick_overhead_run(tmp_path):
-    spec = importlib.util.spec_from_file_location("overhead_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out = tmp_path / "o.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
     r = json.loads(out.read_text())

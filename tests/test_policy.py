@@ -218,11 +218,9 @@ def test_reward_fn_decodes_generated_tokens_and_counts(tmp_path):
     assert r.dtype == torch.float32 and r.shape == (4,)
     np.testing.assert_allclose(r.numpy(), [-0.6, -0.1, -0.9, -0.6], rtol=1e-6)
     assert tokenizer.decoded[0] == [4] and tokenizer.decoded[2] == [5]
-    assert reward.last_texts == ["rude", "calm", "vile", "rude"]
     assert policy.classifiers[0].scorer.calls == [["rude", "calm", "vile"]]
-    assert (reward.calls, reward.texts) == (1, 4)
     reward(ids[:2])
-    assert (reward.calls, reward.texts) == (2, 6)
+    assert policy.classifiers[0].scorer.calls[1:] == [["rude", "calm"]]
     with pytest.raises(ValueError, match="shape"):
         reward(ids[0])
 

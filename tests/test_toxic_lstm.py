@@ -220,10 +220,9 @@ def test_ranks_real_text_like_perspective():
 
     if not RTP.is_dir():
         pytest.skip(f"RealToxicityPrompts samples not found at {RTP} (../shared/data/rtp)")
-    spec = importlib.util.spec_from_file_location("scorer_auc", REPO / "benchmarks" / "scorer_auc.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    texts, toxicity, _ = bench.rtp_texts(RTP)
+    from benchmarks.scorer_auc import rtp_texts
+
+    texts, toxicity, _ = rtp_texts(RTP)
     assert len(texts) > 4000
     score = load_policy("eval-neural").score(texts).aggregate
     auc = roc_auc_score(toxicity >= 0.5, score)

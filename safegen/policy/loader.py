@@ -286,10 +286,10 @@ class _Builder:
         refusal_text = self.string(d.get("refusal_text", DEFAULT_REFUSAL), ("refusal_text",))
         if on_toxic == "refuse" and not refusal_text.strip():
             raise self.fail(("refusal_text",), "on_toxic: refuse needs a non-empty refusal_text")
-        description = self.string(d.get("description", ""), ("description",))
+        self.string(d.get("description", ""), ("description",))  # for the reader of the file only
         return Policy(classifiers, aggregate=aggregate, threshold=threshold, transform=transform,
                       alpha=alpha, clip=clip, on_toxic=on_toxic, refusal_text=refusal_text,
-                      source=self.source, description=description)
+                      source=self.source)
 
     def classifier(self, name: str, entry: dict) -> Classifier:
         key: KeyPath = ("classifiers", name)

@@ -120,7 +120,7 @@ class Policy:
     def __init__(self, classifiers: Sequence[Classifier], aggregate: str = "max", threshold: float = 0.5,
                  transform: str = "neg_toxicity", alpha: float = 0.1, clip: float = 1e-4,
                  on_toxic: str = "flag", refusal_text: str = DEFAULT_REFUSAL,
-                 source: Path | None = None, description: str = ""):
+                 source: Path | None = None):
         self.classifiers = list(classifiers)
         self.aggregate = aggregate
         self.threshold = float(threshold)
@@ -130,7 +130,6 @@ class Policy:
         self.on_toxic = on_toxic
         self.refusal_text = refusal_text
         self.source = source
-        self.description = description
 
     def __repr__(self) -> str:
         names = ", ".join(f"{c.name}{' (hard)' if c.hard else ''}" for c in self.classifiers)
@@ -274,22 +273,15 @@ class PolicyReward:
     """The bridge from token ids to reward: decode the generated region, score, transform.
 
     `reward(token_ids)` takes a LongTensor (B, G) holding only the generated tokens and returns a
-    FloatTensor (B,) on the same device. Counters `calls` and `texts` record how much scoring the
-    sampler asked for, and `blame_calls` and `blame_texts` how much `blame` did; `last_texts` /
-    `last_scores` keep the latest batch so a caller can report or pick the least toxic text without
-    scoring it again.
+    FloatTensor (B,) on the same device. `blame_texts` counts the texts the classifiers scored for
+    `blame` (the sampler counts the reward calls itself).
     """
 
     def __init__(self, policy: Policy, tokenizer, stop_ids: Sequence[int] = ()):
         self.policy = policy
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(int(i) for i in stop_ids)
-        self.calls = 0
-        self.texts = 0
-        self.blame_calls = 0
         self.blame_texts = 0
-        self.last_texts: list[str] = []
-        self.last_scores: PolicyScores | None = None
 
     def decode(self, token_ids) -> list[str]:
         return [self.tokenizer.decode(self._answer(row), skip_special_tokens=True) for row in token_ids.tolist()]
@@ -318,7 +310,6 @@ class PolicyReward:
         answers = [tuple(self._answer(row)) for row in token_ids.tolist()]
         decoded = {a: token_spans(self.tokenizer, a) for a in dict.fromkeys(answers)}  # text, spans
         char_blame, cost = self.policy.blame([decoded[a][0] for a in answers])
-        self.blame_calls += 1
         self.blame_texts += int(cost.sum())
         out = np.stack([token_blame(b, decoded[a][1], G) for a, b in zip(answers, char_blame)]) if answers \
             else np.zeros((0, G))
@@ -332,8 +323,5 @@ class PolicyReward:
             raise ValueError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")
         texts = self.decode(token_ids)
         scores = self.policy.score(texts)
-        self.calls += 1
-        self.texts += len(texts)
-        self.last_texts, self.last_scores = texts, scores
         reward = self.policy.reward_from_toxicity(scores.aggregate)
         return torch.as_tensor(reward, dtype=torch.float32, device=token_ids.device)
