@@ -121,11 +121,12 @@ def _refine_options(args) -> dict:
 def _configure(args):
     """(policy, sampling, refinement) from the flags, validated: a mistake costs a second, not a
     model load."""
-    from .generator import middleware_configs
+    from .generator import check_best, middleware_configs
     from .policy import load_policy
 
     policy = load_policy(args.policy)
     sampling, refinement = middleware_configs(policy, _sampling_options(args), _refine_options(args))
+    check_best(policy, refinement.iterations > 0, not args.no_before)
     return policy, sampling, refinement
 
 

@@ -194,12 +194,7 @@ class SafeGenerator:
         reward = self.policy.reward_fn(self.tokenizer, profile.stop_ids)
         sampler = DiffusionSampler(self.model, profile, sampling)
         fork = refine and call.get("report_before", self.report_before)
-        if refine and not fork and self.policy.on_toxic == "best":
-            # "best" picks the less toxic of the text before refinement and the one after; without
-            # the report before there is nothing to pick from, and returning "after" would be a
-            # silent "flag".
-            raise ConfigError("on_toxic: best needs the text before refinement, which report_before=False "
-                              "(--no-before) skips: keep the report before, or choose on_toxic flag or refuse")
+        check_best(self.policy, refine, fork)
         t0 = time.perf_counter()
         # Targeted re-masking asks the policy which tokens it objects to.
         blame = reward.blame if refinement.remask == "targeted" else None
@@ -306,6 +301,14 @@ class SafeGenerator:
         device = DiffusionSampler(self.model, self.profile, sampling).device
         out = self._generate(input_ids.to(device), attention.to(device), sampling, refinement, call, shown)
         return out.reports
+
+
+def check_best(policy: Policy, refine: bool, report_before: bool) -> None:
+    """on_toxic "best" picks the less toxic of the text before refinement and the one after: without
+    the report before there is nothing to pick from, and returning "after" would be a silent "flag"."""
+    if refine and not report_before and policy.on_toxic == "best":
+        raise ConfigError("on_toxic: best needs the text before refinement, which report_before=False "
+                          "(--no-before) skips: keep the report before, or choose on_toxic flag or refuse")
 
 
 def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[SamplingConfig, RefineConfig]:

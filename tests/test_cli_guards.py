@@ -71,6 +71,14 @@ def test_configuration_errors_name_the_flag_before_loading(prompts, tmp_path, ca
     assert message in err and "sampling." not in err and "refine." not in err
 
 
+def test_best_without_the_report_before_is_refused_before_loading(prompts, tmp_path, capsys, no_model_load):
+    """on_toxic best picks between the texts before and after refinement: --no-before leaves no choice."""
+    policy = tmp_path / "best.yaml"
+    policy.write_text("extends: offline\non_toxic: best\n")
+    assert detox(prompts, "-o", tmp_path / "o.jsonl", "--policy", policy, "--no-before") == 2
+    assert "on_toxic: best needs the text before refinement" in capsys.readouterr().err
+
+
 def test_unwritable_output_is_refused_before_loading(prompts, tmp_path, capsys, no_model_load):
     (tmp_path / "a-file").write_text("x")
     assert detox(prompts, "-o", tmp_path / "a-file" / "o.jsonl") == 2
