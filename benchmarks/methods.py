@@ -2,7 +2,7 @@
 
 METHODS = ("plain", "best_of_n", "svdd", "fk_steering", "remask_only", "iterref", "iterref_targeted")
 # Baselines whose budget b is a count (b samples, candidates, particles): whole budgets only.
-BASELINES = ("best_of_n", "svdd", "fk_steering")
+BASELINES = ("best_of_n", "fk_steering", "svdd")
 # The IterRef kernel's methods: (selection, re-masking). They share one refinement plan per budget.
 KERNELS = {"iterref": ("mh", "uniform"), "iterref_targeted": ("mh", "targeted"),
            "remask_only": ("remask_only", "uniform")}

@@ -14,9 +14,9 @@ from safegen.refine import IterRef, RefineConfig
 from safegen.sampler import DiffusionSampler, SampleOutput, SamplingConfig
 from safegen.toy import TableDenoiser
 
+from benchmarks.methods import KERNELS
+
 BUDGETS = (1, 2, 4, 8)
-METHODS = ("plain", "best_of_n", "svdd", "fk_steering", "remask_only", "iterref", "iterref_targeted")
-BASELINES = ("best_of_n", "fk_steering", "svdd")
 DEFAULT_ALPHA = 0.25
 FK_EVERY = 2
 SVDD_ALPHA = 0.0
@@ -173,7 +173,7 @@ def run_method(problem: Problem, method: str, budget: int, samples: int, seed: i
         params = {"K": budget, "every": FK_EVERY, "lam": 1 / alpha}
         run = lambda: fk_steering(sampler, ids, reward, n_particles=budget, every=FK_EVERY,  # noqa: E731
                                   lam=1 / alpha, seeds=seed)
-    elif method in ("iterref", "iterref_targeted", "remask_only"):
+    elif method in KERNELS:
         if method == "remask_only":
             choice = replace(choice, selection="remask_only")
         rc = choice.config(problem.cfg, alpha, budget)

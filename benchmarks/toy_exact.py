@@ -62,9 +62,10 @@ if __package__ in (None, ""):  # run as a script: the repository root makes `ben
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.toy_cells import (BUDGETS, DEFAULT_ALPHA, DEFAULT_ITERREF, DEFAULT_TARGETED,  # noqa: E402
-                                  EXACT_ALPHA, EXACT_SETUPS, FK_EVERY, METHODS, ORDERS, SETUPS, SVDD_ALPHA,
+                                  EXACT_ALPHA, EXACT_SETUPS, FK_EVERY, ORDERS, SETUPS, SVDD_ALPHA,
                                   SWEEP_BUDGET, Problem, Task, exactness_cell, make_p0, run_method,
                                   sampling_config, simulated_floor)
+from benchmarks.methods import METHODS  # noqa: E402
 from benchmarks.toy_report import efficiency, markdown, settings_text, targets  # noqa: E402
 from safegen import refine, toy  # noqa: E402
 from safegen.toy import TableDenoiser  # noqa: E402

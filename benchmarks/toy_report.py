@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from benchmarks.toy_cells import BASELINES, EXACT_ALPHA, EXACT_K, METHODS
+from benchmarks.methods import BASELINES, METHODS
+from benchmarks.toy_cells import EXACT_ALPHA, EXACT_K
 
 # ----------------------------------------------------------------------------- efficiency
 def budget_to_reach(curve: list[tuple[float, float]], target: float):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks import toy_cells, toy_exact, toy_report
+from benchmarks.methods import METHODS
 from safegen import toy
 from safegen.refine import IterRef
 
@@ -65,7 +66,7 @@ def test_quick_run_writes_every_method_and_budget(tmp_path):
     for name, res in data["setups"].items():
         T = res["T"]
         cells = {(c["method"], c["budget"]): c for c in res["main"]}
-        expected = {("plain", 1)} | {(m, b) for m in toy_cells.METHODS[1:] for b in toy_cells.BUDGETS}
+        expected = {("plain", 1)} | {(m, b) for m in METHODS[1:] for b in toy_cells.BUDGETS}
         assert set(cells) == expected, name
         for (method, b), c in cells.items():
             for key in numbers:

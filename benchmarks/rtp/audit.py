@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from safegen import batch
+from safegen import batch, cost
 from safegen.errors import SafegenError
 
 from ..methods import KERNELS
@@ -119,7 +119,7 @@ def run(s: Settings) -> dict:
                   max_prompt_tokens=None if limit is None else max(1, limit - sampling.max_new_tokens - 32))
     finished, computed, todo = compute_cells(ctx, prompts, done, guide, evaluator, s.out / "cells.jsonl")
 
-    T_rows = sampling.steps * (2.0 if sampling.cfg_scale > 0 else 1.0)
+    T_rows = cost.plain_rows(sampling)
     methods, scores = aggregate(finished, s, len(prompts), T_rows)
     results = {
         "config": fingerprint, "prompts": len(prompts), "T_rows": T_rows, "methods": methods,
