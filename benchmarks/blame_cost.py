@@ -14,14 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+
 import torch
 
+if not __package__:  # run as a script: the repository root holds the `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.rtp.settings import default_rtp_dir  # noqa: E402
 
 
 def rtp_texts() -> list[str]:
-    from toxicity_benchmark import default_rtp_dir
-
     path = default_rtp_dir() / "challenging.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     return [r["prompt"]["text"] + (r.get("continuation") or {}).get("text", "") for r in rows]

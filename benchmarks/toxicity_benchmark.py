@@ -46,7 +46,6 @@ if not __package__:  # run as a script: the repository root holds the `benchmark
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.rtp.audit import main  # noqa: E402
-from benchmarks.rtp.settings import default_rtp_dir  # noqa: E402,F401  (blame_cost.py imports it from here)
 
 if __name__ == "__main__":
     sys.exit(main())
