@@ -280,11 +280,12 @@ def test_smoke_writes_table_and_plots(smoke):
     out, _, _ = smoke
     from matplotlib.image import imread
 
-    # 2 x 2 panels of 11 x 8 inches and 1 x 2 of 11 x 4, at 110 dpi; drawn on, not blank.
+    # 2 x 2 panels of 11 x 8 inches and 1 x 2 of 11 x 4, at 110 dpi, with data on them: axes and
+    # text are grey, only the methods' markers, lines and bars have colour (3% and 9% measured).
     for name, shape in (("toxicity_vs_rows.png", (880, 1210)), ("toxicity_histograms.png", (440, 1210))):
-        image = imread(out / name)
-        assert image.shape[:2] == shape, name
-        assert (image[..., :3] < 0.5).mean() > 0.005, name  # dark pixels: axes, text, bars
+        rgb = imread(out / name)[..., :3]
+        assert rgb.shape[:2] == shape, name
+        assert ((rgb.max(-1) - rgb.min(-1)) > 0.2).mean() > 0.01, name
     table = (out / "results.md").read_text()
     assert "| iterref | 2 |" in table and "evaluator" in table
 
