@@ -15,7 +15,7 @@ from safegen.errors import SafegenError
 
 from ..methods import KERNELS
 from .aggregate import aggregate
-from .cells import Context, compute_cells, read_cells, write_atomic
+from .cells import Context, compute_cells, read_cells
 from .plan import plan_refinement
 from .report import markdown, plot
 from .settings import RTP_DIR_ENV, BenchmarkError, Settings, build_parser, settings_from
@@ -64,6 +64,13 @@ def plans_for(s: Settings, sampling, alpha: float) -> dict:
                                                s.refine_points)
                 plans[(method, b)] = config.updated(remask=remask, blame_floor=s.blame_floor), plan
     return plans
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """A reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _digest(path):

@@ -3,7 +3,6 @@ cells.jsonl, which a rerun reads back to resume."""
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,12 +20,6 @@ def read_cells(path: Path) -> dict[tuple, dict]:
     reads its output: an unterminated last line (a killed run) is cut off, a broken line elsewhere
     is an error."""
     return batch.read_records(path, key=lambda c: (c["method"], c["budget"], c["chunk"]), what="benchmark cell")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass
