@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass, replace
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 
@@ -28,86 +27,7 @@ from . import rng
 from .profile import ModelProfile
 
 from .sampling_config import REMASKING, ConfigError, SamplingConfig, updated_config  # noqa: F401 (re-exported)
-
-
-@dataclass
-class Prediction:
-    """What one forward says about a state, in the generation region (n, G).
-
-    candidates: the token each committable position would take (sampled); elsewhere x̂0.
-    confidence: the commit score of committable positions, -inf elsewhere.
-    xhat0: the predicted clean sequence (masks filled by argmax), which IterRef's reward reads.
-    """
-
-    candidates: torch.Tensor
-    confidence: torch.Tensor
-    xhat0: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> "Prediction":
-        return Prediction(self.candidates[index], self.confidence[index], self.xhat0[index])
-
-
-@dataclass
-class SamplerState:
-    """A batch in flight. Row i's generation region is x[i, prompt_length:]."""
-
-    x: torch.Tensor  # (B, P+G) token ids, prompt left padded
-    attention_mask: Optional[torch.Tensor]  # (B, P+G) or None when nothing is padded
-    prompt_length: int
-    keys: torch.Tensor  # (B,) per-row random keys (rng.seed_keys of the row seeds)
-    block: int = 0
-    step: int = 0  # step within the block; == steps_per_block at the "block finished" point
-    pred: Optional[Prediction] = None  # prediction at x for the next commit; None when stale
-    logits: Optional[torch.Tensor] = None  # logits of x (generation region); None once x changed
-    # Accounting per row (docs/cost.md): denoiser rows, reward texts, proposals.
-    rows: torch.Tensor = None
-    reward_calls: torch.Tensor = None
-    proposed: torch.Tensor = None
-    accepted: torch.Tensor = None
-
-    def __post_init__(self):
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
-            if getattr(self, name) is None:
-                setattr(self, name, torch.zeros(self.x.shape[0], dtype=torch.float64))
-
-    @property
-    def gen(self) -> torch.Tensor:
-        return self.x[:, self.prompt_length:]
-
-    def copy(self) -> "SamplerState":
-        s = replace(self, x=self.x.clone())
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
-            setattr(s, name, torch.zeros_like(getattr(self, name)))
-        return s
-
-
-class StepHook(Protocol):
-    """An extension of the sampler at chosen (block, step) points.
-
-    `applies(block, step, steps_per_block)` is asked before each commit (step < steps_per_block) and
-    once when a block is finished (step == steps_per_block). When it answers True the sampler calls
-    `hook(sampler, state)` with `state.pred` fresh for `state.x` (and `state.logits`, unless x has no
-    mask left and needed no forward). The hook may
-    replace `state.x` and `state.pred` (keeping every row's number of decoded tokens) and must add
-    what it spends to the state's accounting tensors.
-    """
-
-    def applies(self, block: int, step: int, steps_per_block: int) -> bool: ...
-
-    def __call__(self, sampler: "DiffusionSampler", state: SamplerState) -> None: ...
-
-
-@dataclass
-class SampleOutput:
-    sequences: torch.Tensor  # (B, P+G) prompt + generation, stop-cut and padded
-    rows: torch.Tensor  # (B,) denoiser rows spent per sample (safegen.cost)
-    reward_calls: torch.Tensor  # (B,) texts scored by the reward per sample
-    proposed: torch.Tensor  # (B,) refinement proposals examined
-    accepted: torch.Tensor  # (B,) refinement proposals accepted
-    seconds: float  # wall time of the whole batch
-    # Plain sampling of the same prompts and seeds, forked where refinement first applied.
-    plain_sequences: Optional[torch.Tensor] = None
-    plain_rows: Optional[torch.Tensor] = None  # extra denoiser rows the plain branch cost
+from .state import Prediction, SampleOutput, SamplerState, StepHook  # noqa: F401 (re-exported)
 
 
 def _accepts_attention_mask(model) -> bool:
