@@ -138,11 +138,12 @@ def _revision(args):
 
 def _build_generator(args, policy, sampling, refinement, device_map=None):
     from .generator import SafeGenerator
-    from .loading import load_model
+    from .loading import load_model, require_tokenizer
 
     model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=_revision(args),
                                            device_map=device_map or args.device_map,
                                            trust_remote_code=args.trust_remote_code)
+    require_tokenizer(tokenizer, args.model)
     return SafeGenerator(model, tokenizer, policy=policy, profile=profile, sampling=sampling,
                          refinement=refinement, report_before=not args.no_before)
 

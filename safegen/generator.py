@@ -92,13 +92,14 @@ class SafeGenerator:
                         policy: Union[str, Policy] = "default", revision: Optional[str] = None,
                         trust_remote_code: bool = False, device_map: Any = "auto", dtype=None,
                         sampling=None, refinement=None, report_before: bool = True) -> "SafeGenerator":
-        from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model
+        from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model, require_tokenizer
         model_id_or_path = model_id_or_path or DEFAULT_MODEL
         if revision is None and model_id_or_path == DEFAULT_MODEL:
             revision = DEFAULT_REVISION
         model, tokenizer, profile = load_model(model_id_or_path, quantization=quantization, revision=revision,
                                                device_map=device_map, dtype=dtype,
                                                trust_remote_code=trust_remote_code)
+        require_tokenizer(tokenizer, model_id_or_path)
         return cls(model, tokenizer, policy=policy, sampling=sampling, refinement=refinement,
                    profile=profile, report_before=report_before)
 

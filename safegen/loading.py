@@ -22,7 +22,7 @@ from .profile import profile_from
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
     import torch
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", "LoadError", "load_model",
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", "TOKENIZER_FILES", "LoadError", "load_model", "require_tokenizer",
            "profile_from"]
 
 DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
@@ -40,6 +40,11 @@ QUANTIZATIONS = ("4bit", "8bit", "none")
 # block's MLP down-projection is called `model.transformer.blocks.{i}.ff_out`, so "ff_out" would leave
 # all of them unquantized too.
 HEAD_MODULE = "model.transformer.ff_out"
+
+
+# Any of these in a model folder means it ships a tokenizer (fast, sentencepiece or vocabulary based).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
 
 
 class LoadError(SafegenError, RuntimeError):
@@ -100,7 +105,12 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
         raise LoadError(f"the model in {model_id_or_path} cannot be built from its config.json and weights "
                         f"({type(err).__name__}: {_first_line(err)})") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
+        # A folder with weights and no tokenizer at all (one written by a modeling script, say) still
+        # gives a usable model: the sampler works on token ids. Callers that need text ask for it
+        # with require_tokenizer. A folder with some tokenizer files is loaded, and its damage reported.
+        tokenizer = None
+        if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
     except OSError as err:
         raise _not_found(model_id_or_path, revision, err) from None
     except damaged as err:
@@ -114,6 +124,14 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
         raise LoadError(f"{model_id_or_path}: the special token ids must be integers, got {', '.join(wrong)} "
                         "(from config.json or the tokenizer)")
     return model, tokenizer, profile
+
+
+def require_tokenizer(tokenizer, model_id_or_path) -> None:
+    """Text in and out needs the model's tokenizer; a folder saved without one is a LoadError here."""
+    if tokenizer is None:
+        raise LoadError(f"model folder {model_id_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                        "safegen needs the model's tokenizer to encode prompts and decode answers; save it "
+                        "beside the weights (tokenizer.save_pretrained(folder))")
 
 
 def _check_quantization(quantization) -> str:

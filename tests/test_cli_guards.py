@@ -12,6 +12,7 @@ import pytest
 
 from safegen import batch
 from safegen.cli import main
+from safegen.loading import TOKENIZER_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--quantization", "none", "--policy", "offline", "--max-new-tokens", "8", "--steps", "8",
@@ -209,6 +210,8 @@ def _truncate_weights(folder):
     (_break_config, "cannot be built from its config.json"),
     (_truncate_weights, "cannot be built from its config.json and weights (SafetensorError"),
     (lambda folder: (folder / "tokenizer.json").unlink(), "the tokenizer of"),
+    (lambda folder: [(folder / name).unlink() for name in TOKENIZER_FILES if (folder / name).exists()],
+     "has no tokenizer files"),
 ])
 def test_damaged_model_folder_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, damage, message):
     import shutil

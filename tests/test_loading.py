@@ -131,6 +131,24 @@ def test_missing_folder_and_folder_without_config(tmp_path):
         load_model(str(tmp_path), quantization="none")
 
 
+def test_folder_without_any_tokenizer_gives_the_model_and_no_tokenizer(tiny_dir, tmp_path, batch, full_logits):
+    """Weights saved by a modeling script alone: the sampler can run on ids; text needs the tokenizer."""
+    import shutil
+
+    from safegen.loading import TOKENIZER_FILES, require_tokenizer
+
+    folder = tmp_path / "weights-only"
+    shutil.copytree(tiny_dir, folder)
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    model, tokenizer, profile = load_model(str(folder), quantization="none", device_map="cpu")
+    assert tokenizer is None and profile.mask_id == model.config.mask_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(model(*batch).logits, full_logits)
+    with pytest.raises(LoadError, match="has no tokenizer files"):
+        require_tokenizer(tokenizer, str(folder))
+
+
 def test_remote_code_is_refused_without_trust(tiny_dir, tmp_path):
     folder = tmp_path / "remote-only"
     shutil.copytree(tiny_dir, folder)
