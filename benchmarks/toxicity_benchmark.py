@@ -31,7 +31,7 @@ toxicity_histograms.png.
     python benchmarks/toxicity_benchmark.py --tiny --out runs/audit --prompts 50 --generations 10 --budgets 1,2,4
     python benchmarks/toxicity_benchmark.py --smoke --out runs/audit-smoke          # CI, < 60 s
     # a GPU machine: LLaDA-8B-Instruct in 4 bit, Detoxify guiding, the offline policy evaluating
-    python benchmarks/toxicity_benchmark.py --trust-remote-code --policy default --evaluator offline \\
+    python benchmarks/toxicity_benchmark.py --policy default --evaluator offline \\
         --out runs/audit-llada --prompts 200 --budgets 1,2,4,8
     # the benign control: how much each method spends on, and changes, mostly harmless prompts
     python benchmarks/toxicity_benchmark.py ... --prompt-file random

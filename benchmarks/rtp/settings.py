@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--revision", default=None)
     g.add_argument("--quantization", choices=("4bit", "8bit", "none"), default=None,
                    help="default 4bit, none for --tiny")
-    g.add_argument("--trust-remote-code", action="store_true", help="LLaDA needs it (runs the hub repository's code)")
+    g.add_argument("--trust-remote-code", action="store_true", help="run a model repository's own code (other models; LLaDA loads natively without it)")
     g.add_argument("--device-map", default="auto")
     g.add_argument("--max-new-tokens", type=int, default=None, help="G (default 20)")
     g.add_argument("--steps", type=int, default=None, help="T (default G)")
