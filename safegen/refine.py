@@ -37,13 +37,20 @@ Reward = Callable[[torch.Tensor], torch.Tensor]  # (n, G) token ids of the gener
 
 __all__ = ["Blame", "BlameResult", "IterRef", "PROPOSAL_ORDER", "RefineConfig", "Reward"]
 
-# The order in which a proposal re-commits its holes. A proposal is a draw from the model's
-# p(x_S | x_rest) only if that order does not depend on the tokens it samples. LLaDA's
-# low_confidence score (the sampled token's probability) does, and biases the chain (RESULTS.md,
-# exactness). The most likely token's probability is a statistic of the logits alone, and is LLaDA's
-# own order at temperature 0 (most confident first, which an inexact model needs more than a toy);
-# random order is exact as well.
+# How a proposal re-commits its holes. It is a draw from the model's joint conditional p(x_S | x_rest)
+# (by the chain rule) only if (a) each forward commits one hole, sampled from its conditional given
+# everything decoded so far: two holes drawn in one forward come from their separate marginals, a
+# product that is not the joint (on the exact toy at two tokens per step: TV 0.20 from p*, floor
+# 0.04); and (b) which hole comes next does not depend on the tokens sampled. LLaDA's low_confidence
+# score (the sampled token's probability) breaks (b) and biases the chain (RESULTS.md, exactness). The
+# most likely token's probability is a statistic of the logits alone, and is LLaDA's own order at
+# temperature 0 (most confident first, which an inexact model needs more than a toy); random order
+# is exact as well. For the same reason confidence_eos_eot_inf demotes, in a proposal, a hole whose
+# most likely token is a stop token, not one whose sampled token is (that broke (b) too: TV 0.205
+# against a floor of 0.021): it keeps LLaDA's intent, stop tokens last, with an order read from the
+# logits alone. So a proposal costs one forward per re-masked token whatever the base pace (cost.py).
 PROPOSAL_ORDER = "max_prob"
+PROPOSAL_STOP_DEMOTION = "most_likely"
 
 
 @dataclass
@@ -271,11 +278,13 @@ class IterRef:
 
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
                 parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
-        """Re-commit the holes of the proposals `gen` in place, `tokens_per_step` per sub-step at the
-        proposal temperature in PROPOSAL_ORDER. Once a proposal has no hole left, one more forward
+        """Re-commit the holes of the proposals `gen` in place, one per forward (whatever the base
+        sampler's tokens_per_step) at the proposal temperature in PROPOSAL_ORDER: a draw from the
+        model's joint conditional of the holes. Once a proposal has no hole left, one more forward
         gives its x̂0 (the reward's input) and its prediction for the next base step, which an
         accepted proposal reuses instead of a new forward; with no mask left, x̂0 is the proposal."""
-        mask_id, P, rate = sampler.mask_id, state.prompt_length, sampler.config.tokens_per_step
+        mask_id, P = sampler.mask_id, state.prompt_length
+        one = torch.ones(gen.shape[0], dtype=torch.long, device=gen.device)
         preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
                            torch.empty_like(gen))
         todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
@@ -291,8 +300,9 @@ class IterRef:
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
                 p = sampler.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
-                                    self.config.proposal_temperature, ranking=PROPOSAL_ORDER)
-                gen[d] = sampler.commit(gen[d], p, torch.clamp(holes[d].sum(1), max=rate))
+                                    self.config.proposal_temperature, ranking=PROPOSAL_ORDER,
+                                    demote_stop=PROPOSAL_STOP_DEMOTION)
+                gen[d] = sampler.commit(gen[d], p, one[d])
                 holes[d] &= gen[d] == mask_id
             if len(f):
                 p = sampler.predict(logits[~has_holes], gen[f], sampler.committable(gen[f], next_block),
