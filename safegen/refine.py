@@ -7,17 +7,21 @@ Target: p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kern
   1. draws a pool of N proposals from the current draft x_t: re-mask m = max(1, round(rho · n)) of its
      n decoded generated tokens in scope (never the prompt), uniformly at random or (remask
      "targeted") towards the tokens a blame function holds responsible (safegen.remask), then
-     denoise them again with the base model, at the proposal temperature, in an order that depends
-     on the logits only, until as many tokens are decoded as before;
+     denoise them again with the base model, one per forward at the proposal temperature, in an
+     order that depends on the logits only (PROPOSAL_ORDER): a draw from p(x_S | x_rest);
   2. takes the pool's candidates in turn and accepts one with probability
-     min(1, exp((r' − r)/α) · q(S | x') / q(S | x)) (Multiple-Try Metropolis with the paper's
-     balancing function: uniform selection weights, no backward draws; the ratio of re-masking
-     probabilities is 1 for uniform re-masking);
+     min(1, exp((r' − r)/α) · q(S | x') / q(S | x)): the Metropolis-Hastings rule for p* with that
+     proposal (p's factors cancel; the ratio of re-masking probabilities is 1 for uniform
+     re-masking);
   3. after a rejection takes the next candidate of the same pool (its members are i.i.d. draws from
-     the same x_t, so the chain stays valid); draws a new pool only after an acceptance or when empty.
+     the same x_t, which a rejection keeps, so each is a fresh proposal: a sequence of
+     Metropolis-Hastings steps with proposals drawn in advance, not Multiple-Try Metropolis); draws a
+     new pool only after an acceptance or when empty.
 This repeats `iterations` (k) times, then the base sampler takes its ordinary next step. The point
 after the last step re-masks the whole answer, whatever the scope: a block refined and then frozen
-cannot reach p*, the chain over the whole answer can.
+cannot reach p*, the chain over the whole answer can. When that chain is exact is listed in
+docs/method.md §5 (adaptive off, selection mh, proposal temperature 1, no budget cut, cfg_scale 0,
+logits_eos_inf off, many iterations).
 
 All rows and all N proposals of a pool are denoised together, as one batch of A·N rows per sub-step.
 """
