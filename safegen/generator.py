@@ -199,8 +199,9 @@ class SafeGenerator:
         t0 = time.perf_counter()
         # Targeted re-masking asks the policy which tokens it objects to.
         blame = reward.blame if refinement.remask == "targeted" else None
+        # The reward's verdict (Policy.judge) is the adaptive gate: it refines what the report calls toxic.
         result = sampler.run(input_ids, attention_mask, seeds,
-                             hook=IterRef(refinement, reward, blame=blame) if refine else None, fork_plain=fork)
+                             hook=IterRef(refinement, reward.judge, blame=blame) if refine else None, fork_plain=fork)
         P = input_ids.shape[1]
         after = reward.decode(result.sequences[:, P:])
         before = reward.decode(result.plain_sequences[:, P:]) if fork else list(after)
@@ -218,7 +219,7 @@ class SafeGenerator:
                 if action == "refuse":
                     text = self.policy.refusal_text
                     sequences[i, P:] = self._encode_answer(text, sequences.shape[1] - P, sequences.device, profile)
-                elif action == "best" and fork and tb["aggregate"] < ta["aggregate"]:
+                elif action == "best" and fork and tb["effective"] < ta["effective"]:
                     text = before[i]
                     sequences[i] = result.plain_sequences[i]
             proposed = float(result.proposed[i])
@@ -315,8 +316,8 @@ def check_best(policy: Policy, refine: bool, report_before: bool) -> None:
 def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[SamplingConfig, RefineConfig]:
     """The validated configs of a SafeGenerator with this policy: the policy's α is the refinement's
     unless the caller set one, and a middleware spends nothing on samples the policy already accepts
-    (adaptive refinement with a budget is on unless set otherwise; the benchmark turns it off for the
-    exact target). A policy can say which tokens it objects to, and re-masking those beat uniform
+    (adaptive refinement with a budget is on unless set otherwise, gated on the policy's verdict;
+    the benchmark turns it off for the exact target). A policy can say which tokens it objects to, and re-masking those beat uniform
     re-masking at equal rows on both benchmarks (benchmarks/RESULTS.md), so that is the default
     here. Dicts may set max_new_tokens alone: `fit_lengths` derives the rest."""
     if sampling is None or isinstance(sampling, dict):
@@ -324,10 +325,7 @@ def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[
     sampling = _as_config(sampling, SamplingConfig, "sampling")
     if refinement is None or isinstance(refinement, dict):
         refinement = _as_config({"alpha": policy.alpha, "adaptive": True, "budget": DEFAULT_BUDGET,
-                                 "accept_reward": policy.reward_threshold, "remask": "targeted",
-                                 **(refinement or {})}, RefineConfig, "refinement")
-    elif refinement.adaptive and refinement.accept_reward is None:
-        refinement = dataclasses.replace(refinement, accept_reward=policy.reward_threshold)
+                                 "remask": "targeted", **(refinement or {})}, RefineConfig, "refinement")
     return sampling, refinement.validate()
 
 
