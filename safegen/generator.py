@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from . import keywords
+from .errors import ArgumentTypeError
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
@@ -79,7 +80,7 @@ class SafeGenerator:
                  profile: Optional[ModelProfile] = None, report_before: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.policy = load_policy(policy) if isinstance(policy, (str, bytes)) or hasattr(policy, "__fspath__") else policy
+        self.policy = load_policy(policy)
         if profile is None:
             from .loading import profile_from
             profile = profile_from(model.config, tokenizer)
@@ -93,6 +94,8 @@ class SafeGenerator:
                         trust_remote_code: bool = False, device_map: Any = "auto", dtype=None,
                         sampling=None, refinement=None, report_before: bool = True) -> "SafeGenerator":
         from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model, require_tokenizer
+        policy = load_policy(policy)  # its mistakes and the configs' cost a second, not a model load
+        middleware_configs(policy, sampling, refinement)
         model_id_or_path = model_id_or_path or DEFAULT_MODEL
         if revision is None and model_id_or_path == DEFAULT_MODEL:
             revision = DEFAULT_REVISION
@@ -123,7 +126,7 @@ class SafeGenerator:
         merged = {**from_config, **kwargs}
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
-                raise ValueError(f"max_length={merged['max_length']} leaves no room to generate after the "
+                raise ConfigError(f"max_length={merged['max_length']} leaves no room to generate after the "
                                  f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
             merged["max_new_tokens"] = merged["max_length"] - prompt_length
         _sample_or_not(merged, self.sampling.temperature)
@@ -133,9 +136,9 @@ class SafeGenerator:
         call = {k: v for k, v in merged.items() if k in _CALL_FIELDS}
         n = call.get("num_return_sequences", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_return_sequences must be a positive integer, got {n!r}")
+            raise ConfigError(f"num_return_sequences must be a positive integer, got {n!r}")
         if n > 1 and sampling.temperature == 0:
-            raise ValueError(f"num_return_sequences={n} at temperature 0 (greedy) would return {n} identical "
+            raise ConfigError(f"num_return_sequences={n} at temperature 0 (greedy) would return {n} identical "
                              "sequences per prompt; pass do_sample=True or a temperature > 0")
         return sampling, refinement, call
 
@@ -177,7 +180,7 @@ class SafeGenerator:
             eos = call["eos_token_id"]
             eos = [eos] if isinstance(eos, int) else list(eos)
             if not 1 <= len(eos) <= 2 or not all(isinstance(e, int) for e in eos):
-                raise ValueError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
+                raise ConfigError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
             changes["eos_id"], changes["eot_id"] = eos[0], eos[1] if len(eos) > 1 else None
         return dataclasses.replace(self.profile, **changes) if changes else self.profile
 
@@ -256,7 +259,7 @@ class SafeGenerator:
         for i, p in enumerate(prompts):
             messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
             if not all(isinstance(m, dict) and "content" in m and "role" in m for m in messages):
-                raise TypeError(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
+                raise ArgumentTypeError(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
             if max_prompt_tokens is not None:
                 messages = [dict(m, content=self._truncate(m["content"], max_prompt_tokens, labels[i]))
                             for m in messages]
@@ -364,10 +367,10 @@ def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: i
 def _check_keywords(options: dict, where: str) -> None:
     refused = sorted(k for k in options if k in keywords.REFUSED)
     if refused:
-        raise TypeError(f"{where} {', '.join(f'{k} ({keywords.REFUSED[k]})' for k in refused)}")
+        raise ArgumentTypeError(f"{where} {', '.join(f'{k} ({keywords.REFUSED[k]})' for k in refused)}")
     unknown = sorted(set(options) - _SAMPLING_FIELDS - _REFINE_FIELDS - _CALL_FIELDS)
     if unknown:
-        raise TypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
+        raise ArgumentTypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
                         f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
 
 
@@ -379,7 +382,7 @@ def _sample_or_not(options: dict, configured_temperature: float) -> None:
     if not options["do_sample"]:
         options["temperature"] = 0.0
     elif "temperature" in options and not temperature:
-        raise ValueError("do_sample=True with temperature=0 contradicts itself: drop one of them")
+        raise ConfigError("do_sample=True with temperature=0 contradicts itself: drop one of them")
     elif not temperature:
         options["temperature"] = 1.0
 
@@ -389,4 +392,4 @@ def _as_config(value, cls, name):
         return updated_config(cls(), name, value or {})
     if isinstance(value, cls):
         return value.validate()
-    raise TypeError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    raise ArgumentTypeError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")

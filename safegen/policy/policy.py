@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import SafegenError
+from ..errors import ArgumentError, ArgumentTypeError, SafegenError
 from .attribution import token_blame, token_spans
 from .scorers import OptionError, Scorer
 
@@ -153,7 +153,7 @@ class Policy:
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+                raise ArgumentTypeError(f"texts[{i}] is {type(text).__name__}, not str")
         # Refinement proposals often coincide; score each distinct text once and scatter back.
         first_index: dict[str, int] = {}
         inverse = np.array([first_index.setdefault(t, len(first_index)) for t in texts], dtype=np.int64)
@@ -330,7 +330,7 @@ class PolicyReward:
         from ..refine import BlameResult
 
         if token_ids.dim() != 2:
-            raise ValueError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
+            raise ArgumentError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
         G = token_ids.shape[1]
         answers = [tuple(self._answer(row)) for row in token_ids.tolist()]
         decoded = {a: token_spans(self.tokenizer, a) for a in dict.fromkeys(answers)}  # text, spans
@@ -349,7 +349,7 @@ class PolicyReward:
         from ..refine import Judged
 
         if token_ids.dim() != 2:
-            raise ValueError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")
+            raise ArgumentError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")
         scores = self.policy.score(self.decode(token_ids))
         return Judged(torch.as_tensor(self.policy.reward(scores), dtype=torch.float32, device=token_ids.device),
                       torch.as_tensor(scores.toxic, dtype=torch.bool))
