@@ -199,3 +199,28 @@ def test_from_pretrained_checks_the_policy_before_the_model(monkeypatch):
     monkeypatch.setitem(sys.modules, "toxic_classifier", None)
     with pytest.raises(PolicyError, match="toxic-comment-classifier"):
         SafeGenerator.from_pretrained("unused", policy="eval-neural")
+
+
+def test_a_scorer_that_cannot_load_its_model_is_a_one_line_policy_error(tmp_path, monkeypatch):
+    """A download that fails offline surfaces at the first score as a PolicyError naming the classifier."""
+    from safegen.policy import SCORERS, Options, PolicyError, Scorer, load_policy
+
+    class Offline(Scorer):
+        name, labels = "offline_model", ("toxic",)
+
+        @classmethod
+        def from_options(cls, options):
+            Options(options).done()
+            return cls()
+
+        def score(self, texts):
+            raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setitem(SCORERS, "offline_model", Offline)
+    path = tmp_path / "p.yaml"
+    path.write_text("classifiers: [{name: remote, scorer: offline_model}]\n")
+    with pytest.raises(PolicyError) as error:
+        load_policy(path).score(["hello"])
+    assert str(error.value).splitlines() == [
+        f"{path}: classifiers[remote]: the offline_model scorer cannot load its model "
+        "(OSError: We couldn't connect to 'https://huggingface.co')"]

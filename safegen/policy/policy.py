@@ -200,6 +200,12 @@ class Policy:
             # Raised by scorers that can only check some options once the model is loaded.
             key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in e.key)
             raise PolicyError(f"{self.source}: classifiers[{c.name}]{key}: {e.problem}") from None
+        except (OSError, ImportError) as e:
+            # The scorer's model or a package it imports is missing (a download offline, say): the
+            # user's environment, not a bug, so one line that names the classifier.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PolicyError(f"{self.source}: classifiers[{c.name}]: the {c.scorer.name} scorer cannot load its "
+                              f"model ({type(e).__name__}: {first})") from None
         out = {}
         for label in c.labels:
             if label not in raw:
