@@ -12,16 +12,18 @@ def test_every_user_error_is_a_safegen_error():
     import safegen
     from benchmarks.rtp.settings import BenchmarkError
     from safegen.batch import InputError
-    from safegen.errors import SafegenError
+    from safegen.errors import ArgumentError, ArgumentTypeError, SafegenError
     from safegen.loading import LoadError
     from safegen.policy import PolicyError
     from safegen.policy.scorers import OptionError
     from safegen.sampler import ConfigError
 
     assert safegen.SafegenError is SafegenError and issubclass(SafegenError, ValueError)
-    for error in (InputError, LoadError, PolicyError, OptionError, ConfigError, BenchmarkError):
+    for error in (InputError, LoadError, PolicyError, OptionError, ConfigError, BenchmarkError, ArgumentError,
+                  ArgumentTypeError):
         assert issubclass(error, SafegenError), error
     assert issubclass(LoadError, RuntimeError)  # what it was before the common base
+    assert issubclass(ArgumentTypeError, TypeError)  # what Python raises for a keyword a call does not take
 
 
 def test_the_base_class_costs_no_torch_import():
