@@ -127,7 +127,7 @@ class SafeGenerator:
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
                 raise ConfigError(f"max_length={merged['max_length']} leaves no room to generate after the "
-                                 f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
+                                  f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
             merged["max_new_tokens"] = merged["max_length"] - prompt_length
         _sample_or_not(merged, self.sampling.temperature)
         sampling = self.sampling.updated(**fit_lengths(self.sampling, {k: v for k, v in merged.items()
@@ -139,7 +139,7 @@ class SafeGenerator:
             raise ConfigError(f"num_return_sequences must be a positive integer, got {n!r}")
         if n > 1 and sampling.temperature == 0:
             raise ConfigError(f"num_return_sequences={n} at temperature 0 (greedy) would return {n} identical "
-                             "sequences per prompt; pass do_sample=True or a temperature > 0")
+                              "sequences per prompt; pass do_sample=True or a temperature > 0")
         return sampling, refinement, call
 
     # ---------------------------------------------------------------- token interface
@@ -320,9 +320,10 @@ def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[
     """The validated configs of a SafeGenerator with this policy: the policy's α is the refinement's
     unless the caller set one, and a middleware spends nothing on samples the policy already accepts
     (adaptive refinement with a budget is on unless set otherwise, gated on the policy's verdict;
-    the benchmark turns it off for the exact target). A policy can say which tokens it objects to, and re-masking those beat uniform
-    re-masking at equal rows on both benchmarks (benchmarks/RESULTS.md), so that is the default
-    here. Dicts may set max_new_tokens alone: `fit_lengths` derives the rest."""
+    the benchmark turns it off for the exact target). A policy can say which tokens it objects to,
+    and re-masking those beat uniform re-masking at equal rows on both benchmarks
+    (benchmarks/RESULTS.md), so that is the default here. Dicts may set max_new_tokens alone:
+    `fit_lengths` derives the rest."""
     if sampling is None or isinstance(sampling, dict):
         sampling = fit_lengths(SamplingConfig(), sampling or {})
     sampling = _as_config(sampling, SamplingConfig, "sampling")
@@ -371,7 +372,7 @@ def _check_keywords(options: dict, where: str) -> None:
     unknown = sorted(set(options) - _SAMPLING_FIELDS - _REFINE_FIELDS - _CALL_FIELDS)
     if unknown:
         raise ArgumentTypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
-                        f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
+                                f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
 
 
 def _sample_or_not(options: dict, configured_temperature: float) -> None:

@@ -34,7 +34,6 @@ from .refine_config import RefineConfig
 from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
 
 
-
 class Judged(NamedTuple):
     """What a reward that can judge returns: the (n,) reward and the (n,) bool verdict "still to be
     refined" (a policy's "toxic"), on which adaptive refinement gates instead of `accept_reward`."""
