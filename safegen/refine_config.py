@@ -43,11 +43,12 @@ class RefineConfig:
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
     # conditional, which the acceptance assumes (another value is not exact).
     proposal_temperature: float = 1.0
-    # Skip / stop rows whose reward already reaches accept_reward. Knowing that costs one reward
-    # call per row at every refined point, also for the rows it then skips. A stop that depends on
-    # the state: not exact.
+    # Skip / stop rows that no longer need refining: by the reward's own verdict when it returns a
+    # refine.Judged (a policy's "toxic": SafeGenerator's case), else once their reward reaches
+    # accept_reward. Knowing costs one reward call per row at every refined point, also for the rows
+    # it then skips. A stop that depends on the state: not exact.
     adaptive: bool = False
-    accept_reward: Optional[float] = None  # adaptive mode's bar, e.g. the policy's reward threshold
+    accept_reward: Optional[float] = None  # adaptive mode's bar for a reward that gives no verdict
     # Cap on denoiser rows per sample, as a multiple of T. Exact only if it does not stop the last
     # point's chain early.
     budget: Optional[float] = None
@@ -83,9 +84,9 @@ class RefineConfig:
             raise ConfigError(f"refine.blame_floor must be in (0, 1], got {self.blame_floor!r}")
         if not (isinstance(self.proposal_temperature, (int, float)) and self.proposal_temperature >= 0):
             raise ConfigError(f"refine.proposal_temperature must be >= 0, got {self.proposal_temperature!r}")
-        if self.adaptive and self.accept_reward is None:
-            raise ConfigError("refine.accept_reward is required when refine.adaptive is on "
-                              "(the reward at which a row counts as acceptable)")
+        if self.accept_reward is not None and not (isinstance(self.accept_reward, (int, float))
+                                                   and not isinstance(self.accept_reward, bool)):
+            raise ConfigError(f"refine.accept_reward must be a number, got {self.accept_reward!r}")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget >= 1):
             raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling), got {self.budget!r}")
         return self

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import rng
+from .errors import ArgumentError
 from .profile import ModelProfile
 
 from .sampling_config import REMASKING, ConfigError, SamplingConfig, updated_config  # noqa: F401 (re-exported)
@@ -231,18 +232,18 @@ class DiffusionSampler:
     def start(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
               seeds) -> SamplerState:
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            raise ArgumentError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         device = self.device
         B, P = input_ids.shape
         G = self.config.max_new_tokens
         x = torch.full((B, P + G), self.mask_id, dtype=torch.long, device=device)
         x[:, :P] = input_ids.to(device)
         if (x[:, :P] == self.mask_id).any():
-            raise ValueError("input_ids contain the mask token id: the prompt would be denoised")
+            raise ArgumentError("input_ids contain the mask token id: the prompt would be denoised")
         attn = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
+                raise ArgumentError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
                                  f"input_ids shape {tuple(input_ids.shape)}")
             if not bool(attention_mask.bool().all()):
                 attn = torch.ones((B, P + G), dtype=torch.long, device=device)
@@ -341,9 +342,9 @@ def row_keys(seeds, batch: int, device) -> torch.Tensor:
         seeds = [seeds + i for i in range(batch)]
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
     if seeds.shape != (batch,):
-        raise ValueError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
+        raise ArgumentError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
     if (seeds < 0).any():
-        raise ValueError("seeds must be non-negative")
+        raise ArgumentError("seeds must be non-negative")
     return rng.seed_keys(seeds, device=device)
 
 
