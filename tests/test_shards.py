@@ -73,7 +73,7 @@ def test_stale_done_marker_of_another_rank_loses_nothing(tmp_path):
     out = tmp_path / "o.jsonl"
     earlier_run(out)
     (tmp_path / "o.jsonl.part1-of-2.done").touch()  # left by an interrupted merge of an earlier run
-    slow = rank(out, 1, 2, delay=0.3)
+    slow = rank(out, 1, 2, delay=1.0)
     assert wait_for(lambda: line_count(tmp_path / "o.jsonl.part1-of-2") >= 1)
     assert finish(rank(out, 0, 2))[0] == 0  # finishes while rank 1 still writes
     assert finish(slow)[0] == 0
@@ -91,7 +91,7 @@ def test_stale_merge_lock_does_not_block_the_merge(tmp_path):
 
 def test_world_1_and_world_2_on_one_output_never_both_write(tmp_path):
     out = tmp_path / "o.jsonl"
-    single = rank(out, 0, 1, delay=0.3)
+    single = rank(out, 0, 1, delay=1.0)
     assert wait_for(lambda: line_count(out) >= 1)
     codes = [finish(rank(out, r, 2)) for r in range(2)]
     for code, err in codes:
@@ -101,7 +101,7 @@ def test_world_1_and_world_2_on_one_output_never_both_write(tmp_path):
     # And the other way round: a world-2 rank writing keeps a world-1 run out.
     out2 = tmp_path / "o2.jsonl"
     earlier_run(out2)
-    slow = rank(out2, 1, 2, delay=0.3)
+    slow = rank(out2, 1, 2, delay=1.0)
     assert wait_for(lambda: line_count(tmp_path / "o2.jsonl.part1-of-2") >= 1)
     code, err = finish(rank(out2, 0, 1))
     assert code == 2 and "being written by another run" in err
@@ -110,13 +110,13 @@ def test_world_1_and_world_2_on_one_output_never_both_write(tmp_path):
 
 
 def test_kill_9_during_the_merge_then_rerun_keeps_each_sample_once(tmp_path):
-    for stage, seen in (("before-replace", lambda d: (d / "o.jsonl.merging").exists()),
-                        ("after-replace", lambda d: line_count(d / "o.jsonl") == 6)):
+    for stage, seen in (("written", lambda d: (d / "o.jsonl.merging").exists()),
+                        ("replaced", lambda d: line_count(d / "o.jsonl") == 6)):
         d = tmp_path / stage
         d.mkdir()
         out = d / "o.jsonl"
         assert finish(rank(out, 0, 2))[0] == 0
-        merger = rank(out, 1, 2, env={"SAFEGEN_TEST_MERGE_PAUSE": "30"})
+        merger = rank(out, 1, 2, env={"SAFEGEN_TEST_MERGE_PAUSE": f"{stage}:60"})
         assert wait_for(lambda: seen(d)), stage
         assert (d / "o.jsonl.part0-of-2").exists()  # the merge had not finished
         merger.send_signal(signal.SIGKILL)
