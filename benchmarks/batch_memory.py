@@ -5,9 +5,10 @@ that returns reports of about 900 bytes at once (the size of a real report line)
 measured is the batch bookkeeping, not a model. Peak resident memory is the process's ru_maxrss;
 "over base" subtracts that of a process that imported safegen and built the same prompt list
 (prompts are input, kept by any run). The resume reruns the same command on the finished output:
-it reads every record and writes none.
+it reads every record and writes none. With --sharded, a world-2 run: rank 0 then rank 1 in one
+process, the second merging the parts (a k-way merge of sorted files).
 
-    python -m benchmarks.batch_memory --records 40000 200000 1000000 --dir /tmp/batch-memory
+    python -m benchmarks.batch_memory --records 40000 200000 1000000 --sharded --dir /tmp/batch-memory
     python -m benchmarks.batch_memory --code /path/to/other/checkout ...   # another version of safegen
 """
 from __future__ import annotations
@@ -39,9 +40,13 @@ def child(mode: str, output: str, records: int, samples: int) -> None:
 
     prompts = [batch.PromptLine(i, i + 1, f"prompt number {i} is about") for i in range(records // samples)]
     t0 = time.perf_counter()
-    if mode != "base":
+    # "sharded": two ranks one after the other in this process; the second merges the parts.
+    shards = [batch.Shard(0, 2), batch.Shard(1, 2)] if mode == "sharded" else [batch.Shard()] * (mode != "base")
+    for shard in shards:
         result = batch.run_batch(prompts, output, fake_generate, samples=samples, seed=0, batch_size=1000,
-                                 fingerprint={"benchmark": "batch_memory", "samples": samples}, progress=False)
+                                 fingerprint={"benchmark": "batch_memory", "samples": samples}, shard=shard,
+                                 progress=False)
+    if shards:
         assert batch.summarize(result)["samples"] == records
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "seconds": time.perf_counter() - t0}))
@@ -60,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=25, help="samples per prompt (RealToxicityPrompts: 25)")
     ap.add_argument("--dir", type=Path, default=Path("runs/batch-memory"))
     ap.add_argument("--code", type=Path, default=REPO, help="checkout whose safegen is measured")
+    ap.add_argument("--sharded", action="store_true",
+                    help="also measure a world-2 run (both ranks in one process, the second merges)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -68,8 +75,8 @@ def main(argv=None) -> int:
         return 0
     args.dir.mkdir(parents=True, exist_ok=True)
     print(f"safegen from {args.code}; {args.samples} samples per prompt; peak RSS (ru_maxrss) in MB")
-    print(f"{'records':>9} {'file MB':>8} {'base':>7} {'run':>7} {'resume':>7} {'run-base':>9} {'resume-base':>12}"
-          f" {'run s':>7} {'resume s':>9}")
+    print(f"{'records':>9} {'file MB':>8} {'base':>7} {'run':>7} {'resume':>7} {'2 ranks':>8} {'run-base':>9} "
+          f"{'resume-base':>12} {'2 ranks-base':>13} {'run s':>7} {'resume s':>9}")
     for records in args.records:
         output = args.dir / f"out-{records}.jsonl"
         for leftover in args.dir.glob(f"{output.name}*"):
@@ -78,9 +85,13 @@ def main(argv=None) -> int:
         run = measure(args.code, "run", output, records, args.samples)
         resume = measure(args.code, "resume", output, records, args.samples)
         size = output.stat().st_size / 1e6
-        print(f"{records:>9} {size:>8.0f} {base['peak_mb']:>7.0f} {run['peak_mb']:>7.0f} {resume['peak_mb']:>7.0f} "
-              f"{run['peak_mb'] - base['peak_mb']:>9.0f} {resume['peak_mb'] - base['peak_mb']:>12.0f} "
-              f"{run['seconds']:>7.1f} {resume['seconds']:>9.1f}", flush=True)
+        for leftover in args.dir.glob(f"{output.name}*"):
+            leftover.unlink()
+        sharded = measure(args.code, "sharded", output, records, args.samples) if args.sharded else {"peak_mb": 0}
+        peaks = [base, run, resume, sharded]
+        print(f"{records:>9} {size:>8.0f} " + " ".join(f"{p['peak_mb']:>{w}.0f}" for p, w in zip(peaks, (7, 7, 7, 8)))
+              + " " + " ".join(f"{p['peak_mb'] - base['peak_mb']:>{w}.0f}" for p, w in zip(peaks[1:], (9, 12, 13)))
+              + f" {run['seconds']:>7.1f} {resume['seconds']:>9.1f}", flush=True)
         for leftover in args.dir.glob(f"{output.name}*"):
             leftover.unlink()
     return 0

@@ -196,19 +196,22 @@ def merge_parts(output: Path, prompts: int, samples: int) -> tuple[Optional[Runn
                     return None, f"{part.name} is still being written (process {holder}); its rank merges when it finishes"
                 held.append(lock)
             streams = [output, *parts]
-            done = DoneSet(prompts, samples)
+            done, summary = DoneSet(prompts, samples), RunningSummary()
             ordered = True
             for path in streams:
                 last = None
                 for line in iter_records(path):
                     key = sample_key(path, line)
-                    done.add_from(path, line)
+                    if done.add_from(path, line):  # the first copy of a sample is the one merged
+                        summary.add(line.record)
                     ordered &= last is None or key > last
                     last = key
             if not done.complete():
                 return None, (f"{done.total - done.count} of {done.total} samples are not written yet; the last "
                               "rank to finish merges (rerun any rank that stopped, with the same command)")
-            summary = _write_merged(output, streams, ordered)
+            if not parts:
+                return summary, ""  # another rank merged while this one waited for the merge lock
+            _write_merged(output, streams, ordered)
             for part in parts:
                 part.unlink(missing_ok=True)
                 _with_suffix(part, ".done").unlink(missing_ok=True)  # left by older versions
@@ -241,9 +244,8 @@ def _pause(stage: str) -> None:
         time.sleep(float(hook.partition(":")[2]))
 
 
-def _write_merged(output: Path, streams: list[Path], ordered: bool) -> RunningSummary:
+def _write_merged(output: Path, streams: list[Path], ordered: bool) -> None:
     tmp = _with_suffix(output, ".merging")
-    summary = RunningSummary()
     with open(tmp, "wb") as f:
         last = None
         for path, line in _in_sample_order(streams, ordered):
@@ -252,14 +254,12 @@ def _write_merged(output: Path, streams: list[Path], ordered: bool) -> RunningSu
                 continue
             last = key
             f.write(line.raw)
-            summary.add(line.record)
         f.flush()
         os.fsync(f.fileno())
     _pause("written")
     os.replace(tmp, output)  # atomic: the output is the old file or the merged one
     fsync_dir(output.parent)
     _pause("replaced")
-    return summary
 
 
 def _in_sample_order(streams: list[Path], ordered: bool) -> Iterator[tuple[Path, Line]]:

@@ -188,3 +188,15 @@ def test_resume_state_is_a_few_bytes_per_sample(tmp_path):
         del result
     assert line_count(out) == 100_000
     assert max(peaks) < 8e6, [f"{p / 1e6:.1f} MB" for p in peaks]
+
+
+def test_ranks_finishing_together_merge_every_sample_once(tmp_path):
+    for world in (2, 3):
+        out = tmp_path / f"o{world}.jsonl"
+        procs = [rank(out, r, world, n=30) for r in range(world)]
+        for p in procs:
+            code, err = finish(p)
+            assert code == 0, err
+        assert keys(out) == [(i, 0) for i in range(30)], world
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o2.jsonl", "o2.jsonl.meta.json", "o3.jsonl",
+                                                          "o3.jsonl.meta.json"]
