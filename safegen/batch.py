@@ -171,14 +171,13 @@ def _todo(prompts: Sequence[PromptLine], samples: int, seed: int, shard: Shard,
           done: DoneSet) -> Iterator[tuple[PromptLine, int, int]]:
     """(prompt, sample, seed) of each sample this process still has to write, in input order;
     generated lazily, so the work list takes no memory."""
-    k = 0
     for p in prompts:
         for s in range(samples):
+            k = p.index * samples + s  # the sample's place in the run
             if shard.owns(k) and (p.index, s) not in done:
                 # Seeds depend only on the prompt's position and the sample number: stable across
                 # resumes and shards.
-                yield p, s, seed + p.index * samples + s
-            k += 1
+                yield p, s, seed + k
 
 
 def check_resume(output: str | os.PathLike, fingerprint: dict, shard: Optional[Shard] = None) -> None:

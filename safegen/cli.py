@@ -208,7 +208,6 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
 
 def detoxify(args) -> int:
     import os
-    from pathlib import Path
 
     from . import batch
 
