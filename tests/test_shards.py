@@ -201,3 +201,22 @@ def test_ranks_finishing_together_merge_every_sample_once(tmp_path):
         assert keys(out) == [(i, 0) for i in range(30)], world
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o2.jsonl", "o2.jsonl.meta.json", "o3.jsonl",
                                                           "o3.jsonl.meta.json"]
+
+
+def test_rank_killed_mid_write_then_rerun(tmp_path):
+    out = tmp_path / "o.jsonl"
+    earlier_run(out)
+    slow = rank(out, 1, 2, n=10, delay=1.0)
+    part1 = tmp_path / "o.jsonl.part1-of-2"
+    assert wait_for(lambda: line_count(part1) >= 1)
+    slow.send_signal(signal.SIGKILL)
+    slow.wait()
+    with open(part1, "ab") as f:
+        f.write(b'{"prompt_index": 9, "sam')  # a write the kill cut short
+    code, err = finish(rank(out, 0, 2, n=10))
+    assert code == 0 and "samples are not written yet" in err and "rerun any rank that stopped" in err
+    assert not out.exists() and part1.exists()  # nothing merged, nothing lost
+    code, err = finish(rank(out, 1, 2, n=10))  # the rerun of the killed rank finishes and merges
+    assert code == 0, err
+    assert keys(out) == [(i, 0) for i in range(10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "o.jsonl.meta.json"]
