@@ -3,127 +3,44 @@
 Output is JSONL, one report per sample, each line written with a single write() and fsynced once
 per batch, so a killed run leaves at most an unfinished last line; a rerun cuts it off, skips every
 finished sample, and refuses to continue if the configuration changed (a sidecar `.meta.json`
-holds the fingerprint). Each file has one writer at a time (OutputLock). Under `accelerate launch`
-(or torchrun) every process takes the samples k ≡ rank (mod world size), writes (and locks) its own
-part file, and the last process to finish merges the parts into the output file.
+holds the fingerprint). Under `accelerate launch` (or torchrun) every process takes the samples
+k ≡ rank (mod world size) and writes its own part file; the last to finish merges the parts into
+the output (safegen/shards.py: the locks and the merge). Nothing grows with the number of reports
+but the output: resume keeps one bit per sample, the summary is summed as reports stream past.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 # Re-exported: a batch run starts from a prompt file, and raises InputError for its own files too.
 from .prompts import InputError, PromptLine, read_prompts  # noqa: F401
+from .records import DoneSet, append_records, iter_records, write_records  # noqa: F401
+from .shards import OutputLock, Shard, merge_parts, part_files
+from .summary import RunningSummary, format_summary, summarize  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------- output file
 def read_records(path: Path, key: Callable[[dict], tuple], what: str = "safegen report line") -> dict[tuple, dict]:
-    """The records of a JSONL file written line by line, keyed by `key(record)`. Each record is
-    written with its newline in one write(), so only an unterminated tail can be unfinished: it is
-    cut off in place. A broken line with records after it is not ours to repair: that is an error
-    naming the line."""
+    """The records of a small JSONL file written line by line (benchmark cells), keyed by
+    `key(record)`, in memory; an unfinished last line is cut off (see records.iter_records). Batch
+    outputs are never read whole: they are streamed."""
     done: dict[tuple, dict] = {}
-    if not path.exists():
-        return done
-    data = path.read_bytes()
-    pos, line_no = 0, 0
-    while (nl := data.find(b"\n", pos)) != -1:
-        line_no += 1
+    for line in iter_records(Path(path), writer=True, what=what):
         try:
-            record = json.loads(data[pos:nl])
-            done[key(record)] = record
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}:{line_no}: not a {what} ({e}); "
+            done[key(line.record)] = line.record
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{path}:{line.number}: not a {what} ({e}); "
                              "refusing to resume into a damaged file") from None
-        pos = nl + 1
-    if pos < len(data):
-        log.warning("%s: cut off an unfinished last line (%d bytes) left by an interrupted run",
-                    path, len(data) - pos)
-        with open(path, "r+b") as f:
-            f.truncate(pos)
     return done
-
-
-def write_records(fd: int, records: Iterable[dict]) -> None:
-    """Append records to the open file `fd` as JSON lines, each line in one write(), then fsync
-    once: a kill leaves whole lines and at most one cut-off tail, which read_records cuts off."""
-    for record in records:
-        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-    os.fsync(fd)
-
-
-def append_records(path: Path, records: Iterable[dict]) -> None:
-    """write_records to `path`, created if missing."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        write_records(fd, records)
-    finally:
-        os.close(fd)
-
-
-def _read_done(path: Path) -> dict[tuple[int, int], dict]:
-    return read_records(path, key=lambda r: (r["prompt_index"], r["sample"]))
-
-
-class OutputLock:
-    """One writer per output file, enforced by the operating system: an flock on `<file>.lock`, which
-    holds the writer's PID for the message a second writer gets. The kernel drops the lock when its
-    process ends, however it ends, so a killed run never leaves a stale lock behind.
-
-    Opening the lock file is also the check that the output can be written at all, which is why
-    callers take it before loading a model."""
-
-    def __init__(self, output: str | os.PathLike):
-        self.output = Path(output)
-        self.path = self.output.with_name(self.output.name + ".lock")
-        self.fd: Optional[int] = None
-
-    def __enter__(self) -> "OutputLock":
-        import fcntl
-
-        if self.output.is_dir():
-            raise InputError(f"{self.output} is a folder; name a file to write the reports to")
-        while True:
-            try:
-                self.output.parent.mkdir(parents=True, exist_ok=True)
-                if self.output.exists() and not os.access(self.output, os.W_OK):
-                    raise PermissionError(13, "Permission denied")
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise InputError(f"{self.output}: cannot write there ({e.strerror or e})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                os.close(fd)
-                raise InputError(f"{self.output} is being written by another run (process {holder}); "
-                                 "wait for it to finish, or write elsewhere") from None
-            # The lock file is removed on release: if that happened between our open and our flock,
-            # we hold a lock on a file nobody else will see. Retry on the one that is there now.
-            try:
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # before the unlock: see the retry in __enter__
-            os.close(self.fd)
-            self.fd = None
 
 
 def check_fingerprint(meta: Path, data: Path, fingerprint: dict, writer: str = "`safegen detoxify`",
@@ -155,7 +72,7 @@ def _save_fingerprint(meta: Path, fingerprint: dict) -> None:
 
 
 def _check_meta(output: Path, fingerprint: dict, shard: "Shard") -> None:
-    parts = [Shard(r, shard.world).part(output) for r in range(shard.world)] if shard.world > 1 else []
+    parts = part_files(output)
     check_fingerprint(output.with_name(output.name + ".meta.json"), output, fingerprint, others=parts)
 
 
@@ -186,74 +103,81 @@ def weights_identity(folder: str | os.PathLike, edge: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-@dataclass
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls) -> "Shard":
-        """The process's place under accelerate launch / torchrun (RANK, WORLD_SIZE)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-        if not 0 <= rank < world:
-            raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return cls(rank, world)
-
-    def part(self, output: Path) -> Path:
-        return output if self.world == 1 else output.with_name(f"{output.name}.part{self.rank}-of-{self.world}")
-
-    def owns(self, k: int) -> bool:
-        return k % self.world == self.rank
-
-
 def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate: Callable,
               samples: int, seed: int, batch_size: int, fingerprint: dict,
-              shard: Optional[Shard] = None, progress: bool = True, lock: Optional[OutputLock] = None) -> list[dict]:
+              shard: Optional[Shard] = None, progress: bool = True,
+              lock: Optional[OutputLock] = None) -> RunningSummary:
     """Generate `samples` per prompt and append one JSON line per sample to `output`.
 
-    generate(prompts: list[PromptLine], seeds: list[int]) -> list of report dicts. Returns every
-    record of the finished output (all shards, when this process merged them; else its own part).
-    lock: the caller's OutputLock on this process's file (`shard.part(output)`), taken before it
-    loaded its model; when None, run_batch takes it for the run.
+    generate(prompts: list[PromptLine], seeds: list[int]) -> list of report dicts. Returns the
+    summary of the finished output (all shards, when this process merged them; else its own part).
+    lock: the caller's OutputLock(output, shard), taken before it loaded its model; when None,
+    run_batch takes it for the run.
     """
     output = Path(output)
     shard = shard or Shard()
     if lock is None:
-        with OutputLock(shard.part(output)) as lock:
+        with OutputLock(output, shard) as lock:
             return run_batch(prompts, output, generate, samples, seed, batch_size, fingerprint, shard,
                              progress, lock)
     check_resume(output, fingerprint, shard)
     part = shard.part(output)
-    done = _read_done(output)
-    if part != output:
-        done.update(_read_done(part))
-    # Seeds depend only on the prompt's position and the sample number: stable across resumes/shards.
-    work = [(p, s, seed + p.index * samples + s) for p in prompts for s in range(samples)]
-    todo = [w for k, w in enumerate(work) if shard.owns(k) and (w[0].index, w[1]) not in done]
+    n_prompts = max((p.index for p in prompts), default=-1) + 1
+    done = DoneSet(n_prompts, samples)
+    summary = RunningSummary()  # of this process's own file
+    for line in iter_records(part, writer=True):
+        if done.add_from(part, line):
+            summary.add(line.record)
+    # Samples already in the output or in parts of other world sizes (an earlier run resumed with
+    # another number of processes) are done too; the merge collects them. Parts of this world's
+    # other ranks hold none of this rank's samples.
+    others = [output] if part != output else []
+    others += [p for p in part_files(output) if shard.world == 1 or p.name.rsplit("-of-", 1)[1] != str(shard.world)]
+    for path in others:
+        for line in iter_records(path):
+            done.add_from(path, line)
     from tqdm import tqdm
-    bar = tqdm(total=sum(shard.owns(k) for k in range(len(work))), initial=sum(
-        shard.owns(k) for k, w in enumerate(work) if (w[0].index, w[1]) in done),
-        desc=f"detoxify{'' if shard.world == 1 else f' [{shard.rank}/{shard.world}]'}",
-        unit="sample", file=sys.stderr, disable=not progress)
+    owned = range(shard.rank, done.total, shard.world)  # k = prompt index * samples + sample
+    bar = tqdm(total=len(owned), initial=sum(divmod(k, samples) in done for k in owned),
+               desc=f"detoxify{'' if shard.world == 1 else f' [{shard.rank}/{shard.world}]'}",
+               unit="sample", file=sys.stderr, disable=not progress)
+    todo = _todo(prompts, samples, seed, shard, done)
     fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+        while chunk := list(itertools.islice(todo, batch_size)):
             reports = generate([p for p, _, _ in chunk], [sd for _, _, sd in chunk])
             records = [{"prompt_index": p.index, "line": p.line, "sample": s, **report}
                        for (p, s, _), report in zip(chunk, reports)]
             write_records(fd, records)
-            done.update(((r["prompt_index"], r["sample"]), r) for r in records)
+            for r in records:
+                done.add(r["prompt_index"], r["sample"])
+                summary.add(r)
             bar.update(len(chunk))
     finally:
         os.close(fd)
         bar.close()
-    if shard.world > 1:
-        Path(f"{part}.done").touch()
-        merged = _merge_if_last(output, shard)
-        return merged if merged is not None else list(_read_done(part).values())
-    return sorted(done.values(), key=lambda r: (r["prompt_index"], r["sample"]))
+    if shard.world == 1 and not part_files(output):
+        return summary
+    lock.release_part()
+    merged, why_not = merge_parts(output, n_prompts, samples)
+    if merged is None:
+        log.warning("%s: rank %d of %d has written its samples; not merged yet: %s",
+                    output, shard.rank, shard.world, why_not)
+        return summary
+    return merged
+
+
+def _todo(prompts: Sequence[PromptLine], samples: int, seed: int, shard: Shard,
+          done: DoneSet) -> Iterator[tuple[PromptLine, int, int]]:
+    """(prompt, sample, seed) of each sample this process still has to write, in input order;
+    generated lazily, so the work list takes no memory."""
+    for p in prompts:
+        for s in range(samples):
+            k = p.index * samples + s  # the sample's place in the run
+            if shard.owns(k) and (p.index, s) not in done:
+                # Seeds depend only on the prompt's position and the sample number: stable across
+                # resumes and shards.
+                yield p, s, seed + k
 
 
 def check_resume(output: str | os.PathLike, fingerprint: dict, shard: Optional[Shard] = None) -> None:
@@ -275,73 +199,3 @@ def _wait_for_meta(output: Path, fingerprint: dict, shard: Shard, timeout: float
             raise InputError(f"{meta}: rank 0 did not create it within {timeout:.0f} s")
         time.sleep(0.05)
     _check_meta(output, fingerprint, shard)
-
-
-def _merge_if_last(output: Path, shard: Shard) -> Optional[list[dict]]:
-    """Merge every part into `output` if all parts are finished and nobody merged yet."""
-    parts = [Shard(r, shard.world).part(output) for r in range(shard.world)]
-    if not all(Path(f"{p}.done").exists() for p in parts):
-        return None
-    lock = output.with_name(output.name + ".merge-lock")
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return None  # another process is merging
-    records = _read_done(output)
-    for p in parts:
-        records.update(_read_done(p))
-    ordered = sorted(records.values(), key=lambda r: (r["prompt_index"], r["sample"]))
-    tmp = output.with_name(output.name + ".merging")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in ordered:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output)  # atomic: the output is either the old file or the merged one
-    for p in parts:
-        p.unlink(missing_ok=True)
-        Path(f"{p}.done").unlink(missing_ok=True)
-    lock.unlink(missing_ok=True)
-    return ordered
-
-
-def summarize(records: Iterable[dict]) -> dict:
-    records = list(records)
-    n = len(records)
-    if n == 0:
-        return {"samples": 0}
-
-    def mean(key):
-        return sum(key(r) for r in records) / n
-
-    return {
-        "samples": n,
-        "prompts": len({r["prompt_index"] for r in records}),
-        "toxic_rate_before": mean(lambda r: float(r["toxic_before"])),
-        "toxic_rate_after": mean(lambda r: float(r["toxic_after"])),
-        "mean_toxicity_before": mean(lambda r: r["toxicity_before"]["aggregate"]),
-        "mean_toxicity_after": mean(lambda r: r["toxicity_after"]["aggregate"]),
-        "refined": sum(bool(r["refined"]) for r in records),
-        "rows_per_sample": mean(lambda r: r["rows"]),
-        "rows_before_per_sample": mean(lambda r: r["rows_before"]),
-        "reward_calls_per_sample": mean(lambda r: r["reward_calls"]),
-        "seconds": sum(r["seconds"] for r in records),
-    }
-
-
-def format_summary(summary: dict) -> str:
-    if not summary.get("samples"):
-        return "no samples"
-    s = summary
-    rows = [
-        ("samples (prompts)", f"{s['samples']} ({s['prompts']})"),
-        ("toxic rate", f"{s['toxic_rate_before']:.3f} -> {s['toxic_rate_after']:.3f}"),
-        ("mean toxicity", f"{s['mean_toxicity_before']:.4f} -> {s['mean_toxicity_after']:.4f}"),
-        ("refined samples", f"{s['refined']}"),
-        ("denoiser rows / sample", f"{s['rows_per_sample']:.1f} (+{s['rows_before_per_sample']:.1f} for 'before')"),
-        ("reward texts / sample", f"{s['reward_calls_per_sample']:.1f}"),
-        ("time", f"{s['seconds']:.1f} s"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    header = f"{'':<{width}}  before -> after"
-    return "\n".join([header] + [f"{k:<{width}}  {v}" for k, v in rows])

@@ -214,7 +214,6 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
 
 def detoxify(args) -> int:
     import os
-    from pathlib import Path
 
     from . import batch
 
@@ -225,7 +224,7 @@ def detoxify(args) -> int:
                                f"{args.samples} identical samples per prompt; set --temperature (e.g. 1.0)")
     shard = batch.Shard.from_env()
     fingerprint = _fingerprint(args, policy, sampling, refinement)
-    with batch.OutputLock(shard.part(Path(args.output))) as lock:
+    with batch.OutputLock(args.output, shard) as lock:
         batch.check_resume(args.output, fingerprint, shard)
         device_map = None
         if shard.world > 1:
