@@ -117,9 +117,10 @@ class SafeGenerator:
                 if hasattr(generation_config, "to_diff_dict") else vars(generation_config)
             if is_dict:
                 _check_keywords(items, "generation_config has")
-            from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS}
-            if not is_dict and "temperature" in from_config and not getattr(generation_config, "do_sample", True):
-                from_config["do_sample"] = False  # a diff dict omits the default do_sample=False: greedy
+            # A GenerationConfig's diff dict holds the fields that were set (transformers 5 leaves the
+            # others None), do_sample among them only when stated: the same options as a dict.
+            from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS
+                           and v is not None}
         merged = {**from_config, **kwargs}
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
@@ -150,8 +151,9 @@ class SafeGenerator:
         Setting max_new_tokens (G) alone fits the rest to it (see `fit_lengths`). From transformers'
         generate: max_length (G = max_length - prompt length), num_return_sequences (n samples per
         prompt, each with its own seed; needs temperature > 0), do_sample (False: greedy; True:
-        temperature 1 unless one is set), pad_token_id (fills after the first stop token),
-        eos_token_id (an id or up to two ids that end the answer); use_cache and bos_token_id change
+        temperature 1 unless one is set; unstated: temperature > 0 samples, in kwargs, a dict or a
+        GenerationConfig alike), pad_token_id (fills after the first stop token), eos_token_id (an
+        id or a list of any length, added to the model's EOS and EOT); use_cache and bos_token_id change
         nothing. Other generate keywords are refused with the reason.
 
         A right-padded batch (the tokenizer's default side) is re-padded to the left, where the
@@ -174,11 +176,9 @@ class SafeGenerator:
         if call.get("pad_token_id") is not None:
             changes["pad_id"] = int(call["pad_token_id"])
         if call.get("eos_token_id") is not None:
-            eos = call["eos_token_id"]
-            eos = [eos] if isinstance(eos, int) else list(eos)
-            if not 1 <= len(eos) <= 2 or not all(isinstance(e, int) for e in eos):
-                raise ValueError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
-            changes["eos_id"], changes["eot_id"] = eos[0], eos[1] if len(eos) > 1 else None
+            # Added to the model's own stop tokens (EOS, EOT), which the answers were trained to end
+            # with; replacing those takes a profile (README: stop tokens).
+            changes["extra_stop_ids"] = self.profile.extra_stop_ids + stop_id_list(call["eos_token_id"])
         return dataclasses.replace(self.profile, **changes) if changes else self.profile
 
     def _generate(self, input_ids, attention_mask, sampling, refinement, call, prompts):
@@ -352,6 +352,16 @@ def fit_lengths(base: SamplingConfig, options: dict) -> dict:
     return out
 
 
+def stop_id_list(value) -> tuple[int, ...]:
+    """generate's eos_token_id (an id, or a list or tensor of any number of ids) as a tuple."""
+    ids = value.tolist() if isinstance(value, torch.Tensor) else value
+    ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
+    if not isinstance(ids, (list, tuple)) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"eos_token_id must be a token id or a non-empty list of token ids, got {value!r}")
+    return tuple(ids)
+
+
 def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
     """The batch with each row's padding moved to its left (unchanged when it is there already)."""
     keep = attention_mask.bool()
@@ -374,7 +384,11 @@ def _check_keywords(options: dict, where: str) -> None:
 
 
 def _sample_or_not(options: dict, configured_temperature: float) -> None:
-    """transformers' do_sample: False means greedy; True samples at the temperature given, else 1."""
+    """One rule for keywords, dicts and GenerationConfigs: a stated do_sample decides (False: greedy
+    whatever the temperature, as in transformers; True: the temperature given, else 1); without one,
+    the temperature does (0: greedy, > 0: sampling at it). transformers would decode
+    GenerationConfig(temperature=0.7) greedily, its do_sample defaulting to False; here a stated
+    temperature is taken to mean sampling at it, whichever way it is spelled."""
     if "do_sample" not in options:
         return
     temperature = options.get("temperature", configured_temperature)
