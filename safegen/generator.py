@@ -19,6 +19,7 @@ from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
 from .sampler import ConfigError, DiffusionSampler, SamplingConfig, updated_config
+from .sampling_config import total_steps
 
 log = logging.getLogger(__name__)
 
@@ -333,10 +334,11 @@ def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[
 
 def fit_lengths(base: SamplingConfig, options: dict) -> dict:
     """`options` with steps and block_length fitted to a max_new_tokens (G) that they leave unset:
-    block_length stays base's if it divides G, else becomes the largest divisor of G below it; steps
-    keep base's commits per step (G·base.steps/base.max_new_tokens), rounded up to a multiple of
-    the number of blocks and at most G. With the defaults (128 tokens, 128 steps, blocks of 32),
-    G = 16 gives 16 steps in one block and G = 48 gives 48 steps in two blocks of 24."""
+    block_length stays base's (G itself when G is shorter; a last block shorter than the others
+    takes the rest), and steps keep base's tokens per step: G·base.steps/base.max_new_tokens rounded
+    up to the next count that fits the blocks (S per full block, the last block its share), at most
+    G. With the defaults (128 tokens, 128 steps, blocks of 32), G = 127 gives blocks of 32, 32, 32
+    and 31 in 127 steps, G = 48 blocks of 32 and 16 in 48 steps, and G = 16 one block of 16 steps."""
     if "max_new_tokens" not in options:
         return options
     G = options["max_new_tokens"]
@@ -344,11 +346,15 @@ def fit_lengths(base: SamplingConfig, options: dict) -> dict:
         return options  # validation names the problem
     out = dict(options)
     if "block_length" not in out:
-        out["block_length"] = max(d for d in range(1, min(G, base.block_length) + 1) if G % d == 0)
-    if "steps" not in out and isinstance(out["block_length"], int) and out["block_length"] >= 1:
-        blocks = max(1, G // out["block_length"])
+        out["block_length"] = min(G, base.block_length)
+    bl = out["block_length"]
+    if "steps" not in out and isinstance(bl, int) and not isinstance(bl, bool) and bl >= 1:
         wanted = -(-G * base.steps // base.max_new_tokens)
-        out["steps"] = min(G, -(-wanted // blocks) * blocks)
+        lengths = SamplingConfig(max_new_tokens=G, steps=1, block_length=bl).block_lengths
+        if len(lengths) == 1:
+            out["steps"] = min(G, wanted)
+        else:
+            out["steps"] = next((T for T in (total_steps(lengths, S) for S in range(1, bl + 1)) if T >= wanted), G)
     return out
 
 
