@@ -18,8 +18,9 @@ from . import keywords
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
+from .keywords import sample_or_not, stop_id_list
 from .sampler import ConfigError, DiffusionSampler, SamplingConfig, updated_config
-from .sampling_config import total_steps
+from .sampling_config import fit_lengths
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class SafeGenerator:
                 raise ValueError(f"max_length={merged['max_length']} leaves no room to generate after the "
                                  f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
             merged["max_new_tokens"] = merged["max_length"] - prompt_length
-        _sample_or_not(merged, self.sampling.temperature)
+        sample_or_not(merged, self.sampling.temperature)
         sampling = self.sampling.updated(**fit_lengths(self.sampling, {k: v for k, v in merged.items()
                                                                         if k in _SAMPLING_FIELDS}))
         refinement = self.refinement.updated(**{k: v for k, v in merged.items() if k in _REFINE_FIELDS})
@@ -332,42 +333,6 @@ def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[
     return sampling, refinement.validate()
 
 
-def fit_lengths(base: SamplingConfig, options: dict) -> dict:
-    """`options` with steps and block_length fitted to a max_new_tokens (G) that they leave unset:
-    block_length stays base's (G itself when G is shorter; a last block shorter than the others
-    takes the rest), and steps keep base's tokens per step: G·base.steps/base.max_new_tokens rounded
-    up to the next count that fits the blocks (S per full block, the last block its share), at most
-    G. With the defaults (128 tokens, 128 steps, blocks of 32), G = 127 gives blocks of 32, 32, 32
-    and 31 in 127 steps, G = 48 blocks of 32 and 16 in 48 steps, and G = 16 one block of 16 steps."""
-    if "max_new_tokens" not in options:
-        return options
-    G = options["max_new_tokens"]
-    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
-        return options  # validation names the problem
-    out = dict(options)
-    if "block_length" not in out:
-        out["block_length"] = min(G, base.block_length)
-    bl = out["block_length"]
-    if "steps" not in out and isinstance(bl, int) and not isinstance(bl, bool) and bl >= 1:
-        wanted = -(-G * base.steps // base.max_new_tokens)
-        lengths = SamplingConfig(max_new_tokens=G, steps=1, block_length=bl).block_lengths
-        if len(lengths) == 1:
-            out["steps"] = min(G, wanted)
-        else:
-            out["steps"] = next((T for T in (total_steps(lengths, S) for S in range(1, bl + 1)) if T >= wanted), G)
-    return out
-
-
-def stop_id_list(value) -> tuple[int, ...]:
-    """generate's eos_token_id (an id, or a list or tensor of any number of ids) as a tuple."""
-    ids = value.tolist() if isinstance(value, torch.Tensor) else value
-    ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
-    if not isinstance(ids, (list, tuple)) or not ids or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ConfigError(f"eos_token_id must be a token id or a non-empty list of token ids, got {value!r}")
-    return tuple(ids)
-
-
 def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
     """The batch with each row's padding moved to its left (unchanged when it is there already)."""
     keep = attention_mask.bool()
@@ -387,23 +352,6 @@ def _check_keywords(options: dict, where: str) -> None:
     if unknown:
         raise TypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
                         f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
-
-
-def _sample_or_not(options: dict, configured_temperature: float) -> None:
-    """One rule for keywords, dicts and GenerationConfigs: a stated do_sample decides (False: greedy
-    whatever the temperature, as in transformers; True: the temperature given, else 1); without one,
-    the temperature does (0: greedy, > 0: sampling at it). transformers would decode
-    GenerationConfig(temperature=0.7) greedily, its do_sample defaulting to False; here a stated
-    temperature is taken to mean sampling at it, whichever way it is spelled."""
-    if "do_sample" not in options:
-        return
-    temperature = options.get("temperature", configured_temperature)
-    if not options["do_sample"]:
-        options["temperature"] = 0.0
-    elif "temperature" in options and not temperature:
-        raise ValueError("do_sample=True with temperature=0 contradicts itself: drop one of them")
-    elif not temperature:
-        options["temperature"] = 1.0
 
 
 def _as_config(value, cls, name):

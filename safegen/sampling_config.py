@@ -112,3 +112,29 @@ def block_steps(lengths: list[int], steps: int):
         if total_steps(lengths, S) == steps:
             return S
     return None
+
+
+def fit_lengths(base: SamplingConfig, options: dict) -> dict:
+    """`options` with steps and block_length fitted to a max_new_tokens (G) that they leave unset:
+    block_length stays base's (G itself when G is shorter; a last block shorter than the others
+    takes the rest), and steps keep base's tokens per step: G·base.steps/base.max_new_tokens rounded
+    up to the next count that fits the blocks (S per full block, the last block its share), at most
+    G. With the defaults (128 tokens, 128 steps, blocks of 32), G = 127 gives blocks of 32, 32, 32
+    and 31 in 127 steps, G = 48 blocks of 32 and 16 in 48 steps, and G = 16 one block of 16 steps."""
+    if "max_new_tokens" not in options:
+        return options
+    G = options["max_new_tokens"]
+    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
+        return options  # validation names the problem
+    out = dict(options)
+    if "block_length" not in out:
+        out["block_length"] = min(G, base.block_length)
+    bl = out["block_length"]
+    if "steps" not in out and isinstance(bl, int) and not isinstance(bl, bool) and bl >= 1:
+        wanted = -(-G * base.steps // base.max_new_tokens)
+        lengths = SamplingConfig(max_new_tokens=G, steps=1, block_length=bl).block_lengths
+        if len(lengths) == 1:
+            out["steps"] = min(G, wanted)
+        else:
+            out["steps"] = next((T for T in (total_steps(lengths, S) for S in range(1, bl + 1)) if T >= wanted), G)
+    return out
