@@ -35,13 +35,25 @@ def greedy(model, profile, ids, mask=None):
     return out[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_greedy_output_alone_equals_batched_with_a_longer_prompt(models, dtype):
+def test_greedy_output_alone_equals_batched_with_a_longer_prompt(models):
     by_dtype, profile = models
     short, ids, mask = prompts(profile)
-    alone = greedy(by_dtype[dtype], profile, short)
-    batched = greedy(by_dtype[dtype], profile, ids, mask)
+    alone = greedy(by_dtype["bf16"], profile, short)
+    batched = greedy(by_dtype["bf16"], profile, ids, mask)
     assert torch.equal(alone[0], batched[0]), f"{int((alone[0] != batched[0]).sum())} of 32 tokens differ"
+
+
+def test_safe_generator_passes_the_padding_to_the_model(models, tiny_generator_parts):
+    """generate_text pads a batch on the left and hands the mask on: in bf16, greedy, a prompt's text
+    alone and beside a longer prompt is the same."""
+    from safegen.generator import SafeGenerator
+
+    by_dtype, profile = models
+    g = SafeGenerator(by_dtype["bf16"], tiny_generator_parts[1], policy="offline", profile=profile)
+    short, long = "you are", "on this late november afternoon , we walked along the river and talked about"
+    options = dict(max_new_tokens=16, temperature=0.0, refine=False)
+    alone = g.generate_text([short], **options)[0].text
+    assert g.generate_text([short, long], **options)[0].text == alone
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
