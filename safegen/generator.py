@@ -122,7 +122,7 @@ class SafeGenerator:
             # A GenerationConfig's diff dict holds the fields that were set (transformers 5 leaves the
             # others None), do_sample among them only when stated: the same options as a dict.
             from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS
-                           and v is not None}
+                           and (is_dict or v is not None)}
         merged = {**from_config, **kwargs}
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
