@@ -73,7 +73,7 @@ class SVDDSampler(DiffusionSampler):
         self.refresh(state)
         B, G = state.gen.shape
         M, device, P = self.M, state.x.device, state.prompt_length
-        S, t = self.config.steps_per_block, self.global_step(state)
+        S, t = self.config.steps_in_block(state.block), self.global_step(state)
         owner = torch.arange(B, device=device).repeat_interleave(M)
         j = torch.arange(M, device=device).repeat(B)
         # Candidate 0 uses the step's own noise, so M = 1 is exactly plain sampling.
@@ -130,8 +130,9 @@ class FKSteering:
         self.r_prev: Optional[torch.Tensor] = None
         self.resamplings = 0
 
-    def applies(self, block: int, step: int, S: int) -> bool:
-        return step >= 1 and global_step(block, step, S) % self.every == 0 and self.K > 1
+    def applies(self, block: int, step: int, S: int, t: Optional[int] = None) -> bool:
+        t = global_step(block, step, S) if t is None else t
+        return step >= 1 and t % self.every == 0 and self.K > 1
 
     def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:
         B = state.x.shape[0]

@@ -75,7 +75,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--max-new-tokens", type=int, default=None, help="generation length G (default 128)")
     s.add_argument("--steps", type=int, default=None, help="denoising steps T (default: G)")
     s.add_argument("--block-length", type=int, default=None,
-                   help="block length (default: the largest divisor of G up to 32)")
+                   help="block length (default 32, or G if shorter; a last block may be shorter)")
     s.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0)")
     s.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
     s.add_argument("--cfg-scale", type=float, default=None,

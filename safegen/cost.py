@@ -27,8 +27,8 @@ from .refine_config import RefineConfig
 from .sampler import SamplingConfig, global_step, transfer_counts
 
 
-# (block, step, steps_per_block) -> does the kernel apply there (RefineConfig.applies, IterRef.applies)
-Applies = Callable[[int, int, int], bool]
+# (block, step, steps in the block, t) -> does the kernel apply there (RefineConfig.applies, IterRef.applies)
+Applies = Callable[[int, int, int, int], bool]
 
 EPS = 1e-9  # float slack when comparing rows with a budget
 
@@ -43,10 +43,17 @@ def plain_rows(sampling: SamplingConfig) -> float:
     return sampling.steps * rows_per_forward(sampling)
 
 
-def refinement_points(sampling: SamplingConfig, applies: Applies) -> list[int]:
-    """The global steps t (1..T) after which `applies` says the kernel runs, in order."""
+def block_points(sampling: SamplingConfig) -> list[tuple[int, int, int, int]]:
+    """(block, step, steps in the block, t) of every point after a commit, in order; t = 1..T."""
     S = sampling.steps_per_block
-    return [global_step(b, s, S) for b in range(sampling.n_blocks) for s in range(1, S + 1) if applies(b, s, S)]
+    return [(b, s, sampling.steps_in_block(b), global_step(b, s, S))
+            for b in range(sampling.n_blocks) for s in range(1, sampling.steps_in_block(b) + 1)]
+
+
+def refinement_points(sampling: SamplingConfig, applies: Applies) -> list[int]:
+    """The global steps t (1..T) after which `applies` (block, step, steps in the block, t) says the
+    kernel runs, in order."""
+    return [t for b, s, S_b, t in block_points(sampling) if applies(b, s, S_b, t)]
 
 
 def is_last(sampling: SamplingConfig, t: int) -> bool:
@@ -60,12 +67,12 @@ def decoded_at(sampling: SamplingConfig, t: int, scope: str) -> int:
     last point, whatever the scope."""
     if is_last(sampling, t):
         return sampling.max_new_tokens
-    S, bl = sampling.steps_per_block, sampling.block_length
+    S, lengths = sampling.steps_per_block, sampling.block_lengths
     block, step = divmod(t, S)
-    if step == 0:  # a block's finished point
+    if step == 0:  # a block's finished point (only full blocks end on a multiple of S, or the last)
         block, step = block - 1, S
-    done = int(transfer_counts(torch.tensor([bl]), S)[0, :step].sum())
-    return done + (block * bl if scope == "all" else 0)
+    done = int(transfer_counts(torch.tensor([lengths[block]]), sampling.steps_in_block(block))[0, :step].sum())
+    return done + (sum(lengths[:block]) if scope == "all" else 0)
 
 
 def remask_sizes(rho: float, decoded: torch.Tensor) -> torch.Tensor:
@@ -128,13 +135,13 @@ def candidate_point_sets(sampling: SamplingConfig, points: str = "spread") -> li
     """Refinement point sets to choose from: in every block, every m-th step counted back from the
     block's end, from a share `start` of the block on. `points` bounds `start`: final (the finished
     block only, exact reward), late (the last quarter of each block), spread (anywhere)."""
-    S = sampling.steps_per_block
     sets = set()
     for start in POINTS[points]:
-        for every in range(1, S + 1):
-            steps = [s for s in range(1, S + 1) if s >= start * S and (S - s) % every == 0]
-            if steps:
-                sets.add(tuple(global_step(b, s, S) for b in range(sampling.n_blocks) for s in steps))
+        for every in range(1, sampling.steps_per_block + 1):
+            # Per block, with its own step count: a shorter last block is counted back from its end too.
+            chosen = tuple(t for _, s, S_b, t in block_points(sampling) if s >= start * S_b and (S_b - s) % every == 0)
+            if chosen:
+                sets.add(chosen)
     return sorted(sets)
 
 

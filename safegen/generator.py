@@ -19,7 +19,9 @@ from .errors import ArgumentTypeError
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
+from .keywords import sample_or_not, stop_id_list
 from .sampler import ConfigError, DiffusionSampler, SamplingConfig, updated_config
+from .sampling_config import fit_lengths
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +122,17 @@ class SafeGenerator:
                 if hasattr(generation_config, "to_diff_dict") else vars(generation_config)
             if is_dict:
                 _check_keywords(items, "generation_config has")
-            from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS}
-            if not is_dict and "temperature" in from_config and not getattr(generation_config, "do_sample", True):
-                from_config["do_sample"] = False  # a diff dict omits the default do_sample=False: greedy
+            # A GenerationConfig's diff dict holds the fields that were set (transformers 5 leaves the
+            # others None), do_sample among them only when stated: the same options as a dict.
+            from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS
+                           and (is_dict or v is not None)}
         merged = {**from_config, **kwargs}
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
                 raise ConfigError(f"max_length={merged['max_length']} leaves no room to generate after the "
                                   f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
             merged["max_new_tokens"] = merged["max_length"] - prompt_length
-        _sample_or_not(merged, self.sampling.temperature)
+        sample_or_not(merged, self.sampling.temperature)
         sampling = self.sampling.updated(**fit_lengths(self.sampling, {k: v for k, v in merged.items()
                                                                         if k in _SAMPLING_FIELDS}))
         refinement = self.refinement.updated(**{k: v for k, v in merged.items() if k in _REFINE_FIELDS})
@@ -153,8 +156,9 @@ class SafeGenerator:
         Setting max_new_tokens (G) alone fits the rest to it (see `fit_lengths`). From transformers'
         generate: max_length (G = max_length - prompt length), num_return_sequences (n samples per
         prompt, each with its own seed; needs temperature > 0), do_sample (False: greedy; True:
-        temperature 1 unless one is set), pad_token_id (fills after the first stop token),
-        eos_token_id (an id or up to two ids that end the answer); use_cache and bos_token_id change
+        temperature 1 unless one is set; unstated: temperature > 0 samples, in kwargs, a dict or a
+        GenerationConfig alike), pad_token_id (fills after the first stop token), eos_token_id (an
+        id or a list of any length, added to the model's EOS and EOT); use_cache and bos_token_id change
         nothing. Other generate keywords are refused with the reason.
 
         A right-padded batch (the tokenizer's default side) is re-padded to the left, where the
@@ -177,11 +181,9 @@ class SafeGenerator:
         if call.get("pad_token_id") is not None:
             changes["pad_id"] = int(call["pad_token_id"])
         if call.get("eos_token_id") is not None:
-            eos = call["eos_token_id"]
-            eos = [eos] if isinstance(eos, int) else list(eos)
-            if not 1 <= len(eos) <= 2 or not all(isinstance(e, int) for e in eos):
-                raise ConfigError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
-            changes["eos_id"], changes["eot_id"] = eos[0], eos[1] if len(eos) > 1 else None
+            # Added to the model's own stop tokens (EOS, EOT), which the answers were trained to end
+            # with; replacing those takes a profile (README: stop tokens).
+            changes["extra_stop_ids"] = self.profile.extra_stop_ids + stop_id_list(call["eos_token_id"])
         return dataclasses.replace(self.profile, **changes) if changes else self.profile
 
     def _generate(self, input_ids, attention_mask, sampling, refinement, call, prompts):
@@ -333,27 +335,6 @@ def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[
     return sampling, refinement.validate()
 
 
-def fit_lengths(base: SamplingConfig, options: dict) -> dict:
-    """`options` with steps and block_length fitted to a max_new_tokens (G) that they leave unset:
-    block_length stays base's if it divides G, else becomes the largest divisor of G below it; steps
-    keep base's commits per step (G·base.steps/base.max_new_tokens), rounded up to a multiple of
-    the number of blocks and at most G. With the defaults (128 tokens, 128 steps, blocks of 32),
-    G = 16 gives 16 steps in one block and G = 48 gives 48 steps in two blocks of 24."""
-    if "max_new_tokens" not in options:
-        return options
-    G = options["max_new_tokens"]
-    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
-        return options  # validation names the problem
-    out = dict(options)
-    if "block_length" not in out:
-        out["block_length"] = max(d for d in range(1, min(G, base.block_length) + 1) if G % d == 0)
-    if "steps" not in out and isinstance(out["block_length"], int) and out["block_length"] >= 1:
-        blocks = max(1, G // out["block_length"])
-        wanted = -(-G * base.steps // base.max_new_tokens)
-        out["steps"] = min(G, -(-wanted // blocks) * blocks)
-    return out
-
-
 def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
     """The batch with each row's padding moved to its left (unchanged when it is there already)."""
     keep = attention_mask.bool()
@@ -373,19 +354,6 @@ def _check_keywords(options: dict, where: str) -> None:
     if unknown:
         raise ArgumentTypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
                                 f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
-
-
-def _sample_or_not(options: dict, configured_temperature: float) -> None:
-    """transformers' do_sample: False means greedy; True samples at the temperature given, else 1."""
-    if "do_sample" not in options:
-        return
-    temperature = options.get("temperature", configured_temperature)
-    if not options["do_sample"]:
-        options["temperature"] = 0.0
-    elif "temperature" in options and not temperature:
-        raise ConfigError("do_sample=True with temperature=0 contradicts itself: drop one of them")
-    elif not temperature:
-        options["temperature"] = 1.0
 
 
 def _as_config(value, cls, name):

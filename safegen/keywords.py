@@ -1,6 +1,9 @@
 """transformers' `generate()` keywords in SafeGenerator.generate: which carry over to a masked diffusion
-sampler, and why the others do not. Without the torch import, so the command line can list them."""
+sampler, why the others do not, and how do_sample and eos_token_id are read. Without the torch
+import, so the command line can list them."""
 from __future__ import annotations
+
+from .sampling_config import ConfigError
 
 # Honoured (SafeGenerator.generate documents how). use_cache and bos_token_id change nothing here:
 # a diffusion step reads the whole sequence afresh, and the prompt is always given.
@@ -36,3 +39,30 @@ REFUSED = {
     "penalty_alpha": "contrastive search needs an autoregressive model",
     "decoder_start_token_id": "the model is decoder-only",
 }
+
+
+def sample_or_not(options: dict, configured_temperature: float) -> None:
+    """One rule for keywords, dicts and GenerationConfigs: a stated do_sample decides (False: greedy
+    whatever the temperature, as in transformers; True: the temperature given, else 1); without one,
+    the temperature does (0: greedy, > 0: sampling at it). transformers would decode
+    GenerationConfig(temperature=0.7) greedily, its do_sample defaulting to False; here a stated
+    temperature is taken to mean sampling at it, whichever way it is spelled."""
+    if "do_sample" not in options:
+        return
+    temperature = options.get("temperature", configured_temperature)
+    if not options["do_sample"]:
+        options["temperature"] = 0.0
+    elif "temperature" in options and not temperature:
+        raise ConfigError("do_sample=True with temperature=0 contradicts itself: drop one of them")
+    elif not temperature:
+        options["temperature"] = 1.0
+
+
+def stop_id_list(value) -> tuple[int, ...]:
+    """generate's eos_token_id (an id, or a list or tensor of any number of ids) as a tuple."""
+    ids = value.tolist() if hasattr(value, "tolist") else value  # a tensor or an array
+    ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
+    if not isinstance(ids, (list, tuple)) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"eos_token_id must be a token id or a non-empty list of token ids, got {value!r}")
+    return tuple(ids)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
@@ -180,7 +181,14 @@ class LLaDABlock(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # Bidirectional: every position sees every unpadded position.
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+        if x.device.type == "cpu":
+            # PyTorch's fused CPU kernel groups its float32 sums over keys by the key count, so a row
+            # padded to a longer neighbour's length got other bf16 roundings (up to 0.002 on the tiny
+            # model) than alone; the math kernel sums a row's keys alike whatever follows them.
+            with sdpa_kernel(SDPBackend.MATH):
+                att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
         x = x + self.attn_out(att.transpose(1, 2).reshape(batch, length, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -202,19 +210,41 @@ class LLaDABackbone(nn.Module):
         self.config = config
 
     def forward(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            return self.run(input_ids, None)
+        # Each row's real tokens are moved to the front (stable: their order kept), run, and moved
+        # back. A row's tokens then sit at positions 0..n-1 whatever its neighbours' lengths, as
+        # transformers' position_ids = cumsum(attention_mask) - 1 gives for left-padded batches, and
+        # its keys start at index 0 as when it runs alone. In exact arithmetic neither matters
+        # (RoPE sees position differences, padded keys are masked), but in bf16 q and k are rounded
+        # after the rotation by the absolute angle, and the attention kernel's float32 sums group
+        # keys by their index: left padding changed a prompt's greedy output (11 of 32 tokens on the
+        # tiny model in bf16). Unpadded rows keep 0..L-1, LLaDA's own absolute positions.
+        real = attention_mask.bool()
+        if bool(real.all()):
+            return self.run(input_ids, None)
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        packed = self.hidden(input_ids.gather(1, order), real.gather(1, order))
+        # Moved back before the head: d_model wide, not the vocabulary.
+        x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
+        return self.transformer.ff_out(self.transformer.ln_f(x))
+
+    def run(self, input_ids, real):
+        return self.transformer.ff_out(self.transformer.ln_f(self.hidden(input_ids, real)))
+
+    def hidden(self, input_ids, real):
+        """The last block's output with positions 0..L-1; `real` (B, L) bool marks the keys attended
+        to (None: all)."""
         x = self.transformer.wte(input_ids)
-        # Positions 0..L-1 even under left padding: RoPE only sees position differences, and padded
-        # keys are masked, so the real tokens' logits do not depend on how much padding precedes them.
         cos, sin = rotary_angles(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
                                  input_ids.device)
         key_mask = None
-        if attention_mask is not None:
-            key_mask = attention_mask.bool()
+        if real is not None:
             # A row without any real token would softmax over nothing (NaN); let it see everything.
-            key_mask = (key_mask | ~key_mask.any(-1, keepdim=True))[:, None, None, :]
+            key_mask = (real | ~real.any(-1, keepdim=True))[:, None, None, :]
         for block in self.transformer.blocks:
             x = block(x, cos, sin, key_mask)
-        return self.transformer.ff_out(self.transformer.ln_f(x))
+        return x
 
 
 class LLaDAModelLM(PreTrainedModel):

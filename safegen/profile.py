@@ -29,11 +29,13 @@ class ModelProfile:
     # Ids the tokenizer knows. Output heads are often padded to a round width (a multiple of 64);
     # the sampler never proposes an id at or beyond this.
     vocab_size: Optional[int] = None
+    # Stop tokens besides EOS and EOT (generate's eos_token_id adds them here, keeping the model's own).
+    extra_stop_ids: tuple[int, ...] = ()
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
         """Tokens at which an answer ends (the output is cut at the first of them)."""
-        return tuple(i for i in (self.eos_id, self.eot_id) if i is not None)
+        return tuple(dict.fromkeys(i for i in (self.eos_id, self.eot_id, *self.extra_stop_ids) if i is not None))
 
     def __post_init__(self):
         if self.pad_id is not None and self.pad_id == self.mask_id:

@@ -141,8 +141,8 @@ class IterRef:
         self.reward = reward
         self.blame = blame
 
-    def applies(self, block: int, step: int, steps_per_block: int) -> bool:
-        return self.config.iterations > 0 and self.config.applies(block, step, steps_per_block)
+    def applies(self, block: int, step: int, steps_per_block: int, t: Optional[int] = None) -> bool:
+        return self.config.iterations > 0 and self.config.applies(block, step, steps_per_block, t)
 
     # ---------------------------------------------------------------- the kernel
     def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:

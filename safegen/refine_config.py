@@ -96,12 +96,15 @@ class RefineConfig:
             overrides["at_steps"] = tuple(overrides["at_steps"])
         return updated_config(self, "refine", overrides)
 
-    def applies(self, block: int, step: int, steps_per_block: int) -> bool:
-        """Is the kernel applied after `step` commits of `block`? Points are steps 1..S of a block:
-        step 0 of a block is the same draft as the previous block's finished point."""
+    def applies(self, block: int, step: int, steps_per_block: int, t: Optional[int] = None) -> bool:
+        """Is the kernel applied after `step` commits of `block`? Points are steps 1..S of a block
+        (S = steps_per_block, the block's own step count: a shorter last block has fewer); step 0 of a
+        block is the same draft as the previous block's finished point. t: the global step (default
+        block·S + step, right when every block has S steps)."""
         if step < 1:
             return False
-        t = global_step(block, step, steps_per_block)
+        if t is None:
+            t = global_step(block, step, steps_per_block)
         if self.schedule == "late":
             return step / steps_per_block >= self.start
         if self.schedule == "evenly":

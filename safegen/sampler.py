@@ -3,8 +3,10 @@
 Generation starts from the prompt followed by G mask tokens and unmasks them over T steps
 (LLaDA, Nie et al. 2025, Alg. 2 and its "semi-autoregressive remasking"):
 
-* the G positions are split into blocks of `block_length`; each block gets T / n_blocks steps and only
-  positions of the current block may be committed;
+* the G positions are split into blocks of `block_length` (the last one shorter where that does not
+  divide G); a full block gets S steps, a shorter last block ceil(its length·S / block_length), so
+  every block keeps the same tokens per step, and only positions of the current block may be
+  committed;
 * the linear noise schedule implies a constant number of commits per step: `n_masked // steps`, the
   remainder going to the first steps;
 * each step makes one forward over the whole sequence, proposes a token for every masked position of
@@ -182,7 +184,7 @@ class DiffusionSampler:
 
     def block_slice(self, block: int) -> slice:
         bl = self.config.block_length
-        return slice(block * bl, (block + 1) * bl)
+        return slice(block * bl, min((block + 1) * bl, self.config.max_new_tokens))
 
     def committable(self, x_gen: torch.Tensor, block: int) -> torch.Tensor:
         """Masked positions of `block` (none once past the last block)."""
@@ -205,7 +207,7 @@ class DiffusionSampler:
 
     def next_block(self, state: SamplerState) -> int:
         """The block the next commit goes to (the post-block point looks ahead)."""
-        return state.block + (state.step == self.config.steps_per_block)
+        return state.block + (state.step == self.config.steps_in_block(state.block))
 
     def refresh(self, state: SamplerState) -> None:
         """Make state.pred current: one forward, unless nothing is masked (then x̂0 = x)."""
@@ -262,7 +264,6 @@ class DiffusionSampler:
         """
         t0 = time.perf_counter()
         cfg = self.config
-        S = cfg.steps_per_block
         state = self.start(input_ids, attention_mask, seeds)
         plain: Optional[SamplerState] = None
         plain_of = torch.zeros(0, dtype=torch.long, device=state.x.device)  # plain row -> state row
@@ -270,12 +271,13 @@ class DiffusionSampler:
             for block in range(cfg.n_blocks):
                 state.block = block
                 sl = self.block_slice(block)
+                S = cfg.steps_in_block(block)
                 counts = transfer_counts((state.gen[:, sl] == self.mask_id).sum(1), S)
                 for step in range(S + 1):
                     state.step = step
                     if plain is not None:
                         plain.block, plain.step = block, step
-                    if hook is not None and hook.applies(block, step, S):
+                    if hook is not None and hook.applies(block, step, S, self.global_step(state)):
                         self.refresh(state)
                         x, pred = state.x.clone(), state.pred
                         hook(self, state)

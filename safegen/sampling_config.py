@@ -49,18 +49,18 @@ class SamplingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"sampling.{name} must be a positive integer, got {value!r}")
-        if self.max_new_tokens % self.block_length:
-            raise ConfigError(
-                f"sampling.max_new_tokens ({self.max_new_tokens}) must be a multiple of "
-                f"sampling.block_length ({self.block_length})")
-        if self.steps % self.n_blocks:
-            raise ConfigError(
-                f"sampling.steps ({self.steps}) must be a multiple of the number of blocks "
-                f"({self.n_blocks} = max_new_tokens / block_length)")
         if self.steps > self.max_new_tokens:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
                 f"({self.max_new_tokens}): a step would commit nothing")
+        if self.n_blocks > 1 and block_steps(self.block_lengths, self.steps) is None:
+            near = sorted({total_steps(self.block_lengths, s) for s in range(1, self.block_length + 1)},
+                          key=lambda t: (abs(t - self.steps), t))[:2]
+            raise ConfigError(
+                f"sampling.steps ({self.steps}) does not fit blocks of {self.block_lengths}: every full "
+                f"block takes S steps and a shorter last one its share ceil(length·S/"
+                f"{self.block_length}), so steps must be one of (n_blocks - 1)·S + that share; the "
+                f"nearest are {' and '.join(map(str, sorted(near)))}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature!r}")
         if self.remasking not in REMASKING:
@@ -73,14 +73,76 @@ class SamplingConfig:
         return updated_config(self, "sampling", overrides)
 
     @property
+    def block_lengths(self) -> list[int]:
+        """Tokens of each block: block_length each, the last one shorter where block_length does not
+        divide max_new_tokens (one block of max_new_tokens when that is shorter than a block)."""
+        G, bl = self.max_new_tokens, self.block_length
+        return [min(bl, G - start) for start in range(0, G, bl)]
+
+    @property
     def n_blocks(self) -> int:
-        return self.max_new_tokens // self.block_length
+        return -(-self.max_new_tokens // self.block_length)
 
     @property
     def steps_per_block(self) -> int:
-        return self.steps // self.n_blocks
+        """S, the steps of a full block (of the only block when there is one): global step t of
+        (block, step) is block·S + step, the last block being the only one that may be shorter."""
+        if self.n_blocks == 1:
+            return self.steps
+        return block_steps(self.block_lengths, self.steps)
+
+    def steps_in_block(self, block: int) -> int:
+        """Steps of `block`: S, or the last block's share ceil(its length·S / block_length), which
+        keeps the full blocks' tokens per step."""
+        S = self.steps_per_block
+        if block < self.n_blocks - 1 or self.n_blocks == 1:
+            return S
+        return last_block_steps(self.block_lengths, S)
 
     @property
     def tokens_per_step(self) -> int:
         """Commits per step in a full block (at least 1): the pace proposals re-denoise at."""
-        return max(1, self.block_length // self.steps_per_block)
+        return max(1, self.block_lengths[0] // self.steps_per_block)
+
+
+def last_block_steps(lengths: list[int], S: int) -> int:
+    return -(-lengths[-1] * S // lengths[0])
+
+
+def total_steps(lengths: list[int], S: int) -> int:
+    """T for S steps per full block over blocks of `lengths` (the first one full)."""
+    return (len(lengths) - 1) * S + last_block_steps(lengths, S)
+
+
+def block_steps(lengths: list[int], steps: int):
+    """The S whose total_steps is `steps` (None if none): unique, total_steps growing with S."""
+    for S in range(1, lengths[0] + 1):
+        if total_steps(lengths, S) == steps:
+            return S
+    return None
+
+
+def fit_lengths(base: SamplingConfig, options: dict) -> dict:
+    """`options` with steps and block_length fitted to a max_new_tokens (G) that they leave unset:
+    block_length stays base's (G itself when G is shorter; a last block shorter than the others
+    takes the rest), and steps keep base's tokens per step: G·base.steps/base.max_new_tokens rounded
+    up to the next count that fits the blocks (S per full block, the last block its share), at most
+    G. With the defaults (128 tokens, 128 steps, blocks of 32), G = 127 gives blocks of 32, 32, 32
+    and 31 in 127 steps, G = 48 blocks of 32 and 16 in 48 steps, and G = 16 one block of 16 steps."""
+    if "max_new_tokens" not in options:
+        return options
+    G = options["max_new_tokens"]
+    if not isinstance(G, int) or isinstance(G, bool) or G < 1:
+        return options  # validation names the problem
+    out = dict(options)
+    if "block_length" not in out:
+        out["block_length"] = min(G, base.block_length)
+    bl = out["block_length"]
+    if "steps" not in out and isinstance(bl, int) and not isinstance(bl, bool) and bl >= 1:
+        wanted = -(-G * base.steps // base.max_new_tokens)
+        lengths = SamplingConfig(max_new_tokens=G, steps=1, block_length=bl).block_lengths
+        if len(lengths) == 1:
+            out["steps"] = min(G, wanted)
+        else:
+            out["steps"] = next((T for T in (total_steps(lengths, S) for S in range(1, bl + 1)) if T >= wanted), G)
+    return out

@@ -37,7 +37,7 @@ class SamplerState:
     prompt_length: int
     keys: torch.Tensor  # (B,) per-row random keys (rng.seed_keys of the row seeds)
     block: int = 0
-    step: int = 0  # step within the block; == steps_per_block at the "block finished" point
+    step: int = 0  # step within the block; == its steps_in_block at the "block finished" point
     pred: Optional[Prediction] = None  # prediction at x for the next commit; None when stale
     logits: Optional[torch.Tensor] = None  # logits of x (generation region); None once x changed
     # Accounting per row (docs/cost.md): denoiser rows, reward texts, proposals.
@@ -65,15 +65,17 @@ class SamplerState:
 class StepHook(Protocol):
     """An extension of the sampler at chosen (block, step) points.
 
-    `applies(block, step, steps_per_block)` is asked before each commit (step < steps_per_block) and
-    once when a block is finished (step == steps_per_block). When it answers True the sampler calls
+    `applies(block, step, steps_in_block, t)` is asked before each commit (step < steps_in_block) and
+    once when a block is finished (step == steps_in_block); steps_in_block is the block's own step
+    count (a shorter last block has fewer) and t the global step (SamplingConfig.steps_per_block ·
+    block + step). When it answers True the sampler calls
     `hook(sampler, state)` with `state.pred` fresh for `state.x` (and `state.logits`, unless x has no
     mask left and needed no forward). The hook may
     replace `state.x` and `state.pred` (keeping every row's number of decoded tokens) and must add
     what it spends to the state's accounting tensors.
     """
 
-    def applies(self, block: int, step: int, steps_per_block: int) -> bool: ...
+    def applies(self, block: int, step: int, steps_in_block: int, t: int) -> bool: ...
 
     def __call__(self, sampler: "DiffusionSampler", state: SamplerState) -> None: ...
 

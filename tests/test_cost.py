@@ -58,7 +58,7 @@ def test_decoded_tokens_at_each_point_are_the_samplers():
     seen = []
 
     class Recorder:
-        def applies(self, block, step, S):
+        def applies(self, block, step, S, t):
             return step >= 1
 
         def __call__(self, sampler, state):

@@ -27,7 +27,7 @@ def test_max_new_tokens_alone_fits_steps_and_blocks(default_generator, batch):
     sampling, _, _ = default_generator.resolve(max_new_tokens=64)  # the class docstring's own example
     assert (sampling.max_new_tokens, sampling.steps, sampling.block_length) == (64, 64, 32)
     assert fit_lengths(SamplingConfig(), {"max_new_tokens": 48}) == \
-        {"max_new_tokens": 48, "block_length": 24, "steps": 48}
+        {"max_new_tokens": 48, "block_length": 32, "steps": 48}  # blocks of 32 and 16
     # Half a commit per step configured: kept when G changes; a set value is never overridden.
     half = SamplingConfig(max_new_tokens=64, steps=32, block_length=32)
     assert fit_lengths(half, {"max_new_tokens": 16}) == {"max_new_tokens": 16, "block_length": 16, "steps": 8}

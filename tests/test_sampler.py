@@ -164,8 +164,8 @@ def test_accepts_output_objects_and_validates():
     m = WrappedOutput(ScriptedModel())
     out = generate(m, torch.zeros((1, 2), dtype=torch.long), 11, max_new_tokens=4, steps=2, block_length=4)
     assert out.sequences.shape == (1, 6)
-    with pytest.raises(ConfigError, match="block_length"):
-        SamplingConfig(max_new_tokens=10, block_length=4).validate()
+    with pytest.raises(ConfigError, match=r"steps \(9\) does not fit blocks of \[4, 4, 2\].* 8 and 10"):
+        SamplingConfig(max_new_tokens=10, block_length=4, steps=9).validate()
     with pytest.raises(ConfigError, match="steps"):
         SamplingConfig(max_new_tokens=8, block_length=4, steps=3).validate()
     with pytest.raises(ConfigError, match="remasking"):
