@@ -7,6 +7,9 @@ from dataclasses import dataclass, fields, replace
 from .errors import SafegenError
 
 REMASKING = ("low_confidence", "random")
+# "llada": LLaDA's blocks and fixed commit counts (safegen.sampler); "mdlm": MDLM's ancestral sampler
+# with the log-linear schedule over the whole answer, one block (safegen.mdlm_sampler).
+SAMPLERS = ("llada", "mdlm")
 
 
 class ConfigError(SafegenError):
@@ -35,21 +38,26 @@ class SamplingConfig:
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance; 0 disables it
     logits_eos_inf: bool = False  # forbid EOS as a candidate token
     confidence_eos_eot_inf: bool = False  # commit EOS/EOT candidates only when nothing else is left
+    sampler: str = "llada"  # one of SAMPLERS; "mdlm" ignores block_length and remasking
 
     def validate(self) -> "SamplingConfig":
         for name in ("max_new_tokens", "steps", "block_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"sampling.{name} must be a positive integer, got {value!r}")
-        if self.max_new_tokens % self.block_length:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "mdlm":
+            pass  # one block, and any number of steps: a step may unmask nothing
+        elif self.max_new_tokens % self.block_length:
             raise ConfigError(
                 f"sampling.max_new_tokens ({self.max_new_tokens}) must be a multiple of "
                 f"sampling.block_length ({self.block_length})")
-        if self.steps % self.n_blocks:
+        elif self.steps % self.n_blocks:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) must be a multiple of the number of blocks "
                 f"({self.n_blocks} = max_new_tokens / block_length)")
-        if self.steps > self.max_new_tokens:
+        elif self.steps > self.max_new_tokens:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
                 f"({self.max_new_tokens}): a step would commit nothing")
@@ -65,8 +73,13 @@ class SamplingConfig:
         return updated_config(self, "sampling", overrides)
 
     @property
+    def block_size(self) -> int:
+        """Positions per block as the sampler runs it: MDLM's sampler has one block, the whole answer."""
+        return self.max_new_tokens if self.sampler == "mdlm" else self.block_length
+
+    @property
     def n_blocks(self) -> int:
-        return self.max_new_tokens // self.block_length
+        return self.max_new_tokens // self.block_size
 
     @property
     def steps_per_block(self) -> int:
@@ -75,4 +88,4 @@ class SamplingConfig:
     @property
     def tokens_per_step(self) -> int:
         """Commits per step in a full block (at least 1): the pace proposals re-denoise at."""
-        return max(1, self.block_length // self.steps_per_block)
+        return max(1, self.block_size // self.steps_per_block)
