@@ -23,8 +23,8 @@ from .profile import profile_from
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
     import torch
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "PINNED_REVISIONS", "HEAD_MODULE", "QUANTIZATIONS", "TOKENIZER_FILES", "LoadError", "load_model", "require_tokenizer",
-           "profile_from"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "PINNED_REVISIONS", "HEAD_MODULE", "QUANTIZATIONS",
+           "TOKENIZER_FILES", "LoadError", "load_model", "model_type_of", "require_tokenizer", "profile_from"]
 
 DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # A commit of the hub repository (the snapshot that public projects pin and that appears in their
@@ -155,6 +155,21 @@ def _mdlm_tokenizer(config, model_id_or_path: str, is_folder: bool, has_tokenize
             f"MDLM uses GPT-2's tokenizer ({GPT2_TOKENIZER} at revision {GPT2_REVISION}), which is not in the "
             f"local Hugging Face cache and could not be downloaded ({_first_line(err)}): download it where the "
             f"hub is reachable (huggingface-cli download {GPT2_TOKENIZER} --revision {GPT2_REVISION})") from None
+
+
+def model_type_of(model_id_or_path: str, revision: str | None = None) -> str | None:
+    """config.json's model_type (reading JSON only), or None when it cannot be read here: load_model
+    then says why."""
+    from transformers import PretrainedConfig
+
+    folder = Path(model_id_or_path).expanduser()
+    try:
+        if folder.is_dir():
+            return PretrainedConfig.get_config_dict(str(folder))[0].get("model_type")
+        return PretrainedConfig.get_config_dict(model_id_or_path, revision=revision,
+                                                local_files_only=_offline())[0].get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def require_tokenizer(tokenizer, model_id_or_path) -> None:

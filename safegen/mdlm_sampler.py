@@ -29,9 +29,12 @@ from . import rng
 from .profile import ModelProfile
 from .sampler import DiffusionSampler, SamplingConfig, SamplerState
 
-__all__ = ["MDLMSampler", "SCHEDULE_EPS", "move_chances", "unmask_probability"]
+__all__ = ["DEFAULT_SAMPLING", "MDLMSampler", "expected_forwards", "SCHEDULE_EPS", "move_chances", "unmask_probability"]
 
 SCHEDULE_EPS = 1e-5  # the reference sampler's final time (its _sample's eps)
+
+# What SafeGenerator uses for an MDLM unless told otherwise: this sampler, drawing tokens at temperature 1.
+DEFAULT_SAMPLING = dict(sampler="mdlm", temperature=1.0)
 
 
 def move_chances(step: int, steps: int, eps: float = SCHEDULE_EPS) -> tuple[float, float]:

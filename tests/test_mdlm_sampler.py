@@ -182,3 +182,16 @@ def test_rows_alone_and_batched_are_identical():
     together = mdlm(32).run(prompts, seeds=[5, 6, 7, 8, 9, 10]).sequences
     alone = torch.cat([mdlm(32).run(prompts[:1], seeds=[s]).sequences for s in (5, 6, 7, 8, 9, 10)])
     assert torch.equal(together, alone)
+
+
+def test_budget_is_counted_in_mdlm_plain_forwards():
+    """The budget's unit with MDLM's sampler is its expected plain cost (cost.plain_rows), not T: at
+    T = 256 for 4 tokens a budget of 3 x T would be no cap at all."""
+    from safegen import cost
+
+    sampler = mdlm()
+    unit = cost.plain_rows(sampler.config)
+    assert unit == pytest.approx(expected_forwards(L, STEPS)) and unit < L + 1
+    out = refined(16, budget=3.0)
+    assert (out.rows <= 3.0 * unit + cost.EPS).all()
+    assert out.rows.mean() > 2.0 * unit  # the allowance is spent, not left
