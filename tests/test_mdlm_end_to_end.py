@@ -1,0 +1,84 @@
+"""The tiny MDLM (`safegen tiny-model --family mdlm`) through load_model, SafeGenerator and `safegen
+detoxify`: MDLM's sampler is chosen for an MDLM, its ids come from its tokenizer, and its rows are what
+the sampler ran."""
+import json
+
+import pytest
+import torch
+
+from safegen.cli import main
+from safegen.generator import SafeGenerator
+from safegen.loading import LoadError, load_model
+from safegen.mdlm import MDLMModel
+from safegen.tiny import MDLM_EOS, MDLM_MASK
+
+
+@pytest.fixture(scope="module")
+def tiny_mdlm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-mdlm") / "model"
+    assert main(["tiny-model", "--family", "mdlm", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_mdlm_dir):
+    return load_model(str(tiny_mdlm_dir), quantization="none", device_map="cpu")
+
+
+def test_tiny_mdlm_loads_with_mdlm_s_ids(parts):
+    model, tokenizer, profile = parts
+    assert type(model) is MDLMModel
+    vocab = tokenizer.get_vocab()
+    # MDLM's layout: the mask is the last id; one token is BOS, EOS and padding.
+    assert profile.mask_id == vocab[MDLM_MASK] == model.config.vocab_size - 1 == tokenizer.mask_token_id
+    assert profile.eos_id == profile.pad_id == profile.bos_id == vocab[MDLM_EOS]
+    assert not profile.chat_template
+
+
+def test_generator_runs_mdlm_s_sampler_and_counts_its_forwards(parts):
+    model, tokenizer, profile = parts
+    gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                        sampling={"max_new_tokens": 16, "steps": 64}, refinement={"iterations": 0})
+    assert (gen.sampling.sampler, gen.sampling.temperature) == ("mdlm", 1.0)
+    ids = torch.tensor([[profile.bos_id] + tokenizer.encode("the weather today is")] * 3)
+    out = gen.generate(ids, seed=0, return_dict_in_generate=True)
+    assert out.sequences.shape == (3, ids.shape[1] + 16)
+    assert (out.sequences[:, :ids.shape[1]] == ids).all()  # the prompt is a fixed prefix
+    assert not (out.sequences == profile.mask_id).any()
+    # A forward only after a step that unmasked something: at most G + 1 (noise removal), not T = 64.
+    rows = [r.rows for r in out.reports]
+    assert all(1 <= r <= 17 for r in rows), rows
+    # An explicit SamplingConfig is the caller's choice, kept as given.
+    from safegen.sampler import SamplingConfig
+
+    llada = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                          sampling=SamplingConfig(max_new_tokens=16, steps=16, block_length=16))
+    assert llada.sampling.sampler == "llada"
+
+
+def test_detoxify_on_the_tiny_mdlm(tiny_mdlm_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("You are such a\nThe museum opens at\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["detoxify", str(prompts), "-o", str(out), "--model", str(tiny_mdlm_dir), "--quantization", "none",
+                 "--policy", "offline", "--max-new-tokens", "12", "--steps", "48", "--iterations", "1"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and all(r["text"] for r in records)
+    assert all(r["rows"] <= 13 + 48 for r in records)
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    assert meta["sampling"]["sampler"] == "mdlm" and meta["sampling"]["temperature"] == 1.0
+
+
+def test_hub_mdlm_without_gpt2_s_tokenizer_says_what_to_download(monkeypatch):
+    """kuleshov-group/mdlm-owt ships no tokenizer: when GPT-2's is neither cached nor downloadable, the
+    error names it and its pinned revision; a local folder then loads without a tokenizer instead."""
+    from safegen import loading, mdlm
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(mdlm, "mdlm_tokenizer", offline)
+    config = mdlm.MDLMConfig()
+    with pytest.raises(LoadError, match=f"openai-community/gpt2.*{mdlm.GPT2_REVISION}.*huggingface-cli download"):
+        loading._mdlm_tokenizer(config, "kuleshov-group/mdlm-owt", False, True, True)
+    assert loading._mdlm_tokenizer(config, "/some/folder", True, False, True) is None
