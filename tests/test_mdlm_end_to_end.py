@@ -82,3 +82,29 @@ def test_hub_mdlm_without_gpt2_s_tokenizer_says_what_to_download(monkeypatch):
     with pytest.raises(LoadError, match=f"openai-community/gpt2.*{mdlm.GPT2_REVISION}.*huggingface-cli download"):
         loading._mdlm_tokenizer(config, "kuleshov-group/mdlm-owt", False, True, True)
     assert loading._mdlm_tokenizer(config, "/some/folder", True, False, True) is None
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit", "none"])
+def test_memory_estimate_of_mdlm_matches_what_loading_stores(tiny_mdlm_dir, quantization):
+    pytest.importorskip("bitsandbytes")
+    from test_memory import stored_bytes
+
+    from safegen.memory import meta_model, weight_bytes
+
+    model, _, _ = load_model(str(tiny_mdlm_dir), quantization=quantization, device_map="cpu")
+    assert weight_bytes(meta_model(model.config), quantization, kept_bytes=4) == stored_bytes(model)
+
+
+def test_memory_knows_mdlm_owt(tiny_mdlm_dir, capsys):
+    from safegen.mdlm import MDLMConfig
+    from safegen.memory import estimate
+
+    result = estimate(MDLMConfig(), seq_len=1024)
+    # MDLM-OWT's model.safetensors holds 678,522,728 bytes of float32 (and the rotary buffer's 32 numbers).
+    assert result.parameters == 169_627_218
+    # The rest is the file's JSON header, about 100 bytes for each of its 131 tensors.
+    assert 0 < 678_522_728 - (4 * result.parameters + 4 * 32) < 131 * 150
+    assert main(["memory", "--model", str(tiny_mdlm_dir), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    model, _, _ = load_model(str(tiny_mdlm_dir), quantization="none")
+    assert shown["parameters"] == sum(p.numel() for p in model.parameters())
