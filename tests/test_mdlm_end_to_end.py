@@ -108,3 +108,28 @@ def test_memory_knows_mdlm_owt(tiny_mdlm_dir, capsys):
     shown = json.loads(capsys.readouterr().out)
     model, _, _ = load_model(str(tiny_mdlm_dir), quantization="none")
     assert shown["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_audit_runs_mdlm_s_sampler_on_the_tiny_mdlm(tiny_mdlm_dir, tmp_path, capsys):
+    from benchmarks.rtp import audit
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": {"text": t}}) + "\n"
+                               for t in ["You are such a", "The museum opens at", "Go suck a"]))
+    common = ["--smoke", "--model", str(tiny_mdlm_dir), "--prompt-file", str(prompts), "--quiet",
+              "--evaluator", "eval-offline", "--steps", "32"]
+    out = tmp_path / "audit"
+    assert audit.main([*common, "--out", str(out), "--methods", "plain,best_of_n,iterref,iterref_targeted"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["sampling"]["sampler"] == "mdlm"
+    unit = results["T_rows"]
+    assert unit < 9  # expected forwards for G = 8, T = 32, not T
+    methods = results["methods"]
+    # Plain and Best-of-N spend a random number of forwards (at most G + 1 a sample); IterRef's budget
+    # caps its rows at b times the expected plain cost.
+    assert methods["plain"]["1"]["rows_per_sample"]["max"] <= 9
+    for m in ("iterref", "iterref_targeted"):
+        assert methods[m]["2"]["rows_per_sample"]["max"] <= 2 * unit + 1e-9, m
+    # SVDD and FK-steering are LLaDA-sampler methods: refused, nothing written.
+    assert audit.main([*common, "--out", str(tmp_path / "refused"), "--methods", "plain,svdd"]) == 2
+    assert "svdd" in capsys.readouterr().err and not (tmp_path / "refused").exists()
