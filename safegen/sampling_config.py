@@ -1,5 +1,6 @@
-"""LLaDA's sampling settings (SamplingConfig) and the validated-update helper that every config
-dataclass of safegen shares; the sampler itself is in safegen/sampler.py."""
+"""The sampling settings (SamplingConfig: LLaDA's, and which sampler runs) and the validated-update
+helper that every config dataclass of safegen shares; the samplers are in safegen/sampler.py and
+safegen/mdlm_sampler.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -47,17 +48,17 @@ class SamplingConfig:
                 raise ConfigError(f"sampling.{name} must be a positive integer, got {value!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.sampler == "mdlm":
-            pass  # one block, and any number of steps: a step may unmask nothing
-        elif self.max_new_tokens % self.block_length:
+        # MDLM's sampler has one block, the whole answer, and takes any number of steps (a step may
+        # unmask nothing); LLaDA's commits a fixed number of tokens a step in each block.
+        if self.sampler == "llada" and self.max_new_tokens % self.block_length:
             raise ConfigError(
                 f"sampling.max_new_tokens ({self.max_new_tokens}) must be a multiple of "
                 f"sampling.block_length ({self.block_length})")
-        elif self.steps % self.n_blocks:
+        elif self.sampler == "llada" and self.steps % self.n_blocks:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) must be a multiple of the number of blocks "
                 f"({self.n_blocks} = max_new_tokens / block_length)")
-        elif self.steps > self.max_new_tokens:
+        elif self.sampler == "llada" and self.steps > self.max_new_tokens:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
                 f"({self.max_new_tokens}): a step would commit nothing")
