@@ -133,3 +133,21 @@ def test_audit_runs_mdlm_s_sampler_on_the_tiny_mdlm(tiny_mdlm_dir, tmp_path, cap
     # SVDD and FK-steering are LLaDA-sampler methods: refused, nothing written.
     assert audit.main([*common, "--out", str(tmp_path / "refused"), "--methods", "plain,svdd"]) == 2
     assert "svdd" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_mdlm_sampler_left_padding_invariance(parts):
+    """A short prompt gives the same MDLM generation alone and left-padded in a batch with a long one:
+    its coins, tokens and forwards depend on its own prompt and seed only."""
+    from safegen.mdlm_sampler import MDLMSampler
+    from safegen.sampler import SamplingConfig
+
+    model, tokenizer, profile = parts
+    gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling={"max_new_tokens": 12})
+    ids, attn, _ = gen.encode_prompts(["the cat", "people think that we are just a bunch of idiots who run around"])
+    assert attn[0].sum() < attn.shape[1]
+    sampler = MDLMSampler(model, profile, SamplingConfig(max_new_tokens=12, steps=48, temperature=1.0))
+    batch = sampler.run(ids, attn, seeds=[4, 5])
+    short = ids[0:1, attn[0].bool()]
+    alone = sampler.run(short, None, seeds=[4])
+    assert torch.equal(batch.sequences[0, ids.shape[1]:], alone.sequences[0, short.shape[1]:])
+    assert batch.rows[0] == alone.rows[0]
