@@ -138,8 +138,9 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
 
 def _mdlm_tokenizer(config, model_id_or_path: str, is_folder: bool, has_tokenizer: bool, local_files_only: bool):
     """An MDLM's tokenizer: its folder's, else GPT-2's plus the mask (MDLM-OWT's hub repository has none).
-    A folder without tokenizer files whose vocabulary is not GPT-2's plus one, or whose GPT-2 tokenizer
-    is not at hand offline, loads without a tokenizer, like any folder without one."""
+    For a local folder without tokenizer files, GPT-2's is read from the local Hugging Face cache only
+    (a folder never waits on the network); when it is not there, or the vocabulary is not GPT-2's plus
+    one, the model loads without a tokenizer, like any folder without one."""
     from .mdlm import GPT2_REVISION, GPT2_TOKENIZER, GPT2_VOCAB_SIZE, mdlm_tokenizer
 
     if is_folder and has_tokenizer:
@@ -147,7 +148,7 @@ def _mdlm_tokenizer(config, model_id_or_path: str, is_folder: bool, has_tokenize
     if is_folder and config.vocab_size != GPT2_VOCAB_SIZE + 1:
         return None
     try:
-        return mdlm_tokenizer(config, None, local_files_only)
+        return mdlm_tokenizer(config, None, local_files_only or is_folder)
     except OSError as err:
         if is_folder:
             return None

@@ -74,14 +74,19 @@ def test_hub_mdlm_without_gpt2_s_tokenizer_says_what_to_download(monkeypatch):
     error names it and its pinned revision; a local folder then loads without a tokenizer instead."""
     from safegen import loading, mdlm
 
-    def offline(*args, **kwargs):
+    asked = []
+
+    def offline(config, folder, local_files_only=False):
+        asked.append(local_files_only)
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(mdlm, "mdlm_tokenizer", offline)
     config = mdlm.MDLMConfig()
     with pytest.raises(LoadError, match=f"openai-community/gpt2.*{mdlm.GPT2_REVISION}.*huggingface-cli download"):
-        loading._mdlm_tokenizer(config, "kuleshov-group/mdlm-owt", False, True, True)
-    assert loading._mdlm_tokenizer(config, "/some/folder", True, False, True) is None
+        loading._mdlm_tokenizer(config, "kuleshov-group/mdlm-owt", False, True, False)
+    # A local folder looks in the cache only: it never waits on an unreachable hub.
+    assert loading._mdlm_tokenizer(config, "/some/folder", True, False, False) is None
+    assert asked == [False, True]
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit", "none"])
