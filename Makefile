@@ -10,7 +10,7 @@ TOXIC_LSTM := toxic-comment-classifier==0.3.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench-smoke clean
+.PHONY: install demo demo-mdlm test bench-smoke clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ demo: $(STAMP)
 		--model runs/tiny-model --quantization none --policy offline \
 		--samples 2 --max-new-tokens 16 --steps 16 --block-length 16 --temperature 1.0 --seed 0
 	@echo "Reports: runs/demo.jsonl (one JSON line per sample; rerunning resumes, finished samples are kept)"
+
+# The same with a TINY RANDOM MDLM (MDLM-OWT's architecture) and MDLM's own sampler. The real model:
+# --model kuleshov-group/mdlm-owt (with GPT-2's tokenizer from the hub; it runs on a CPU).
+demo-mdlm: $(STAMP)
+	@echo "NOTE: the demo model is a TINY RANDOMLY INITIALISED MDLM-shaped model: its texts are random words."
+	$(PY) -m safegen tiny-model --family mdlm runs/tiny-mdlm
+	$(PY) -m safegen detoxify examples/prompts.txt -o runs/demo-mdlm.jsonl \
+		--model runs/tiny-mdlm --quantization none --policy offline \
+		--samples 2 --max-new-tokens 16 --steps 64 --seed 0
+	@echo "Reports: runs/demo-mdlm.jsonl (one JSON line per sample; rerunning resumes, finished samples are kept)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

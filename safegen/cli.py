@@ -44,16 +44,19 @@ def _positive(text: str) -> int:
 
 
 def tiny_model(args) -> int:
-    from .tiny import write_tiny_model
+    from .tiny import write_tiny_mdlm, write_tiny_model
 
-    folder = write_tiny_model(args.directory, seed=args.seed)
-    print(f"wrote a tiny LLaDA-shaped model and tokenizer to {folder}")
+    write = write_tiny_mdlm if args.family == "mdlm" else write_tiny_model
+    folder = write(args.directory, seed=args.seed)
+    print(f"wrote a tiny {'MDLM' if args.family == 'mdlm' else 'LLaDA'}-shaped model and tokenizer to {folder}")
     return 0
 
 
 def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="folder to write (created if missing)")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--family", choices=("llada", "mdlm"), default="llada",
+                        help="architecture: llada (LLaDA-8B's, default) or mdlm (MDLM-OWT's)")
 
 
 # ------------------------------------------------------------------------------ model + policy
@@ -78,6 +81,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="block length (default 32, or G if shorter; a last block may be shorter)")
     s.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0)")
     s.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
+    s.add_argument("--sampler", choices=("llada", "mdlm"), default=None,
+                   help="llada (blocks, fixed commits per step) or mdlm (MDLM's ancestral sampler, at "
+                        "temperature 1 unless --temperature); default: mdlm for MDLM models, else llada")
     s.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance (default 0); > 0 refines towards the guided model, not the model")
 
@@ -113,8 +119,16 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_options(args) -> dict:
-    return {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
-                                          "remasking", "cfg_scale") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
+                                             "remasking", "cfg_scale", "sampler") if getattr(args, k) is not None}
+    if getattr(args, "model", None) is not None:
+        from .loading import model_type_of
+
+        if model_type_of(args.model, _revision(args)) == "mdlm":
+            from .mdlm_sampler import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
+
+            options = {**DEFAULT_SAMPLING, **options}
+    return options
 
 
 def _refine_options(args) -> dict:
@@ -137,9 +151,9 @@ def _configure(args):
 
 
 def _revision(args):
-    from .loading import DEFAULT_MODEL, DEFAULT_REVISION
+    from .loading import PINNED_REVISIONS
 
-    return args.revision or (DEFAULT_REVISION if args.model == DEFAULT_MODEL else None)
+    return args.revision or PINNED_REVISIONS.get(args.model)
 
 
 def _build_generator(args, policy, sampling, refinement, device_map=None):
@@ -155,8 +169,9 @@ def _build_generator(args, policy, sampling, refinement, device_map=None):
 
 
 def _max_prompt_tokens(generator, max_new_tokens: int):
-    limit = getattr(generator.model.config, "max_sequence_length", None) or \
-        getattr(generator.model.config, "max_position_embeddings", None)
+    config = generator.model.config
+    limit = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", None) \
+        or getattr(config, "model_length", None)
     # Leave room for the chat template's own tokens.
     return None if limit is None else max(1, limit - max_new_tokens - 32)
 

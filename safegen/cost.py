@@ -39,7 +39,12 @@ def rows_per_forward(sampling: SamplingConfig) -> float:
 
 
 def plain_rows(sampling: SamplingConfig) -> float:
-    """Rows per sample of plain sampling, the budget's unit: T forwards."""
+    """Rows per sample of plain sampling, the budget's unit: T forwards; with MDLM's sampler, which
+    runs the model only after a step that unmasked something, their expected number (at most G + 1)."""
+    if sampling.sampler == "mdlm":
+        from .mdlm_sampler import expected_forwards
+
+        return expected_forwards(sampling.max_new_tokens, sampling.steps) * rows_per_forward(sampling)
     return sampling.steps * rows_per_forward(sampling)
 
 
@@ -65,7 +70,8 @@ def decoded_at(sampling: SamplingConfig, t: int, scope: str) -> int:
     """Decoded tokens in scope at point t of a sample: the current block's commits so far (by the
     sampler's transfer_counts), plus the earlier blocks with scope "all"; the whole answer at the
     last point, whatever the scope."""
-    if is_last(sampling, t):
+    if is_last(sampling, t) or sampling.sampler == "mdlm":
+        # MDLM's count at a point is random (binomial): the whole answer bounds it.
         return sampling.max_new_tokens
     S, lengths = sampling.steps_per_block, sampling.block_lengths
     block, step = divmod(t, S)
@@ -116,7 +122,9 @@ def allowance(sampling: SamplingConfig, budget: float, spent: torch.Tensor, t: i
     # The next base step's forward is already made and charged (refresh, or the scoring forward of
     # an accepted proposal) unless the answer is complete.
     base_left = T - t - (1 if t < T else 0)
-    left = budget * T * per_row - spent - base_left * per_row
+    if sampling.sampler == "mdlm":  # a forward only after a step that unmasked one of the G positions
+        base_left = min(base_left, sampling.max_new_tokens)
+    left = budget * plain_rows(sampling) - spent - base_left * per_row
     return left / max(points_left, 1)
 
 

@@ -20,7 +20,7 @@ from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
 from .keywords import sample_or_not, stop_id_list
-from .sampler import ConfigError, DiffusionSampler, SamplingConfig, updated_config
+from .sampler import ConfigError, SamplingConfig, make_sampler, updated_config
 from .sampling_config import fit_lengths
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ class SafeGenerator:
             from .loading import profile_from
             profile = profile_from(model.config, tokenizer)
         self.profile = profile
+        if getattr(getattr(model, "config", None), "model_type", None) == "mdlm" and not isinstance(sampling, SamplingConfig):
+            # MDLM's own sampler, at temperature 1 as it was trained to be sampled, unless set otherwise.
+            from .mdlm_sampler import DEFAULT_SAMPLING
+            sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.sampling, self.refinement = middleware_configs(self.policy, sampling, refinement)
         self.report_before = report_before
 
@@ -198,7 +202,7 @@ class SafeGenerator:
         refine = call.get("refine", True) and refinement.iterations > 0
         profile = self._call_profile(call)
         reward = self.policy.reward_fn(self.tokenizer, profile.stop_ids)
-        sampler = DiffusionSampler(self.model, profile, sampling)
+        sampler = make_sampler(self.model, profile, sampling)
         fork = refine and call.get("report_before", self.report_before)
         check_best(self.policy, refine, fork)
         t0 = time.perf_counter()
@@ -305,7 +309,7 @@ class SafeGenerator:
             return []
         input_ids, attention, shown = self.encode_prompts(prompts, max_prompt_tokens, labels)
         sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[1], **kwargs)
-        device = DiffusionSampler(self.model, self.profile, sampling).device
+        device = make_sampler(self.model, self.profile, sampling).device
         out = self._generate(input_ids.to(device), attention.to(device), sampling, refinement, call, shown)
         return out.reports
 

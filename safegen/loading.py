@@ -4,9 +4,10 @@
 failure a user can cause (no cached weights and no network, remote code not trusted, bitsandbytes
 missing, a bad argument) is a LoadError whose message says what to do.
 
-LLaDA checkpoints (model_type "llada") always load with safegen's own implementation (safegen.llada):
-the repository's modeling code is never imported, whatever its config.json's auto_map says and whatever
-trust_remote_code is. Other model types load through transformers' Auto classes; those that exist only
+LLaDA checkpoints (model_type "llada") and MDLM checkpoints (model_type "mdlm") always load with safegen's
+own implementations (safegen.llada, safegen.mdlm): the repository's modeling code is never imported,
+whatever its config.json's auto_map says and whatever trust_remote_code is. MDLM's hub repository has no
+tokenizer: an MDLM without tokenizer files gets GPT-2's, with MDLM's mask token appended. Other model types load through transformers' Auto classes; those that exist only
 as the repository's own code need trust_remote_code=True.
 """
 from __future__ import annotations
@@ -22,8 +23,8 @@ from .profile import profile_from
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
     import torch
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "HEAD_MODULE", "QUANTIZATIONS", "TOKENIZER_FILES", "LoadError", "load_model", "require_tokenizer",
-           "profile_from"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "PINNED_REVISIONS", "HEAD_MODULE", "QUANTIZATIONS",
+           "TOKENIZER_FILES", "LoadError", "load_model", "model_type_of", "require_tokenizer", "profile_from"]
 
 DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # A commit of the hub repository (the snapshot that public projects pin and that appears in their
@@ -32,6 +33,10 @@ DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # attention-mask change this commit is on does not matter here. To use another commit, pass
 # revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
 DEFAULT_REVISION = "08b83a6feb34df1a6011b80c3c00c7563e963b07"
+
+# MDLM-OWT's commit: the snapshot public reproductions of MDLM pin (its config.json and model.safetensors).
+PINNED_REVISIONS = {DEFAULT_MODEL: DEFAULT_REVISION,
+                    "kuleshov-group/mdlm-owt": "d0958fa851335ece6c15260ce0025f030673c0fb"}
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 
@@ -69,8 +74,8 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
     elif str(model_id_or_path).startswith(("/", "./", "../", "~")):
         # Written as a path, not as a hub id ("org/name"): say so rather than ask the hub for it.
         raise LoadError(f"model folder {model_id_or_path} does not exist")
-    elif revision is None and model_id_or_path == DEFAULT_MODEL:
-        revision = DEFAULT_REVISION
+    elif revision is None and model_id_or_path in PINNED_REVISIONS:
+        revision = PINNED_REVISIONS[model_id_or_path]
     if local_files_only is None:
         local_files_only = _offline()
     hub = dict(revision=revision, local_files_only=local_files_only)
@@ -81,7 +86,8 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
     on_gpu = (torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"}, torch.device("cpu"))
               and (device_map is not None or quantization != "none"))
     dtype = _check_dtype(dtype) or (torch.bfloat16 if on_gpu else torch.float32)
-    quantization_config = _quantization_config(quantization, dtype)
+    quantization_config = _quantization_config(quantization, dtype,
+                                               getattr(model_class, "safegen_head_module", HEAD_MODULE))
 
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
@@ -105,7 +111,11 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
         # gives a usable model: the sampler works on token ids. Callers that need text ask for it
         # with require_tokenizer. A folder with some tokenizer files is loaded, and its damage reported.
         tokenizer = None
-        if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        has_tokenizer = not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
+        if model.config.model_type == "mdlm":
+            tokenizer = _mdlm_tokenizer(model.config, model_id_or_path, folder.is_dir(), has_tokenizer,
+                                        local_files_only)
+        elif has_tokenizer:
             tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
     except OSError as err:
         raise _not_found(model_id_or_path, revision, err) from None
@@ -120,6 +130,43 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
         raise LoadError(f"{model_id_or_path}: the special token ids must be integers, got {', '.join(wrong)} "
                         "(from config.json or the tokenizer)")
     return model, tokenizer, profile
+
+
+def _mdlm_tokenizer(config, model_id_or_path: str, is_folder: bool, has_tokenizer: bool, local_files_only: bool):
+    """An MDLM's tokenizer: its folder's, else GPT-2's plus the mask (MDLM-OWT's hub repository has none).
+    For a local folder without tokenizer files, GPT-2's is read from the local Hugging Face cache only
+    (a folder never waits on the network); when it is not there, or the vocabulary is not GPT-2's plus
+    one, the model loads without a tokenizer, like any folder without one."""
+    from .mdlm import GPT2_REVISION, GPT2_TOKENIZER, GPT2_VOCAB_SIZE, mdlm_tokenizer
+
+    if is_folder and has_tokenizer:
+        return mdlm_tokenizer(config, model_id_or_path)
+    if is_folder and config.vocab_size != GPT2_VOCAB_SIZE + 1:
+        return None
+    try:
+        return mdlm_tokenizer(config, None, local_files_only or is_folder)
+    except OSError as err:
+        if is_folder:
+            return None
+        raise LoadError(
+            f"MDLM uses GPT-2's tokenizer ({GPT2_TOKENIZER} at revision {GPT2_REVISION}), which is not in the "
+            f"local Hugging Face cache and could not be downloaded ({_first_line(err)}): download it where the "
+            f"hub is reachable (huggingface-cli download {GPT2_TOKENIZER} --revision {GPT2_REVISION})") from None
+
+
+def model_type_of(model_id_or_path: str, revision: str | None = None) -> str | None:
+    """config.json's model_type (reading JSON only), or None when it cannot be read here: load_model
+    then says why."""
+    from transformers import PretrainedConfig
+
+    folder = Path(model_id_or_path).expanduser()
+    try:
+        if folder.is_dir():
+            return PretrainedConfig.get_config_dict(str(folder))[0].get("model_type")
+        return PretrainedConfig.get_config_dict(model_id_or_path, revision=revision,
+                                                local_files_only=_offline())[0].get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 def require_tokenizer(tokenizer, model_id_or_path) -> None:
@@ -181,6 +228,10 @@ def _model_class(model_id_or_path: str, hub: dict, trust_remote_code: bool):
         from .llada import LLaDAModelLM
 
         return LLaDAModelLM
+    if model_type == "mdlm":  # the same for MDLM's configuration_mdlm.py
+        from .mdlm import MDLMModel
+
+        return MDLMModel
     if model_type in CONFIG_MAPPING:
         return AutoModel
     if trust_remote_code and "AutoModel" in config_dict.get("auto_map", {}):
@@ -226,7 +277,7 @@ def _completed(model_class):
     return Completed
 
 
-def _quantization_config(quantization: str, compute_dtype: torch.dtype):
+def _quantization_config(quantization: str, compute_dtype: torch.dtype, head: str = HEAD_MODULE):
     if quantization == "none":
         return None
     try:
@@ -237,9 +288,9 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[HEAD_MODULE])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[head])
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=[HEAD_MODULE])
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=[head])
 
 
 def _first_line(err: Exception) -> str:

@@ -38,7 +38,8 @@ class MemoryEstimate:
 
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The linear layers safegen.loading quantizes: all of them but the output head."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != HEAD_MODULE}
+    head = getattr(model, "safegen_head_module", HEAD_MODULE)
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != head}
 
 
 def weight_bytes(model: torch.nn.Module, quantization: str, kept_bytes: int = 2) -> int:
@@ -69,6 +70,11 @@ def activation_bytes_per_row(config, seq_len: int, dtype_bytes: int = 2) -> int:
     (its math fallback would add n_heads x seq_len^2 values). The sampler's float32 copies of the
     generation's logits come on top.
     """
+    if getattr(config, "model_type", None) == "mdlm":
+        # safegen.mdlm keeps the residual stream, norms and attention in float32 (as the reference does
+        # under autocast): logits, residual and its modulated copy, q/k/v, the MLP's input and output of
+        # 4 x hidden_dim, all 4 bytes.
+        return seq_len * (config.vocab_size + 5 * config.hidden_dim + 8 * config.hidden_dim) * 4
     per_token = config.embedding_size + 2 * config.d_model + 3 * config.mlp_hidden_size
     return seq_len * per_token * dtype_bytes
 
@@ -76,9 +82,13 @@ def activation_bytes_per_row(config, seq_len: int, dtype_bytes: int = 2) -> int:
 def meta_model(config):
     """The model of `config` on the meta device: its parameters' shapes without any storage."""
     from .llada import LLaDAConfig, LLaDAModelLM
+    from .mdlm import MDLMConfig, MDLMModel
 
+    if isinstance(config, MDLMConfig):
+        with torch.device("meta"):
+            return MDLMModel(config)
     if not isinstance(config, LLaDAConfig):
-        raise LoadError(f"memory estimates cover LLaDA configs (model_type 'llada'), not "
+        raise LoadError(f"memory estimates cover LLaDA and MDLM configs (model_type 'llada', 'mdlm'), not "
                          f"{getattr(config, 'model_type', type(config).__name__)!r}")
     with torch.device("meta"):
         return LLaDAModelLM(config)
@@ -94,19 +104,21 @@ def estimate(config, seq_len: int = 256) -> MemoryEstimate:
 
 
 def load_config(model_id_or_path: str, revision: str | None = None):
-    """The LLaDA config of a folder or hub id (only config.json is read; nothing is executed)."""
+    """The LLaDA or MDLM config of a folder or hub id (only config.json is read; nothing is executed)."""
     from transformers import PretrainedConfig
 
     from .llada import LLaDAConfig
-    from .loading import DEFAULT_MODEL, DEFAULT_REVISION
+    from .loading import PINNED_REVISIONS
+    from .mdlm import MDLMConfig
 
-    if revision is None and model_id_or_path == DEFAULT_MODEL:
-        revision = DEFAULT_REVISION
+    if revision is None:
+        revision = PINNED_REVISIONS.get(model_id_or_path)
     config_dict, _ = PretrainedConfig.get_config_dict(model_id_or_path, revision=revision)
-    if config_dict.get("model_type") != "llada":
+    classes = {"llada": LLaDAConfig, "mdlm": MDLMConfig}
+    if config_dict.get("model_type") not in classes:
         raise LoadError(f"config.json of {model_id_or_path}: model_type {config_dict.get('model_type')!r}; "
-                         "memory estimates cover LLaDA (model_type 'llada') only")
-    return LLaDAConfig.from_dict(config_dict)
+                        "memory estimates cover LLaDA (model_type 'llada') and MDLM ('mdlm') only")
+    return classes[config_dict["model_type"]].from_dict(config_dict)
 
 
 def report(estimate_: MemoryEstimate, quantization: str | None = None) -> str:
@@ -117,7 +129,7 @@ def report(estimate_: MemoryEstimate, quantization: str | None = None) -> str:
             kept = "embedding, head and norms 16-bit" if q != "bf16" else "all weights 16-bit"
             rows.append((f"weights {q}", f"{b / GB:.2f} GB ({kept})"))
     rows.append((f"activations per row, {estimate_.seq_len} tokens",
-                 f"{estimate_.activation_bytes_per_row / 1e6:.1f} MB (bf16, one forward pass)"))
+                 f"{estimate_.activation_bytes_per_row / 1e6:.1f} MB (one forward pass)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -44,6 +44,7 @@ class Sub(IntEnum):
     REMASK = 0  # which tokens a proposal re-masks: derive(proposal, REMASK)
     ORDER = 1  # the "random" commit order: derive(step keys, ORDER)
     SUBSTEP = 2  # a proposal's re-denoising sub-step: derive(proposal, SUBSTEP, sub-step)
+    UNMASK = 5  # MDLM's per-position unmasking coin at a step: derive(step keys, UNMASK)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

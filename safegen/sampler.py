@@ -356,4 +356,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, profile: ModelProf
              **overrides) -> SampleOutput:
     """One-call sampling: `generate(model, ids, mask_id, steps=64, temperature=0.5)`."""
     config = (config or SamplingConfig()).updated(**overrides)
-    return DiffusionSampler(model, profile, config).run(input_ids, attention_mask, seeds, hook)
+    return make_sampler(model, profile, config).run(input_ids, attention_mask, seeds, hook)
+
+
+def make_sampler(model: torch.nn.Module, profile: ModelProfile | int,
+                 config: SamplingConfig | None = None) -> DiffusionSampler:
+    """The sampler `config.sampler` names: LLaDA's (this module) or MDLM's (safegen.mdlm_sampler)."""
+    if config is not None and config.sampler == "mdlm":
+        from .mdlm_sampler import MDLMSampler
+
+        return MDLMSampler(model, profile, config)
+    return DiffusionSampler(model, profile, config)

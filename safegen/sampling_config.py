@@ -1,5 +1,6 @@
-"""LLaDA's sampling settings (SamplingConfig) and the validated-update helper that every config
-dataclass of safegen shares; the sampler itself is in safegen/sampler.py."""
+"""The sampling settings (SamplingConfig: LLaDA's, and which sampler runs) and the validated-update
+helper that every config dataclass of safegen shares; the samplers are in safegen/sampler.py and
+safegen/mdlm_sampler.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -7,6 +8,9 @@ from dataclasses import dataclass, fields, replace
 from .errors import SafegenError
 
 REMASKING = ("low_confidence", "random")
+# "llada": LLaDA's blocks and fixed commit counts (safegen.sampler); "mdlm": MDLM's ancestral sampler
+# with the log-linear schedule over the whole answer, one block (safegen.mdlm_sampler).
+SAMPLERS = ("llada", "mdlm")
 
 
 class ConfigError(SafegenError):
@@ -43,13 +47,18 @@ class SamplingConfig:
     # Commit EOS/EOT candidates only when nothing else is left. The base sampler judges by the sampled
     # token (LLaDA's rule); IterRef's proposals by the most likely one, so that they stay exact.
     confidence_eos_eot_inf: bool = False
+    sampler: str = "llada"  # one of SAMPLERS; "mdlm" has one block (the answer) and ignores remasking
 
     def validate(self) -> "SamplingConfig":
         for name in ("max_new_tokens", "steps", "block_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"sampling.{name} must be a positive integer, got {value!r}")
-        if self.steps > self.max_new_tokens:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        # MDLM's sampler has one block, the whole answer, and takes any number of steps (a step may
+        # unmask nothing); LLaDA's commits a fixed number of tokens a step in each block.
+        if self.sampler == "llada" and self.steps > self.max_new_tokens:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
                 f"({self.max_new_tokens}): a step would commit nothing")
@@ -73,15 +82,20 @@ class SamplingConfig:
         return updated_config(self, "sampling", overrides)
 
     @property
+    def block_size(self) -> int:
+        """Positions per full block as the sampler runs it: MDLM's sampler has one block, the answer."""
+        return self.max_new_tokens if self.sampler == "mdlm" else self.block_length
+
+    @property
     def block_lengths(self) -> list[int]:
-        """Tokens of each block: block_length each, the last one shorter where block_length does not
+        """Tokens of each block: block_size each, the last one shorter where block_size does not
         divide max_new_tokens (one block of max_new_tokens when that is shorter than a block)."""
-        G, bl = self.max_new_tokens, self.block_length
+        G, bl = self.max_new_tokens, self.block_size
         return [min(bl, G - start) for start in range(0, G, bl)]
 
     @property
     def n_blocks(self) -> int:
-        return -(-self.max_new_tokens // self.block_length)
+        return -(-self.max_new_tokens // self.block_size)
 
     @property
     def steps_per_block(self) -> int:

@@ -40,6 +40,8 @@ class SamplerState:
     step: int = 0  # step within the block; == its steps_in_block at the "block finished" point
     pred: Optional[Prediction] = None  # prediction at x for the next commit; None when stale
     logits: Optional[torch.Tensor] = None  # logits of x (generation region); None once x changed
+    # MDLM's sampler keeps `logits` across steps: (B,) the rows whose logits are still those of x.
+    fresh: Optional[torch.Tensor] = None
     # Accounting per row (docs/cost.md): denoiser rows, reward texts, proposals.
     rows: torch.Tensor = None
     reward_calls: torch.Tensor = None

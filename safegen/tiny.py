@@ -125,3 +125,52 @@ def write_tiny_model(directory: str | Path, seed: int = 0, **config_overrides) -
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# ----------------------------------------------------------------------------- a tiny MDLM
+# MDLM-OWT's special tokens: GPT-2's <|endoftext|> (BOS, EOS and padding at once) and the mask appended
+# last, so that the mask id is vocab_size - 1 as in MDLM.
+MDLM_EOS, MDLM_MASK = "<|endoftext|>", "[MASK]"
+
+# MDLM-OWT's architecture (safegen.mdlm) at a size that loads in a blink. Widths are multiples of 32,
+# which bitsandbytes' CPU 4-bit kernel needs.
+TINY_MDLM_ARCHITECTURE = dict(hidden_dim=64, n_heads=4, cond_dim=64, n_blocks=2, model_length=512)
+
+
+def build_tiny_mdlm_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
+    """The tiny model's words with MDLM's special tokens: <|endoftext|>, then [MASK] as the last id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = [line.strip() for line in Path(vocab_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    vocab = {}
+    for token in [UNK, *words, MDLM_EOS, MDLM_MASK]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = _word_normalizer()
+    backend.pre_tokenizer = _word_pre_tokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (UNK, MDLM_EOS, MDLM_MASK)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token=UNK, bos_token=MDLM_EOS, eos_token=MDLM_EOS, pad_token=MDLM_EOS,
+        mask_token=MDLM_MASK, clean_up_tokenization_spaces=True)
+
+
+def write_tiny_mdlm(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a randomly initialised tiny MDLM (safegen.mdlm's class, MDLM-OWT's config fields) and its
+    offline tokenizer in `directory`; returns the folder. `config_overrides` set MDLMConfig fields."""
+    from .mdlm import MDLMConfig, MDLMModel
+
+    fixed = sorted(set(config_overrides) & {"vocab_size", "mask_token_id"})
+    if fixed:
+        raise ValueError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
+    tokenizer = build_tiny_mdlm_tokenizer()
+    config = MDLMConfig(vocab_size=len(tokenizer), **{**TINY_MDLM_ARCHITECTURE, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MDLMModel(config).eval()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -39,7 +39,7 @@ def load_prompts(s: Settings) -> list[str]:
 
 
 def prepare_model(s: Settings):
-    from safegen.loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model
+    from safegen.loading import DEFAULT_MODEL, PINNED_REVISIONS, load_model
 
     if s.tiny:
         from safegen.tiny import write_tiny_model
@@ -49,7 +49,7 @@ def prepare_model(s: Settings):
             write_tiny_model(folder, seed=s.tiny_seed)
         return load_model(str(folder), quantization="none", device_map=s.device_map), str(folder)
     model_id = s.model or DEFAULT_MODEL
-    revision = s.revision or (DEFAULT_REVISION if model_id == DEFAULT_MODEL else None)
+    revision = s.revision or PINNED_REVISIONS.get(model_id)
     return load_model(model_id, quantization=s.quantization, revision=revision, device_map=s.device_map,
                       trust_remote_code=s.trust_remote_code), model_id
 
@@ -103,7 +103,7 @@ def run(s: Settings) -> dict:
 
     from safegen.generator import SafeGenerator
     from safegen.policy import load_policy
-    from safegen.sampler import DiffusionSampler, SamplingConfig
+    from safegen.sampler import SamplingConfig, make_sampler
 
     t_start = time.perf_counter()
     prompts = load_prompts(s)
@@ -119,8 +119,9 @@ def run(s: Settings) -> dict:
     batch.check_fingerprint(s.out / "config.json", s.out / "cells.jsonl", fingerprint, writer="this benchmark")
     done = read_cells(s.out / "cells.jsonl")
 
-    limit = getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", None)
-    ctx = Context(sampler=DiffusionSampler(model, profile, sampling),
+    limit = getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", None) \
+        or getattr(model.config, "model_length", None)
+    ctx = Context(sampler=make_sampler(model, profile, sampling),
                   generator=SafeGenerator(model, tokenizer, policy=guide, profile=profile),
                   reward=guide.reward_fn(tokenizer, profile.stop_ids), plans=plans, settings=s,
                   max_prompt_tokens=None if limit is None else max(1, limit - sampling.max_new_tokens - 32))

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="default 1.0 (RTP samples)")
     g.add_argument("--remasking", choices=("low_confidence", "random"), default="low_confidence")
     g.add_argument("--cfg-scale", type=float, default=0.0)
+    g.add_argument("--sampler", choices=("llada", "mdlm"), default=None,
+                   help="base sampler (default: mdlm for an MDLM --model, else llada)")
 
     r = p.add_argument_group("execution")
     r.add_argument("--chunk-prompts", type=int, default=None,
@@ -176,6 +178,15 @@ def _refine_default(name: str):
     return getattr(RefineConfig(), name)
 
 
+def _sampler(args) -> str:
+    if args.sampler is not None:
+        return args.sampler
+    from safegen.loading import PINNED_REVISIONS, model_type_of
+
+    mdlm = args.model is not None and model_type_of(args.model, args.revision or PINNED_REVISIONS.get(args.model)) == "mdlm"
+    return "mdlm" if mdlm else "llada"
+
+
 def settings_from(args) -> Settings:
     preset = SMOKE if args.smoke else {}
 
@@ -208,7 +219,7 @@ def settings_from(args) -> Settings:
         revision=args.revision, quantization=args.quantization or ("none" if tiny else "4bit"),
         trust_remote_code=args.trust_remote_code, device_map=args.device_map,
         sampling=dict(max_new_tokens=G, steps=steps, block_length=block, temperature=args.temperature,
-                      remasking=args.remasking, cfg_scale=args.cfg_scale),
+                      remasking=args.remasking, cfg_scale=args.cfg_scale, sampler=_sampler(args)),
         chunk_prompts=pick("chunk_prompts", 4), batch_size=args.batch_size, quiet=args.quiet)
     for name in ("prompts", "generations", "chunk_prompts", "batch_size", "resamples", "proposals"):
         if getattr(s, name) < 1:
@@ -217,6 +228,10 @@ def settings_from(args) -> Settings:
         raise BenchmarkError("--template must contain {prompt}")
     if s.fk_every is not None and s.fk_every < 1:
         raise BenchmarkError("--fk-every must be >= 1")
+    llada_only = sorted({"svdd", "fk_steering"} & set(s.methods))
+    if s.sampling["sampler"] == "mdlm" and llada_only:
+        raise BenchmarkError(f"{', '.join(llada_only)} are built on LLaDA's sampler, not MDLM's: leave them out "
+                             "of --methods, or pass --sampler llada")
     whole = set(BASELINES) & set(s.methods)
     if whole and any(not float(b).is_integer() for b in s.budgets):
         raise BenchmarkError(f"{', '.join(sorted(whole))} need whole budgets (N samples, candidates, particles); "
