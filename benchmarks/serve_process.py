@@ -38,14 +38,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
+class Client:
+    """Plain HTTP to a server at `url`, with `headers` (e.g. the bearer key) on every request."""
+
+    def __init__(self, url: str, headers: dict | None = None):
+        self.url, self.headers = url.rstrip("/"), dict(headers or {})
+
+    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 60.0):
+        """(status, headers (case-insensitive), parsed JSON or text) of a plain HTTP request."""
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **self.headers, **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, head, raw = r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            status, head, raw = e.code, e.headers, e.read()
+        try:
+            return status, head, json.loads(raw)
+        except ValueError:
+            return status, head, raw.decode(errors="replace")
+
+    def get(self, path: str, headers=None):
+        status, _, body = self.request("GET", path, headers=headers, timeout=5)
+        return status, body
+
+    def metric(self, name: str, headers=None) -> float:
+        """The sum of a metric's samples named exactly `name` (labels ignored)."""
+        status, text = self.get("/metrics", headers=headers)
+        assert status == 200, text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.split("{")[0].split(" ")[0] == name)
+
+
+class ServerProcess(Client):
     """`safegen serve` with `flags`, its output in `log`, at `url`; ready when constructed unless
     `wait=False` (then call wait_ready: several servers can start at once)."""
 
     def __init__(self, model_dir, log: Path, *flags: str, ready_timeout: float = 120.0, env: dict | None = None,
                  wait: bool = True):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(f"http://127.0.0.1:{self.port}")
         self.log = Path(log)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
@@ -75,32 +108,6 @@ class ServerProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-    def request(self, method: str, path: str, body=None, headers=None, timeout: float = 60.0):
-        """(status, headers (case-insensitive), parsed JSON or text) of a plain HTTP request."""
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, head, raw = r.status, r.headers, r.read()
-        except urllib.error.HTTPError as e:
-            status, head, raw = e.code, e.headers, e.read()
-        try:
-            return status, head, json.loads(raw)
-        except ValueError:
-            return status, head, raw.decode(errors="replace")
-
-    def get(self, path: str, headers=None):
-        status, _, body = self.request("GET", path, headers=headers, timeout=5)
-        return status, body
-
-    def metric(self, name: str, headers=None) -> float:
-        """The sum of a metric's samples named exactly `name` (labels ignored)."""
-        status, text = self.get("/metrics", headers=headers)
-        assert status == 200, text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.split("{")[0].split(" ")[0] == name)
 
     def terminate(self, timeout: float = 60.0) -> int:
         self.process.send_signal(signal.SIGTERM)

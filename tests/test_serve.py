@@ -23,7 +23,7 @@ WORDS = ("the neighbours dog was loud again today and i think we should talk abo
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, tmp_path_factory):
     """Two servers, started at once: `main` (two policies, a key file, small limits) and `small`
-    (a queue of 2 and batches of one sample: what overload and SIGTERM need)."""
+    (a queue of 3 and batches of one sample: what overload and SIGTERM need)."""
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "refuse.yaml").write_text(REFUSE_POLICY)
     (tmp / "keys").write_text(f"# test keys\n{KEY}\nsk-second\n")
@@ -33,7 +33,7 @@ def servers(tiny_model_dir, tmp_path_factory):
                          "--max-batch-rows", "16", "--max-queue", "128", "--batch-wait-ms", "20",
                          env=ONE_THREAD, wait=False)
     small = ServerProcess(tiny_model_dir, tmp / "small.log", "--policy", "offline", "--max-new-tokens", str(G),
-                          "--max-tokens", "64", "--temperature", "1", "--max-queue", "2", "--max-batch-rows", "1",
+                          "--max-tokens", "64", "--temperature", "1", "--max-queue", "3", "--max-batch-rows", "1",
                           "--batch-wait-ms", "0", env=ONE_THREAD, wait=False)
     main.refuse = str(tmp / "refuse.yaml")
     try:
@@ -214,9 +214,24 @@ def _long(server, tiny_model_dir):
     return _chat(server, tiny_model_dir, max_tokens=32, seed=3, n=4)
 
 
+def test_load_benchmark_quick_mode(server, small, capsys):
+    """benchmarks/serve_load.py --quick against the running servers: main (batches of up to 16) and
+    small (batches of one), the same sampler configuration; its exit status says the answers agree."""
+    from benchmarks.serve_load import main
+
+    assert main(["--quick", "--batched-url", server.url, "--one-by-one-url", small.url, "--api-key", KEY]) == 0
+    out = capsys.readouterr().out
+    for mode in ("batched", "one-by-one"):
+        for c in (1, 4):
+            assert f"{mode:>10}  concurrency {c:>2}:" in out
+    assert "answers equal with and without batching: True (8 seeds)" in out
+    assert "concurrency  4: throughput x" in out
+
+
 def test_a_full_queue_answers_429_with_retry_after(small, tiny_model_dir):
-    with cf.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: _chat(small, tiny_model_dir, seed=i), range(8)))
+    # 6 requests at once, each 2 samples of 16 tokens: one runs, 3 wait, the others are refused.
+    with cf.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: _chat(small, tiny_model_dir, max_tokens=16, seed=i, n=2), range(6)))
     statuses = sorted(r[0] for r in results)
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     for status, headers, body in results:

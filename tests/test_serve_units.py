@@ -180,6 +180,15 @@ def _requests(kind="chat"):
                   defaults, Limits(), None) for i, p in enumerate(PROMPTS)]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine a second spinning thread makes the tiny model ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _invariance(model, tokenizer, profile):
     """Each request run in one batch with the others gives generate_text's texts for its seeds alone."""
     from safegen import SafeGenerator
@@ -198,11 +207,11 @@ def _invariance(model, tokenizer, profile):
         assert [c.report["toxicity_after"] for c in outcome.choices] == [r.toxicity_after for r in alone]
 
 
-def test_a_batch_gives_each_request_its_tokens_alone_fp32(tiny_generator_parts):
+def test_a_batch_gives_each_request_its_tokens_alone_fp32(tiny_generator_parts, one_thread):
     _invariance(*tiny_generator_parts)
 
 
-def test_a_batch_gives_each_request_its_tokens_alone_bf16(tiny_model_dir):
+def test_a_batch_gives_each_request_its_tokens_alone_bf16(tiny_model_dir, one_thread):
     """bf16 under left padding: fails while rotary positions shift with the padding (llada.py)."""
     from safegen.loading import load_model
 
