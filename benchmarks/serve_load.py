@@ -56,15 +56,18 @@ def run_level(server: Client, model: str, concurrency: int, requests: int, max_t
 
 
 def measure(servers: dict, levels: list, args) -> tuple[dict, dict]:
-    table, answers = {}, {}
+    """Each level on each server in turn (batched, one-by-one, next level, ...): on a shared machine
+    the load drifts, and interleaving gives both modes the same drift."""
+    table, answers, models = {}, {}, {}
     for mode, server in servers.items():
         status, listing = server.get("/v1/models")
         if status != 200:
             raise RuntimeError(f"{server.url}/v1/models: HTTP {status}: {listing}")
-        model = listing["data"][0]["id"]
-        run_level(server, model, 1, 1, args.max_tokens)  # warm-up: first forward, first policy call
-        for c in levels:
-            result = run_level(server, model, c, args.requests, args.max_tokens)
+        models[mode] = listing["data"][0]["id"]
+        run_level(server, models[mode], 1, 1, args.max_tokens)  # warm-up: first forward, first policy call
+    for c in levels:
+        for mode, server in servers.items():
+            result = run_level(server, models[mode], c, args.requests, args.max_tokens)
             table[mode, c] = result
             answers.setdefault(mode, {}).update(result["answers"])
             print(f"{mode:>10}  concurrency {c:>2}: {result['rps']:6.2f} req/s   p50 {result['p50']:6.2f} s"

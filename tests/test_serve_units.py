@@ -231,3 +231,22 @@ def test_completion_prompts_are_raw_text_without_the_chat_template(tiny_generato
     assert ids == completion_ids(tokenizer, profile.bos_id, "the weather today is")
     assert ids[0] == profile.bos_id and tokenizer.decode(ids[1:]) == "the weather today is"
     assert json.dumps(ids)  # plain ints
+
+
+def test_several_prompts_with_n_get_the_seeds_generate_gives_them(tiny_generator_parts, one_thread):
+    """Sample j of prompt i gets seed + i·n + j, as generate(prompts, seed, num_return_sequences=n)."""
+    from safegen import SafeGenerator
+    from safegen.serve.engine import Engine, left_pad
+
+    model, tokenizer, profile = tiny_generator_parts
+    gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                        sampling={"max_new_tokens": 6, "temperature": 1.0})
+    engine = Engine({"offline": gen}, "tiny")
+    req = parse("completion", {"model": "tiny", "prompt": ["the weather", "my neighbours were loud"], "n": 2,
+                               "seed": 20, "max_tokens": 6}, DEFAULTS, LIMITS, None)
+    [outcome] = engine.run([req], [engine.encode(req)])
+    ids, mask = left_pad(engine.encode(req), engine.pad_id)
+    expected = gen.generate(ids, attention_mask=mask, seed=20, num_return_sequences=2, max_new_tokens=6,
+                            return_dict_in_generate=True).reports
+    assert [c.report["seed"] for c in outcome.choices] == [20, 21, 22, 23] == [r.seed for r in expected]
+    assert [c.text for c in outcome.choices] == [r.text for r in expected]
