@@ -152,6 +152,16 @@ def test_refused_answer_ends_with_content_filter(server, client, tiny_model_dir)
     assert streamed[-1].choices[0].finish_reason == "content_filter"
 
 
+def test_metrics_count_samples_verdicts_and_batches(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert server.metric("safegen_refused_total", auth) >= 2  # the refused answers above
+    assert server.metric("safegen_toxic_after_total", auth) >= 2
+    assert server.metric("safegen_samples_total", auth) >= server.metric("safegen_batch_rows_sum", auth) - 0.5
+    assert server.metric("safegen_batch_rows_count", auth) >= 1
+    assert server.metric("safegen_queue_depth", auth) == 0 and server.metric("safegen_ready", auth) == 1
+    assert server.metric("safegen_denoiser_rows_total", auth) > 0
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"top_p": 0.5}, "top_p"),
     ({"max_tokens": 17}, "max_tokens"),
@@ -241,12 +251,20 @@ def test_a_full_queue_answers_429_with_retry_after(small, tiny_model_dir):
 
 
 def test_a_queued_request_whose_client_left_never_runs(small, tiny_model_dir):
-    samples = small.metric("safegen_samples_total")
+    import json
+    import socket
+
+    samples, batches = small.metric("safegen_samples_total"), small.metric("safegen_batch_rows_count")
     long = threading.Thread(target=_long, args=(small, tiny_model_dir))
     long.start()
-    time.sleep(0.3)  # the long request is running: the next one waits in the queue
-    with pytest.raises(OSError):  # the client gives up while its request waits
-        _chat(small, tiny_model_dir, timeout=0.5, seed=1)
+    deadline = time.monotonic() + 30
+    while small.metric("safegen_batch_rows_count") == batches and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the long request's batch is running
+    # A client sends a request and leaves at once, while the model is busy: its request is queued.
+    body = json.dumps({"model": str(tiny_model_dir), "messages": messages(1), "seed": 1}).encode()
+    with socket.create_connection(("127.0.0.1", small.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     long.join(60)
     deadline = time.monotonic() + 10
     while small.metric("safegen_dropped_total") < 1 and time.monotonic() < deadline:

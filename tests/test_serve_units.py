@@ -250,3 +250,11 @@ def test_several_prompts_with_n_get_the_seeds_generate_gives_them(tiny_generator
                             return_dict_in_generate=True).reports
     assert [c.report["seed"] for c in outcome.choices] == [20, 21, 22, 23] == [r.seed for r in expected]
     assert [c.text for c in outcome.choices] == [r.text for r in expected]
+
+
+def test_serve_listens_on_this_machine_only_by_default():
+    from safegen.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--policy", "offline", "--policy", "strict"])
+    assert (args.host, args.port, args.policy, args.api_key_file, args.log_content) == \
+        ("127.0.0.1", 8000, ["offline", "strict"], None, False)

@@ -102,7 +102,6 @@ class Service:
             raise APIError(429, f"the server is busy ({self.batcher.max_queue} requests queued); retry after "
                            f"{full.retry_after} s", code="queue_full", type="rate_limit_error",
                            headers={"Retry-After": str(full.retry_after)}) from None
-        self.metrics.queue_depth.set(len(self.batcher.queue))
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
             return StreamingResponse(self._stream(request, job, req, rid, started), media_type="text/event-stream",
@@ -114,7 +113,6 @@ class Service:
             leave.cancel()
         if not job.future.done():  # the client left; nobody reads what we would send
             self.batcher.cancel(job)
-            self.metrics.queue_depth.set(len(self.batcher.queue))
             log.info("%s: client left before its answer", rid)
             return Response(status_code=499)
         outcome = self._outcome(job, rid, req)
@@ -192,7 +190,6 @@ class Service:
         finally:
             if not job.future.done():  # the client left mid-stream (the response task was cancelled)
                 self.batcher.cancel(job)
-                self.metrics.queue_depth.set(len(self.batcher.queue))
                 log.info("%s: client left before its answer", rid)
 
     # ------------------------------------------------------------------ the other routes

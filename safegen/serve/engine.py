@@ -121,8 +121,10 @@ class Engine:
             generated = out.sequences[k, P:].cpu()
             stopped = torch.isin(generated, stop_ids)
             tokens = int(stopped.nonzero()[0, 0]) if stopped.any() else len(generated)
+            # The row's own length, not the batch's padded width: no report depends on the batch.
+            length = len(token_ids[owners[k][0]][owners[k][1]]) + len(generated)
             outcomes[owners[k][0]].choices.append(
-                self._choice(gen, request, report, tokens, bool(stopped.any()), P + len(generated)))
+                self._choice(gen, request, report, tokens, bool(stopped.any()), length))
         return outcomes
 
     def _choice(self, gen, request: GenerationRequest, report, tokens: int, stopped: bool, length: int) -> Choice:

@@ -160,14 +160,14 @@ def _extension(value, defaults: ServerDefaults) -> Extension:
     if policy not in defaults.policies:
         raise bad("safegen.policy", f"{policy!r} is not one of this server's policies: {', '.join(defaults.policies)}")
     budget = ext.get("budget", defaults.budget)
-    if not _is_number(budget) or budget <= 0:
+    if budget is not None and (not _is_number(budget) or budget <= 0):
         raise bad("safegen.budget", f"must be a positive number (denoiser rows, x plain sampling), not {budget!r}")
     if defaults.budget is not None and budget > defaults.budget:
         raise bad("safegen.budget", f"{budget} is above this server's cap of {defaults.budget}")
     refine = ext.get("refine", defaults.refine)
     if not isinstance(refine, bool):
         raise bad("safegen.refine", f"must be true or false, not {refine!r}", "invalid_type")
-    return Extension(policy=policy, budget=float(budget), refine=refine)
+    return Extension(policy=policy, budget=None if budget is None else float(budget), refine=refine)
 
 
 def parse(kind: str, body, defaults: ServerDefaults, limits: Limits, new_seed) -> GenerationRequest:
