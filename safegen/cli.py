@@ -73,7 +73,8 @@ def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = Fals
         g.add_argument("--policy", action="append", default=None,
                        help="a policy name in policies/ or a YAML path; repeat to offer several (default: default)")
     else:
-        g.add_argument("--policy", default="default", help="a policy name in policies/ or a YAML path (default: default)")
+        g.add_argument("--policy", default="default",
+                       help="a policy name in policies/ or a YAML path (default: default)")
 
     s = parser.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, default=None, help="generation length G (default 128)")
