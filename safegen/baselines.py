@@ -17,7 +17,7 @@ import torch
 
 from . import rng
 from .refine import Reward
-from .sampler import DiffusionSampler, Prediction, SampleOutput, SamplerState, global_step, row_keys
+from .sampler import ConfigError, DiffusionSampler, Prediction, SampleOutput, SamplerState, global_step, row_keys
 
 
 def _expand(input_ids, attention_mask, seeds, n: int):
@@ -64,7 +64,7 @@ class SVDDSampler(DiffusionSampler):
     def __init__(self, model, profile, config, reward: Reward, n_candidates: int, alpha: float = 0.0):
         super().__init__(model, profile, config)
         if n_candidates < 1:
-            raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+            raise ConfigError(f"n_candidates must be >= 1, got {n_candidates}")
         self.reward, self.M, self.alpha = reward, n_candidates, alpha
 
     def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
@@ -125,7 +125,7 @@ class FKSteering:
 
     def __init__(self, reward: Reward, n_particles: int, every: int = 20, lam: float = 10.0):
         if n_particles < 1 or every < 1:
-            raise ValueError("n_particles and every must be >= 1")
+            raise ConfigError("n_particles and every must be >= 1")
         self.reward, self.K, self.every, self.lam = reward, n_particles, every, lam
         self.r_prev: Optional[torch.Tensor] = None
         self.resamplings = 0

@@ -83,7 +83,8 @@ def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = Fals
                    help="block length (default: the largest divisor of G up to 32)")
     s.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0)")
     s.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
-    s.add_argument("--cfg-scale", type=float, default=None)
+    s.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance (default 0); > 0 refines towards the guided model, not the model")
 
     r = parser.add_argument_group("refinement (IterRef)")
     r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
@@ -98,15 +99,20 @@ def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = Fals
     r.add_argument("--at-steps", type=_step_list, default=None,
                    help="schedule steps: comma-separated base steps, e.g. 16,32")
     r.add_argument("--scope", choices=("block", "all"), default=None)
-    r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None)
+    r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None,
+                   help="mh (default): Metropolis-Hastings acceptance; greedy and remask_only are ablations, not exact")
     r.add_argument("--remask", choices=("uniform", "targeted"), default=None,
                    help="which tokens a proposal re-masks: targeted (those the policy blames; default) "
                         "or uniform (the paper's kernel)")
     r.add_argument("--blame-floor", type=float, default=None,
                    help="targeted: every token's least re-mask weight, in (0, 1]")
     r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
-                   help="refine every sample, even those the policy already accepts (default: adaptive)")
-    r.add_argument("--budget", type=float, default=None, help="cap on denoiser rows per sample, x plain")
+                   help="refine every sample, even those the policy already accepts (default: adaptive, "
+                        "which is not exact). Exact in the limit of many iterations also needs --selection mh "
+                        "and a --budget that does not cut the last point short (docs/method.md section 5)")
+    r.add_argument("--budget", type=float, default=None,
+                   help="cap on denoiser rows per sample, x plain (default 4); a cap that stops the chain "
+                        "early is not exact")
     r.add_argument("--no-before", action="store_true",
                    help="do not compute the unrefined 'before' sample (saves its denoiser rows)")
 

@@ -3,11 +3,12 @@
 The unit is the denoiser row: one sequence through one forward of the mask predictor. CFG runs two
 (the prompted pass and the prompt-masked one). Plain sampling costs T forwards per sample. IterRef,
 at a refinement point t (the base steps done, 1..T), draws pools of N proposals; each proposal
-re-masks m = max(1, round(rho · n)) of the n decoded tokens in scope and re-denoises them at the
-base pace (tokens_per_step a sub-step), then needs one more forward for its x̂0 unless it has no
-mask left (only at the point after the last step, which re-masks the whole answer). So a pool costs
+re-masks m = max(1, round(rho · n)) of the n decoded tokens in scope and re-denoises them one per
+forward (whatever the base sampler's tokens_per_step: several holes drawn in one forward are not a
+draw from their joint conditional), then needs one more forward for its x̂0 unless it has no mask
+left (only at the point after the last step, which re-masks the whole answer). So a pool costs
 
-    N · (ceil(m / tokens_per_step) + [a mask is left]) · rows_per_forward
+    N · (m + [a mask is left]) · rows_per_forward
 
 and a refinement plan with k iterations at the points U costs, at most (every iteration drawing a
 pool: always so for N = 1 and for remask-only), T · rows_per_forward + k · Σ_{t ∈ U} pool(t).
@@ -75,11 +76,11 @@ def remask_sizes(rho: float, decoded: torch.Tensor) -> torch.Tensor:
 
 def pool_rows(sampling: SamplingConfig, n_proposals: int, m: torch.Tensor,
               mask_left: torch.Tensor) -> torch.Tensor:
-    """Rows of one pool, per row: N · (re-denoising sub-steps for m holes + one scoring forward
-    where a mask is left after them) · rows_per_forward. float64."""
-    rate = sampling.tokens_per_step
-    substeps = (m + rate - 1) // rate
-    return n_proposals * (substeps + mask_left.long()).double() * rows_per_forward(sampling)
+    """Rows of one pool, per row: N · (one forward per re-masked token, m, + one scoring forward
+    where a mask is left after them) · rows_per_forward. float64. Proposals re-commit one hole per
+    forward whatever the base sampler's tokens_per_step: only then are they draws from the model's
+    joint conditional (refine.PROPOSAL_ORDER)."""
+    return n_proposals * (m + mask_left.long()).double() * rows_per_forward(sampling)
 
 
 def point_pool_rows(sampling: SamplingConfig, refine: RefineConfig, t: int) -> float:

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from . import keywords
+from .errors import ArgumentTypeError
 from .policy import Policy, load_policy
 from .profile import ModelProfile
 from .refine import IterRef, RefineConfig
@@ -79,7 +80,7 @@ class SafeGenerator:
                  profile: Optional[ModelProfile] = None, report_before: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.policy = load_policy(policy) if isinstance(policy, (str, bytes)) or hasattr(policy, "__fspath__") else policy
+        self.policy = load_policy(policy)
         if profile is None:
             from .loading import profile_from
             profile = profile_from(model.config, tokenizer)
@@ -93,6 +94,8 @@ class SafeGenerator:
                         trust_remote_code: bool = False, device_map: Any = "auto", dtype=None,
                         sampling=None, refinement=None, report_before: bool = True) -> "SafeGenerator":
         from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model, require_tokenizer
+        policy = load_policy(policy)  # its mistakes and the configs' cost a second, not a model load
+        middleware_configs(policy, sampling, refinement)
         model_id_or_path = model_id_or_path or DEFAULT_MODEL
         if revision is None and model_id_or_path == DEFAULT_MODEL:
             revision = DEFAULT_REVISION
@@ -123,8 +126,8 @@ class SafeGenerator:
         merged = {**from_config, **kwargs}
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
-                raise ValueError(f"max_length={merged['max_length']} leaves no room to generate after the "
-                                 f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
+                raise ConfigError(f"max_length={merged['max_length']} leaves no room to generate after the "
+                                  f"prompt ({prompt_length} tokens); pass max_new_tokens instead")
             merged["max_new_tokens"] = merged["max_length"] - prompt_length
         _sample_or_not(merged, self.sampling.temperature)
         sampling = self.sampling.updated(**fit_lengths(self.sampling, {k: v for k, v in merged.items()
@@ -133,10 +136,10 @@ class SafeGenerator:
         call = {k: v for k, v in merged.items() if k in _CALL_FIELDS}
         n = call.get("num_return_sequences", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_return_sequences must be a positive integer, got {n!r}")
+            raise ConfigError(f"num_return_sequences must be a positive integer, got {n!r}")
         if n > 1 and sampling.temperature == 0:
-            raise ValueError(f"num_return_sequences={n} at temperature 0 (greedy) would return {n} identical "
-                             "sequences per prompt; pass do_sample=True or a temperature > 0")
+            raise ConfigError(f"num_return_sequences={n} at temperature 0 (greedy) would return {n} identical "
+                              "sequences per prompt; pass do_sample=True or a temperature > 0")
         return sampling, refinement, call
 
     # ---------------------------------------------------------------- token interface
@@ -177,7 +180,7 @@ class SafeGenerator:
             eos = call["eos_token_id"]
             eos = [eos] if isinstance(eos, int) else list(eos)
             if not 1 <= len(eos) <= 2 or not all(isinstance(e, int) for e in eos):
-                raise ValueError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
+                raise ConfigError(f"eos_token_id must be an id or a list of one or two ids, got {call['eos_token_id']!r}")
             changes["eos_id"], changes["eot_id"] = eos[0], eos[1] if len(eos) > 1 else None
         return dataclasses.replace(self.profile, **changes) if changes else self.profile
 
@@ -199,8 +202,9 @@ class SafeGenerator:
         t0 = time.perf_counter()
         # Targeted re-masking asks the policy which tokens it objects to.
         blame = reward.blame if refinement.remask == "targeted" else None
+        # The reward's verdict (Policy.judge) is the adaptive gate: it refines what the report calls toxic.
         result = sampler.run(input_ids, attention_mask, seeds,
-                             hook=IterRef(refinement, reward, blame=blame) if refine else None, fork_plain=fork)
+                             hook=IterRef(refinement, reward.judge, blame=blame) if refine else None, fork_plain=fork)
         P = input_ids.shape[1]
         after = reward.decode(result.sequences[:, P:])
         before = reward.decode(result.plain_sequences[:, P:]) if fork else list(after)
@@ -218,7 +222,7 @@ class SafeGenerator:
                 if action == "refuse":
                     text = self.policy.refusal_text
                     sequences[i, P:] = self._encode_answer(text, sequences.shape[1] - P, sequences.device, profile)
-                elif action == "best" and fork and tb["aggregate"] < ta["aggregate"]:
+                elif action == "best" and fork and tb["effective"] < ta["effective"]:
                     text = before[i]
                     sequences[i] = result.plain_sequences[i]
             proposed = float(result.proposed[i])
@@ -255,7 +259,7 @@ class SafeGenerator:
         for i, p in enumerate(prompts):
             messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
             if not all(isinstance(m, dict) and "content" in m and "role" in m for m in messages):
-                raise TypeError(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
+                raise ArgumentTypeError(f"prompts[{i}] must be a string or a list of {{'role', 'content'}} messages")
             if max_prompt_tokens is not None:
                 messages = [dict(m, content=self._truncate(m["content"], max_prompt_tokens, labels[i]))
                             for m in messages]
@@ -315,19 +319,17 @@ def check_best(policy: Policy, refine: bool, report_before: bool) -> None:
 def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[SamplingConfig, RefineConfig]:
     """The validated configs of a SafeGenerator with this policy: the policy's α is the refinement's
     unless the caller set one, and a middleware spends nothing on samples the policy already accepts
-    (adaptive refinement with a budget is on unless set otherwise; the benchmark turns it off for the
-    exact target). A policy can say which tokens it objects to, and re-masking those beat uniform
-    re-masking at equal rows on both benchmarks (benchmarks/RESULTS.md), so that is the default
-    here. Dicts may set max_new_tokens alone: `fit_lengths` derives the rest."""
+    (adaptive refinement with a budget is on unless set otherwise, gated on the policy's verdict;
+    the benchmark turns it off for the exact target). A policy can say which tokens it objects to,
+    and re-masking those beat uniform re-masking at equal rows on both benchmarks
+    (benchmarks/RESULTS.md), so that is the default here. Dicts may set max_new_tokens alone:
+    `fit_lengths` derives the rest."""
     if sampling is None or isinstance(sampling, dict):
         sampling = fit_lengths(SamplingConfig(), sampling or {})
     sampling = _as_config(sampling, SamplingConfig, "sampling")
     if refinement is None or isinstance(refinement, dict):
         refinement = _as_config({"alpha": policy.alpha, "adaptive": True, "budget": DEFAULT_BUDGET,
-                                 "accept_reward": policy.reward_threshold, "remask": "targeted",
-                                 **(refinement or {})}, RefineConfig, "refinement")
-    elif refinement.adaptive and refinement.accept_reward is None:
-        refinement = dataclasses.replace(refinement, accept_reward=policy.reward_threshold)
+                                 "remask": "targeted", **(refinement or {})}, RefineConfig, "refinement")
     return sampling, refinement.validate()
 
 
@@ -366,11 +368,11 @@ def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: i
 def _check_keywords(options: dict, where: str) -> None:
     refused = sorted(k for k in options if k in keywords.REFUSED)
     if refused:
-        raise TypeError(f"{where} {', '.join(f'{k} ({keywords.REFUSED[k]})' for k in refused)}")
+        raise ArgumentTypeError(f"{where} {', '.join(f'{k} ({keywords.REFUSED[k]})' for k in refused)}")
     unknown = sorted(set(options) - _SAMPLING_FIELDS - _REFINE_FIELDS - _CALL_FIELDS)
     if unknown:
-        raise TypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
-                        f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
+        raise ArgumentTypeError(f"{where} unknown argument(s) {unknown}; sampling options: {sorted(_SAMPLING_FIELDS)}, "
+                                f"refinement options: {sorted(_REFINE_FIELDS)}, call options: {sorted(_CALL_FIELDS)}")
 
 
 def _sample_or_not(options: dict, configured_temperature: float) -> None:
@@ -381,7 +383,7 @@ def _sample_or_not(options: dict, configured_temperature: float) -> None:
     if not options["do_sample"]:
         options["temperature"] = 0.0
     elif "temperature" in options and not temperature:
-        raise ValueError("do_sample=True with temperature=0 contradicts itself: drop one of them")
+        raise ConfigError("do_sample=True with temperature=0 contradicts itself: drop one of them")
     elif not temperature:
         options["temperature"] = 1.0
 
@@ -391,4 +393,4 @@ def _as_config(value, cls, name):
         return updated_config(cls(), name, value or {})
     if isinstance(value, cls):
         return value.validate()
-    raise TypeError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+    raise ArgumentTypeError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")

@@ -2,7 +2,7 @@
 
 `load_model` returns the model in eval mode, its tokenizer and the ModelProfile the sampler needs. Every
 failure a user can cause (no cached weights and no network, remote code not trusted, bitsandbytes
-missing, a bad argument) is a LoadError or ValueError whose message says what to do.
+missing, a bad argument) is a LoadError whose message says what to do.
 
 LLaDA checkpoints (model_type "llada") always load with safegen's own implementation (safegen.llada):
 the repository's modeling code is never imported, whatever its config.json's auto_map says and whatever
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SafegenError
+from .errors import LoadError
 from .profile import profile_from
 
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
@@ -45,10 +45,6 @@ HEAD_MODULE = "model.transformer.ff_out"
 # Any of these in a model folder means it ships a tokenizer (fast, sentencepiece or vocabulary based).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "vocab.txt")
-
-
-class LoadError(SafegenError, RuntimeError):
-    """The model or tokenizer cannot be loaded; the message says why and what to do."""
 
 
 def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None = "4bit",
@@ -138,7 +134,7 @@ def _check_quantization(quantization) -> str:
     if quantization is None:
         return "none"
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), "
+        raise LoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or None), "
                          f"not {quantization!r}")
     return quantization
 
@@ -150,7 +146,7 @@ def _check_dtype(dtype):
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
-    raise ValueError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), not {dtype!r}")
+    raise LoadError(f"dtype must be a torch.dtype or its name (e.g. 'bfloat16'), not {dtype!r}")
 
 
 def _offline() -> bool:

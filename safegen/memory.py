@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .loading import HEAD_MODULE
+from .loading import HEAD_MODULE, LoadError
+from .sampling_config import ConfigError
 
 GB = 1e9
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
@@ -55,7 +56,7 @@ def weight_bytes(model: torch.nn.Module, quantization: str, kept_bytes: int = 2)
             blocks = math.ceil(n / NF4_BLOCK)
             total += math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_SCALE_BLOCK) + 4
     elif quantization not in ("none", "bf16"):
-        raise ValueError(f"quantization must be 4bit, 8bit, bf16 or none, not {quantization!r}")
+        raise ConfigError(f"quantization must be 4bit, 8bit, bf16 or none, not {quantization!r}")
     return total
 
 
@@ -77,7 +78,7 @@ def meta_model(config):
     from .llada import LLaDAConfig, LLaDAModelLM
 
     if not isinstance(config, LLaDAConfig):
-        raise ValueError(f"memory estimates cover LLaDA configs (model_type 'llada'), not "
+        raise LoadError(f"memory estimates cover LLaDA configs (model_type 'llada'), not "
                          f"{getattr(config, 'model_type', type(config).__name__)!r}")
     with torch.device("meta"):
         return LLaDAModelLM(config)
@@ -103,7 +104,7 @@ def load_config(model_id_or_path: str, revision: str | None = None):
         revision = DEFAULT_REVISION
     config_dict, _ = PretrainedConfig.get_config_dict(model_id_or_path, revision=revision)
     if config_dict.get("model_type") != "llada":
-        raise ValueError(f"config.json of {model_id_or_path}: model_type {config_dict.get('model_type')!r}; "
+        raise LoadError(f"config.json of {model_id_or_path}: model_type {config_dict.get('model_type')!r}; "
                          "memory estimates cover LLaDA (model_type 'llada') only")
     return LLaDAConfig.from_dict(config_dict)
 

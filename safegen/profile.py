@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .errors import LoadError
+
 # LLaDA-8B's special tokens (its tokenizer and config.json). Used only when a LLaDA config omits them.
 LLADA_IDS = dict(mask_id=126336, bos_id=126080, eos_id=126081, pad_id=126081, eot_id=126348)
 
@@ -35,7 +37,7 @@ class ModelProfile:
 
     def __post_init__(self):
         if self.pad_id is not None and self.pad_id == self.mask_id:
-            raise ValueError(
+            raise LoadError(
                 f"pad_id ({self.pad_id}) equals mask_id: left padding would be denoised as masks; "
                 "give the tokenizer a pad token that differs from the mask token")
 
@@ -64,7 +66,7 @@ def profile_from(config, tokenizer=None) -> ModelProfile:
 
     mask_id = find("mask_token_id", "mask_token_id", "<|mdm_mask|>", "mask_id")
     if mask_id is None:
-        raise ValueError(
+        raise LoadError(
             f"no mask token id for model_type {getattr(config, 'model_type', None)!r}: neither "
             "config.mask_token_id, the tokenizer's mask_token nor a '<|mdm_mask|>' token is set")
     return ModelProfile(

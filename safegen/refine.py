@@ -7,24 +7,28 @@ Target: p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kern
   1. draws a pool of N proposals from the current draft x_t: re-mask m = max(1, round(rho · n)) of its
      n decoded generated tokens in scope (never the prompt), uniformly at random or (remask
      "targeted") towards the tokens a blame function holds responsible (safegen.remask), then
-     denoise them again with the base model, at the proposal temperature, in an order that depends
-     on the logits only, until as many tokens are decoded as before;
+     denoise them again with the base model, one per forward at the proposal temperature, in an
+     order that depends on the logits only (PROPOSAL_ORDER): a draw from p(x_S | x_rest);
   2. takes the pool's candidates in turn and accepts one with probability
-     min(1, exp((r' − r)/α) · q(S | x') / q(S | x)) (Multiple-Try Metropolis with the paper's
-     balancing function: uniform selection weights, no backward draws; the ratio of re-masking
-     probabilities is 1 for uniform re-masking);
+     min(1, exp((r' − r)/α) · q(S | x') / q(S | x)): the Metropolis-Hastings rule for p* with that
+     proposal (p's factors cancel; the ratio of re-masking probabilities is 1 for uniform
+     re-masking);
   3. after a rejection takes the next candidate of the same pool (its members are i.i.d. draws from
-     the same x_t, so the chain stays valid); draws a new pool only after an acceptance or when empty.
+     the same x_t, which a rejection keeps, so each is a fresh proposal: a sequence of
+     Metropolis-Hastings steps with proposals drawn in advance, not Multiple-Try Metropolis); draws a
+     new pool only after an acceptance or when empty.
 This repeats `iterations` (k) times, then the base sampler takes its ordinary next step. The point
 after the last step re-masks the whole answer, whatever the scope: a block refined and then frozen
-cannot reach p*, the chain over the whole answer can.
+cannot reach p*, the chain over the whole answer can. When that chain is exact is listed in
+docs/method.md §5 (adaptive off, selection mh, proposal temperature 1, no budget cut, cfg_scale 0,
+logits_eos_inf off, many iterations).
 
 All rows and all N proposals of a pool are denoised together, as one batch of A·N rows per sub-step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
@@ -33,17 +37,34 @@ from .remask import Blame, BlameResult
 from .refine_config import RefineConfig
 from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
 
-Reward = Callable[[torch.Tensor], torch.Tensor]  # (n, G) token ids of the generation -> (n,) float
 
-__all__ = ["Blame", "BlameResult", "IterRef", "PROPOSAL_ORDER", "RefineConfig", "Reward"]
+class Judged(NamedTuple):
+    """What a reward that can judge returns: the (n,) reward and the (n,) bool verdict "still to be
+    refined" (a policy's "toxic"), on which adaptive refinement gates instead of `accept_reward`."""
 
-# The order in which a proposal re-commits its holes. A proposal is a draw from the model's
-# p(x_S | x_rest) only if that order does not depend on the tokens it samples. LLaDA's
-# low_confidence score (the sampled token's probability) does, and biases the chain (RESULTS.md,
-# exactness). The most likely token's probability is a statistic of the logits alone, and is LLaDA's
-# own order at temperature 0 (most confident first, which an inexact model needs more than a toy);
-# random order is exact as well.
+    reward: torch.Tensor
+    toxic: torch.Tensor
+
+
+# (n, G) token ids of the generation -> (n,) float, or a Judged
+Reward = Callable[[torch.Tensor], Union[torch.Tensor, Judged]]
+
+__all__ = ["Blame", "BlameResult", "IterRef", "Judged", "PROPOSAL_ORDER", "RefineConfig", "Reward"]
+
+# How a proposal re-commits its holes. It is a draw from the model's joint conditional p(x_S | x_rest)
+# (by the chain rule) only if (a) each forward commits one hole, sampled from its conditional given
+# everything decoded so far: two holes drawn in one forward come from their separate marginals, a
+# product that is not the joint (on the exact toy at two tokens per step: TV 0.20 from p*, floor
+# 0.04); and (b) which hole comes next does not depend on the tokens sampled. LLaDA's low_confidence
+# score (the sampled token's probability) breaks (b) and biases the chain (RESULTS.md, exactness). The
+# most likely token's probability is a statistic of the logits alone, and is LLaDA's own order at
+# temperature 0 (most confident first, which an inexact model needs more than a toy); random order
+# is exact as well. For the same reason confidence_eos_eot_inf demotes, in a proposal, a hole whose
+# most likely token is a stop token, not one whose sampled token is (that broke (b) too: TV 0.205
+# against a floor of 0.021): it keeps LLaDA's intent, stop tokens last, with an order read from the
+# logits alone. So a proposal costs one forward per re-masked token whatever the base pace (cost.py).
 PROPOSAL_ORDER = "max_prob"
+PROPOSAL_STOP_DEMOTION = "most_likely"
 
 
 @dataclass
@@ -53,6 +74,7 @@ class _Pool:
     gen: torch.Tensor
     pred: Prediction  # fields of shape (B, N, G)
     reward: torch.Tensor  # (B, N)
+    toxic: torch.Tensor  # (B, N) bool: the members' verdicts (the adaptive gate)
     log_q_ratio: torch.Tensor  # (B, N) log q(S | x') − log q(S | x); 0 for uniform re-masking
     weights: Optional[torch.Tensor]  # (B, N, G) the proposals' re-mask weights (targeted only)
     next: torch.Tensor  # (B,) long; N means empty
@@ -63,12 +85,13 @@ class _Pool:
                    pred=Prediction(*(torch.empty((B, N, G), dtype=dt, device=device)
                                      for dt in (torch.long, torch.float32, torch.long))),
                    reward=torch.empty((B, N), dtype=torch.float64),
+                   toxic=torch.ones((B, N), dtype=torch.bool),
                    log_q_ratio=torch.zeros((B, N), dtype=torch.float64),
                    weights=torch.empty((B, N, G), dtype=torch.float64, device=device) if targeted else None,
                    next=torch.full((B,), N, dtype=torch.long))
 
     def store(self, idx: torch.Tensor, gen: torch.Tensor, pred: Prediction, reward: torch.Tensor,
-              log_q_ratio: torch.Tensor, own: Optional[torch.Tensor]) -> None:
+              toxic: torch.Tensor, log_q_ratio: torch.Tensor, own: Optional[torch.Tensor]) -> None:
         """Fresh pools for the rows `idx` (CPU), from (len(idx)·N, ...) draws; examined from the first."""
         _, N, G = self.gen.shape
         dev, shape = idx.to(self.gen.device), (len(idx), N, G)
@@ -76,6 +99,7 @@ class _Pool:
         for f in ("candidates", "confidence", "xhat0"):
             getattr(self.pred, f)[dev] = getattr(pred, f).view(shape)
         self.reward[idx] = reward.view(len(idx), N)
+        self.toxic[idx] = toxic.view(len(idx), N)
         # The ratio's q(S | x) is the current draft's: valid while the pool lives, because a pool is
         # dropped as soon as the draft changes (an acceptance).
         self.log_q_ratio[idx] = log_q_ratio.view(len(idx), N)
@@ -98,6 +122,7 @@ class _Chain:
     eligible: torch.Tensor  # (B, G) decoded positions in scope: what a proposal may re-mask
     active: torch.Tensor  # (B,) CPU: rows still refining here
     current: torch.Tensor  # (B,) r(x̂0) of the current draft (NaN for rows never active)
+    toxic: torch.Tensor  # (B,) bool: the current draft's verdict (adaptive mode refines only these)
     weights: Optional[torch.Tensor]  # (B, G) the current drafts' re-mask weights (targeted only)
     pool: _Pool
     draws: torch.Tensor  # (B,) pools drawn so far: part of each proposal's random stream
@@ -132,7 +157,7 @@ class IterRef:
             state.proposed[idx] += 1
             state.accepted[idx] += accept.double()
             if self.config.adaptive:
-                chain.active &= chain.current < self.config.accept_reward
+                chain.active &= chain.toxic
 
     def begin(self, sampler: DiffusionSampler, state: SamplerState) -> _Chain:
         """The rows that refine here (something to re-mask, a pool within the budget's allowance, a
@@ -153,11 +178,12 @@ class IterRef:
             budget_left = cost.allowance(sampler.config, cfg.budget, state.rows, t, points_left)
             active &= pool_rows <= budget_left + cost.EPS
         current = torch.full((B,), float("nan"), dtype=torch.float64)
+        toxic = torch.zeros(B, dtype=torch.bool)
         idx = active.nonzero().squeeze(1)
         if len(idx):
-            current[idx] = self.score(state, state.pred.xhat0[idx.to(device)], idx)
+            current[idx], toxic[idx] = self.score(state, state.pred.xhat0[idx.to(device)], idx)
         if cfg.adaptive:
-            active &= current < cfg.accept_reward
+            active &= toxic
         weights = None
         if cfg.remask == "targeted":
             weights = torch.zeros((B, G), dtype=torch.float64, device=device)
@@ -165,7 +191,7 @@ class IterRef:
             if len(idx):
                 weights[idx] = self.remask_weights(state, state.pred.xhat0[idx], idx, eligible[idx])
         pool = _Pool.empty(B, cfg.n_proposals, G, device, targeted=weights is not None)
-        return _Chain(t, eligible, active, current, weights, pool, torch.zeros(B, dtype=torch.long, device=device),
+        return _Chain(t, eligible, active, current, toxic, weights, pool, torch.zeros(B, dtype=torch.long, device=device),
                       pool_rows, budget_left)
 
     def refill(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain) -> None:
@@ -235,13 +261,15 @@ class IterRef:
         state.pred = Prediction(*fields_new)
         state.logits = None  # they were the old draft's; the pool does not keep its logits
         chain.current[won] = reward
+        chain.toxic[won] = pool.toxic[won, pick]
         if chain.weights is not None:
             chain.weights[dev] = pool.weights[dev, dev_pick]
 
     # ---------------------------------------------------------------- drawing a pool
     def draw_pool(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain, idx: torch.Tensor):
         """A pool of N proposals for each of the rows `idx`: (len(idx)·N, G) drafts, their
-        predictions, rewards, log q(S | x') − log q(S | x), and (targeted) their own re-mask weights."""
+        predictions, rewards, verdicts, log q(S | x') − log q(S | x), and (targeted) their own re-mask
+        weights."""
         N = self.config.n_proposals
         parent = idx.repeat_interleave(N)
         member = torch.arange(N, device=idx.device).repeat(len(idx))
@@ -260,22 +288,24 @@ class IterRef:
         gen[holes] = sampler.mask_id
 
         pred = self.denoise(sampler, state, gen, holes, parent, keys)
-        reward = self.score(state, pred.xhat0, parent)
+        reward, toxic = self.score(state, pred.xhat0, parent)
         if chain.weights is None:
-            return gen, pred, reward, torch.zeros(len(parent), dtype=torch.float64), None
+            return gen, pred, reward, toxic, torch.zeros(len(parent), dtype=torch.float64), None
         # The reverse move re-masks the same S from x': its probability under x''s own blame, read
         # from the x̂0 just scored (no extra forward).
         own = self.remask_weights(state, pred.xhat0, parent, eligible)
         log_q_reverse = remask.log_prob(own, chosen, m)
-        return gen, pred, reward, (log_q_reverse - log_q_forward).cpu(), own
+        return gen, pred, reward, toxic, (log_q_reverse - log_q_forward).cpu(), own
 
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
                 parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
-        """Re-commit the holes of the proposals `gen` in place, `tokens_per_step` per sub-step at the
-        proposal temperature in PROPOSAL_ORDER. Once a proposal has no hole left, one more forward
+        """Re-commit the holes of the proposals `gen` in place, one per forward (whatever the base
+        sampler's tokens_per_step) at the proposal temperature in PROPOSAL_ORDER: a draw from the
+        model's joint conditional of the holes. Once a proposal has no hole left, one more forward
         gives its x̂0 (the reward's input) and its prediction for the next base step, which an
         accepted proposal reuses instead of a new forward; with no mask left, x̂0 is the proposal."""
-        mask_id, P, rate = sampler.mask_id, state.prompt_length, sampler.config.tokens_per_step
+        mask_id, P = sampler.mask_id, state.prompt_length
+        one = torch.ones(gen.shape[0], dtype=torch.long, device=gen.device)
         preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
                            torch.empty_like(gen))
         todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
@@ -291,8 +321,9 @@ class IterRef:
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
                 p = sampler.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
-                                    self.config.proposal_temperature, ranking=PROPOSAL_ORDER)
-                gen[d] = sampler.commit(gen[d], p, torch.clamp(holes[d].sum(1), max=rate))
+                                    self.config.proposal_temperature, ranking=PROPOSAL_ORDER,
+                                    demote_stop=PROPOSAL_STOP_DEMOTION)
+                gen[d] = sampler.commit(gen[d], p, one[d])
                 holes[d] &= gen[d] == mask_id
             if len(f):
                 p = sampler.predict(logits[~has_holes], gen[f], sampler.committable(gen[f], next_block),
@@ -306,13 +337,25 @@ class IterRef:
         return preds
 
     # ---------------------------------------------------------------- rewards, blame, scope
-    def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        """r(x̂0) for each row of xhat0, charged to the state rows `owner`."""
-        r = torch.as_tensor(self.reward(xhat0), dtype=torch.float64).reshape(-1).cpu()
+    def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r(x̂0), verdict) for each row of xhat0, charged to the state rows `owner`. The verdict is
+        the reward's own when it returns a Judged, else "below accept_reward" (needed only when
+        adaptive; without a bar every row counts as still to be refined)."""
+        out = self.reward(xhat0)
+        r = torch.as_tensor(out.reward if isinstance(out, Judged) else out, dtype=torch.float64).reshape(-1).cpu()
         if r.shape[0] != xhat0.shape[0]:
             raise ValueError(f"the reward returned {r.shape[0]} values for {xhat0.shape[0]} sequences")
+        if isinstance(out, Judged):
+            toxic = torch.as_tensor(out.toxic, dtype=torch.bool).reshape(-1).cpu()
+        elif self.config.accept_reward is not None:
+            toxic = r < self.config.accept_reward
+        elif self.config.adaptive:
+            raise ConfigError("refine.adaptive needs refine.accept_reward (the reward at which a row counts as "
+                              "acceptable), or a reward that returns its verdict (refine.Judged)")
+        else:
+            toxic = torch.ones(len(r), dtype=torch.bool)
         state.reward_calls.index_add_(0, owner.cpu(), torch.ones(len(owner), dtype=torch.float64))
-        return r
+        return r, toxic
 
     def remask_weights(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor,
                        eligible: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,11 @@ REMASKS = ("uniform", "targeted")
 
 @dataclass
 class RefineConfig:
+    """IterRef's settings. The chain at the last point targets p · exp(r/α) exactly (in the limit of
+    many iterations) only with selection "mh", proposal_temperature 1, adaptive off and a budget
+    that does not cut it short (None, or at least cost.worst_case_rows): the defaults here, not
+    SafeGenerator's (adaptive, budget 4). Every condition: docs/method.md §5."""
+
     # Defaults from benchmarks/toy_exact.py (RESULTS.md): at equal rows N = 1 beat every larger pool
     # (an accepted pool's unexamined members are rows spent for nothing), rho 0.5 had the lowest
     # toxic rate on average, and "final" (exact reward) was best or within 0.011 of the best schedule
@@ -34,13 +39,19 @@ class RefineConfig:
     # needs IterRef's `blame`. Uniform stays the default here because a blame is optional.
     remask: str = "uniform"
     blame_floor: float = 0.05  # ε: no decoded position is ever impossible to re-mask
-    selection: str = "mh"  # mh | greedy | remask_only (ablations, §3)
-    proposal_temperature: float = 1.0  # proposals must be stochastic even when sampling is greedy
-    # Skip / stop rows whose reward already reaches accept_reward. Knowing that costs one reward
-    # call per row at every refined point, also for the rows it then skips.
+    selection: str = "mh"  # mh (exact) | greedy | remask_only (ablations with other targets, §3)
+    # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
+    # conditional, which the acceptance assumes (another value is not exact).
+    proposal_temperature: float = 1.0
+    # Skip / stop rows that no longer need refining: by the reward's own verdict when it returns a
+    # refine.Judged (a policy's "toxic": SafeGenerator's case), else once their reward reaches
+    # accept_reward. Knowing costs one reward call per row at every refined point, also for the rows
+    # it then skips. A stop that depends on the state: not exact.
     adaptive: bool = False
-    accept_reward: Optional[float] = None  # adaptive mode's bar, e.g. the policy's reward threshold
-    budget: Optional[float] = None  # cap on denoiser rows per sample, as a multiple of T
+    accept_reward: Optional[float] = None  # adaptive mode's bar for a reward that gives no verdict
+    # Cap on denoiser rows per sample, as a multiple of T. Exact only if it does not stop the last
+    # point's chain early.
+    budget: Optional[float] = None
 
     def validate(self) -> "RefineConfig":
         def positive_int(name, minimum):
@@ -73,9 +84,9 @@ class RefineConfig:
             raise ConfigError(f"refine.blame_floor must be in (0, 1], got {self.blame_floor!r}")
         if not (isinstance(self.proposal_temperature, (int, float)) and self.proposal_temperature >= 0):
             raise ConfigError(f"refine.proposal_temperature must be >= 0, got {self.proposal_temperature!r}")
-        if self.adaptive and self.accept_reward is None:
-            raise ConfigError("refine.accept_reward is required when refine.adaptive is on "
-                              "(the reward at which a row counts as acceptable)")
+        if self.accept_reward is not None and not (isinstance(self.accept_reward, (int, float))
+                                                   and not isinstance(self.accept_reward, bool)):
+            raise ConfigError(f"refine.accept_reward must be a number, got {self.accept_reward!r}")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget >= 1):
             raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling), got {self.budget!r}")
         return self

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from . import rng
+from .errors import ArgumentError
 from .profile import ModelProfile
 
 from .sampling_config import REMASKING, ConfigError, SamplingConfig, updated_config  # noqa: F401 (re-exported)
@@ -111,17 +112,23 @@ class DiffusionSampler:
         return logits
 
     def predict(self, logits: torch.Tensor, x_gen: torch.Tensor, committable: torch.Tensor,
-                keys: torch.Tensor, temperature: float, ranking: Optional[str] = None) -> Prediction:
+                keys: torch.Tensor, temperature: float, ranking: Optional[str] = None,
+                demote_stop: str = "sampled") -> Prediction:
         """Candidates and confidences for the committable positions, and x̂0 for all of them.
 
         `ranking` orders the commits: the config's `remasking` by default; "max_prob" scores a
         position by its most likely token's probability, a statistic of the logits alone (what
         IterRef's proposals use: an order that depends on the sampled token biases them).
+        `demote_stop` (with confidence_eos_eot_inf): which token decides that a position is a stop
+        and goes last: "sampled" (LLaDA's: the candidate drawn) or "most_likely" (the argmax, a
+        statistic of the logits alone, so that the order still does not depend on the draw).
         Only the committable positions are sampled, in float32: the reference code draws float64
         Gumbel noise over the full vocabulary of every position, gigabytes at batch 8.
         """
         cfg = self.config
         ranking = ranking or cfg.remasking
+        if demote_stop not in ("sampled", "most_likely"):
+            raise ValueError(f"demote_stop must be 'sampled' or 'most_likely', got {demote_stop!r}")
         masked = x_gen == self.mask_id
         V = logits.shape[-1]
         if self.mask_id < V:  # the mask is never a prediction, even from an untrained model
@@ -157,7 +164,8 @@ class DiffusionSampler:
             score = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)
         if cfg.confidence_eos_eot_inf and len(self._stop):
             # Below every real score, above the -inf of non-committable positions.
-            score = torch.where(torch.isin(picked, self._stop.to(picked.device)),
+            stop_token = picked if demote_stop == "sampled" else lg.argmax(-1)
+            score = torch.where(torch.isin(stop_token, self._stop.to(picked.device)),
                                 torch.full_like(score, -1.0), score)
         score = torch.where(valid, score, torch.full_like(score, float("-inf")))
         candidates.scatter_(1, order, torch.where(valid, picked, candidates.gather(1, order)))
@@ -224,18 +232,18 @@ class DiffusionSampler:
     def start(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
               seeds) -> SamplerState:
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            raise ArgumentError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         device = self.device
         B, P = input_ids.shape
         G = self.config.max_new_tokens
         x = torch.full((B, P + G), self.mask_id, dtype=torch.long, device=device)
         x[:, :P] = input_ids.to(device)
         if (x[:, :P] == self.mask_id).any():
-            raise ValueError("input_ids contain the mask token id: the prompt would be denoised")
+            raise ArgumentError("input_ids contain the mask token id: the prompt would be denoised")
         attn = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
+                raise ArgumentError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
                                  f"input_ids shape {tuple(input_ids.shape)}")
             if not bool(attention_mask.bool().all()):
                 attn = torch.ones((B, P + G), dtype=torch.long, device=device)
@@ -334,9 +342,9 @@ def row_keys(seeds, batch: int, device) -> torch.Tensor:
         seeds = [seeds + i for i in range(batch)]
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
     if seeds.shape != (batch,):
-        raise ValueError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
+        raise ArgumentError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
     if (seeds < 0).any():
-        raise ValueError("seeds must be non-negative")
+        raise ArgumentError("seeds must be non-negative")
     return rng.seed_keys(seeds, device=device)
 
 

@@ -25,16 +25,24 @@ def updated_config(config, section: str, overrides: dict):
 
 @dataclass
 class SamplingConfig:
-    """LLaDA's sampling settings, with the names of the LLaDA reference code."""
+    """LLaDA's sampling settings, with the names of the LLaDA reference code.
+
+    IterRef's chain stays exact (docs/method.md §5) whatever the order, temperature, pace
+    (tokens per step) and block settings, and with confidence_eos_eot_inf; cfg_scale > 0 and
+    logits_eos_inf change the conditionals its proposals draw from, so that "p" in its target
+    p · exp(r/α) is no longer the model's own distribution.
+    """
 
     max_new_tokens: int = 128  # G, the generation length (LLaDA's gen_length)
     steps: int = 128  # T, denoising steps over the whole generation
     block_length: int = 32
     temperature: float = 0.0  # 0: argmax candidates; > 0: sampling from softmax(logits / T)
     remasking: str = "low_confidence"
-    cfg_scale: float = 0.0  # unsupervised classifier-free guidance; 0 disables it
-    logits_eos_inf: bool = False  # forbid EOS as a candidate token
-    confidence_eos_eot_inf: bool = False  # commit EOS/EOT candidates only when nothing else is left
+    cfg_scale: float = 0.0  # unsupervised classifier-free guidance; 0 disables it (> 0: "p" is the guided model)
+    logits_eos_inf: bool = False  # forbid EOS as a candidate token (also in proposals: not exact for p)
+    # Commit EOS/EOT candidates only when nothing else is left. The base sampler judges by the sampled
+    # token (LLaDA's rule); IterRef's proposals by the most likely one, so that they stay exact.
+    confidence_eos_eot_inf: bool = False
 
     def validate(self) -> "SamplingConfig":
         for name in ("max_new_tokens", "steps", "block_length"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .llada import LLaDAConfig, LLaDAModelLM
+from .sampling_config import ConfigError
 
 TINY_VOCAB_FILE = Path(__file__).parent / "data" / "tiny_vocab.txt"
 
@@ -101,10 +102,10 @@ def write_tiny_model(directory: str | Path, seed: int = 0, **config_overrides) -
     known = {f.name for f in dataclasses.fields(LLaDAConfig)}
     unknown = sorted(set(config_overrides) - known)
     if unknown:
-        raise ValueError(f"config_overrides: unknown LLaDAConfig field(s) {unknown}")
+        raise ConfigError(f"config_overrides: unknown LLaDAConfig field(s) {unknown}")
     fixed = sorted(set(config_overrides) & set(_TOKENIZER_FIELDS))
     if fixed:
-        raise ValueError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
+        raise ConfigError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
 
     tokenizer = build_tiny_tokenizer()
     vocab = tokenizer.get_vocab()

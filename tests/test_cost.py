@@ -42,7 +42,7 @@ REFINES = [
 @pytest.mark.parametrize("sampling,rc", [(SAMPLINGS[i], REFINES[j]) for i, j in
                                          [(0, 0), (0, 3), (1, 1), (1, 2), (2, 1), (2, 2), (3, 0), (3, 3)]])
 def test_planned_k_is_the_largest_whose_rows_fit(sampling, rc):
-    budget = 8.0
+    budget = 12.0  # rho 1 at every step costs 8-9x plain now that proposals run one token a forward
     plan = cost.plan(sampling, rc, budget)
     plain = model_rows(sampling, replace(rc, iterations=0))
     assert cost.plain_rows(sampling) == plain

@@ -141,7 +141,7 @@ def test_row_is_json_serialisable(tmp_path):
     policy = load_policy(write(tmp_path, "p.yaml", TWO_TABLES % "max"))
     row = policy.score(["calm", "rude"]).row(1)
     assert json.loads(json.dumps(row)) == row
-    assert row == {"aggregate": pytest.approx(0.6), "toxic": True,
+    assert row == {"aggregate": pytest.approx(0.6), "toxic": True, "effective": pytest.approx(0.6),
                    "per_classifier": {"first": pytest.approx(0.6), "second": pytest.approx(0.3)},
                    "per_label": {"first": {"a": pytest.approx(0.6), "b": pytest.approx(0.4)},
                                  "second": {"a": pytest.approx(0.3)}}}

@@ -120,7 +120,7 @@ def test_refine_config_errors_name_the_field():
         with pytest.raises(ConfigError, match=f"refine.{field}"):
             RefineConfig(**{field: value}).validate()
     with pytest.raises(ConfigError, match="accept_reward"):
-        RefineConfig(adaptive=True).validate()
+        RefineConfig(accept_reward="high").validate()
     with pytest.raises(ConfigError, match="refine.at_steps"):
         RefineConfig(schedule="steps").validate()
     with pytest.raises(ConfigError, match="unknown refine option"):

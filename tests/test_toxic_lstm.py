@@ -193,9 +193,12 @@ def test_options_are_checked():
 
 
 def test_missing_package_is_named(monkeypatch):
-    monkeypatch.setattr(toxic_lstm.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match="pip install --no-deps toxic-comment-classifier"):
-        ToxicLSTMScorer.from_options({}).score(["hello"])
+    monkeypatch.setitem(sys.modules, toxic_lstm.PACKAGE, None)  # as if it were not installed
+    # A user error (a SafegenError), found by check_available when the policy loads, or at the
+    # first score for a scorer built by hand.
+    for call in (lambda s: s.check_available(), lambda s: s.score(["hello"])):
+        with pytest.raises(OptionError, match="pip install --no-deps toxic-comment-classifier"):
+            call(ToxicLSTMScorer.from_options({}))
 
 
 def test_policy_files_use_it(tmp_path):

@@ -138,7 +138,12 @@ def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
     for b in (2, 4, 8):
         config, plan = plan_refinement(cfg, b, rho=0.25 if points == "spread" else 0.5, points=points)
         assert config.budget == b and not config.adaptive
-        assert 0.75 * b * T <= plan["planned_rows"] <= b * T, (b, plan)
+        assert plan["planned_rows"] <= b * T, (b, plan)
+        if cfg.tokens_per_step > 1 and b < 8:
+            # Proposals re-denoise one token a forward: at 2 tokens a step one iteration of "final"
+            # costs 13 rows against T = 8, so budgets 2 and 4 fit none or one.
+            continue
+        assert 0.75 * b * T <= plan["planned_rows"], (b, plan)
         S = cfg.steps_per_block
         refined = [(blk, s) for blk in range(cfg.n_blocks) for s in range(1, S + 1) if config.applies(blk, s, S)]
         assert [blk * S + s for blk, s in refined] == plan["points"] and refined
@@ -151,7 +156,7 @@ def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
 
 # Worked by hand (the oracle, independent of the planner's code): with the "final" schedule the
 # points are each block's last step. A pool (N = 1) at a block's end re-masks m = round(rho · tokens
-# of the block) and re-denoises them at tokens_per_step a sub-step, plus one forward for the next
+# of the block) and re-denoises them one token a forward (whatever tokens_per_step), plus one forward for the next
 # step's prediction; at the answer's end it re-masks the whole answer and needs no extra forward.
 # k = floor((b - 1) · T · r / rows per iteration), planned = T · r + k · rows per iteration (r = 2 with CFG).
 @pytest.mark.parametrize("G,T,block,cfg,budget,k,planned", [
@@ -159,10 +164,11 @@ def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
     (20, 20, 20, 0.0, 2, 2, 40), (20, 20, 20, 0.0, 4, 6, 80), (20, 20, 20, 0.0, 8, 14, 160),
     # two blocks of 10: block end m = 5, 5 + 1 = 6 rows; answer end m = 10, 10 rows: 16 an iteration
     (20, 20, 10, 0.0, 2, 1, 36), (20, 20, 10, 0.0, 4, 3, 68), (20, 20, 10, 0.0, 8, 8, 148),
-    # two blocks of 8, 4 steps each, 2 tokens a step: block end m = 4, 2 + 1 = 3; answer end m = 8, 4: 7
-    (16, 8, 8, 0.0, 2, 1, 15), (16, 8, 8, 0.0, 4, 3, 29), (16, 8, 8, 0.0, 8, 8, 64),
-    # the same with CFG: every forward is two rows, T = 16 rows, 14 an iteration
-    (16, 8, 8, 1.0, 4, 3, 58),
+    # two blocks of 8, 4 steps each, 2 tokens a step: block end m = 4, 4 + 1 = 5; answer end m = 8, 8: 13
+    # (proposals still re-denoise one token a forward: two from one forward are not a joint draw)
+    (16, 8, 8, 0.0, 4, 1, 21), (16, 8, 8, 0.0, 6, 3, 47), (16, 8, 8, 0.0, 8, 4, 60),
+    # the same with CFG: every forward is two rows, T = 16 rows, 26 an iteration
+    (16, 8, 8, 1.0, 4, 1, 42),
 ])
 def test_final_plans_match_hand_computed_costs(G, T, block, cfg, budget, k, planned):
     from safegen.sampler import SamplingConfig

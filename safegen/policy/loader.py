@@ -15,7 +15,7 @@ them, even when another file extends it.
 Every problem is a PolicyError naming the file that set the offending value, its key path
 (`classifiers[detoxify].variant`) and what is wrong. Model weights are not loaded here: scorers load
 them at their first `score` call, so loading a policy is cheap and works offline, while the local
-files it names are checked now.
+files it names, and the packages each scorer needs (`Scorer.requires`), are checked now.
 """
 from __future__ import annotations
 
@@ -54,8 +54,11 @@ def shipped_policies() -> dict[str, Path]:
     return found
 
 
-def load_policy(name_or_path: str | os.PathLike) -> Policy:
-    """Load and validate a policy from a YAML file or a shipped policy name."""
+def load_policy(name_or_path: str | os.PathLike | Policy) -> Policy:
+    """Load and validate a policy from a YAML file or a shipped policy name (a Policy is returned
+    as it is)."""
+    if isinstance(name_or_path, Policy):
+        return name_or_path
     path = _find_policy(name_or_path)
     data, origins = _read_chain(path, [])
     return _Builder(data, origins, path).build()
@@ -306,6 +309,7 @@ class _Builder:
         thresholds = self.mapping(entry.pop("label_thresholds", {}) or {}, (*key, "label_thresholds"))
         try:
             scorer = SCORERS[scorer_name].from_options(entry)
+            scorer.check_available()  # a missing package fails now, not after a model has loaded
         except OptionError as e:
             problem = e.problem
             if problem.startswith("unknown option"):

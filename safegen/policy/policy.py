@@ -13,7 +13,9 @@ combines their scores in three steps:
                       the plain noisy-or, a smaller w_c discounts a detector)
      then every hard classifier whose score reaches `threshold` sets the aggregate to 1 (a hard
      constraint: a lexicon match is toxic whatever the other classifiers say).
-  3. verdict: toxic = aggregate >= threshold, or any label score >= its own label threshold.
+  3. verdict (`Policy.judge`, the one place that decides): toxic = aggregate >= threshold, or any
+     label score >= its own label threshold. The report, the on_toxic action and adaptive
+     refinement's gate all read this verdict.
 
 Blame (which characters a policy objects to, for targeted re-masking) is combined like the scores:
 each classifier's per-character blame is the max or mean over its labels' blame, the soft
@@ -22,11 +24,17 @@ hard classifier that fires (score >= threshold) raises the characters it matched
 (1 for a lexicon match), as its score raises the aggregate to 1. See `Scorer.blame` for each
 scorer's attribution.
 
-The reward for the sampler is a decreasing function of the aggregate toxicity s:
-  neg_toxicity   r = -s
-  log_nontoxic   r = log(max(1 - s, clip))   (the log-probability of "non-toxic"; clip bounds it)
-`alpha` is the reward's temperature for the sampler (the refined distribution is proportional to
-p(x) exp(r(x) / alpha)): the policy only carries it.
+The reward for the sampler is a decreasing function of the effective toxicity t, the aggregate
+raised by every label that has its own threshold t_l, shifted so that reaching t_l counts like
+the aggregate reaching `threshold` (theta):
+  t = max(s, max_l (s_l - t_l + theta))      (t = s for a policy without label thresholds)
+  neg_toxicity   r = -t
+  log_nontoxic   r = log(max(1 - t, clip))   (the log-probability of "non-toxic"; clip bounds it)
+t is continuous and non-decreasing in each label's excess s_l - t_l, strictly increasing in it
+where that label is the binding one, and t >= theta exactly when the verdict is toxic (up to
+rounding at the boundary; the verdict itself compares the scores). `alpha` is the reward's
+temperature for the sampler (the refined distribution is proportional to p(x) exp(r(x) / alpha)):
+the policy only carries it.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import SafegenError
+from ..errors import ArgumentError, ArgumentTypeError, SafegenError
 from .attribution import token_blame, token_spans
 from .scorers import OptionError, Scorer
 
@@ -95,7 +103,8 @@ class PolicyScores:
     aggregate: np.ndarray                          # (n,) in [0, 1]
     per_classifier: dict[str, np.ndarray]          # classifier -> (n,) its label-aggregated score
     per_label: dict[str, dict[str, np.ndarray]]    # classifier -> label -> (n,)
-    toxic: np.ndarray                              # (n,) bool
+    toxic: np.ndarray                              # (n,) bool: the policy's verdict
+    effective: np.ndarray                          # (n,) the effective toxicity t the reward transforms
 
     def __len__(self) -> int:
         return len(self.aggregate)
@@ -105,6 +114,7 @@ class PolicyScores:
         return {
             "aggregate": float(self.aggregate[i]),
             "toxic": bool(self.toxic[i]),
+            "effective": float(self.effective[i]),
             "per_classifier": {c: float(s[i]) for c, s in self.per_classifier.items()},
             "per_label": {c: {label: float(s[i]) for label, s in labels.items()}
                           for c, labels in self.per_label.items()},
@@ -143,7 +153,7 @@ class Policy:
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
+                raise ArgumentTypeError(f"texts[{i}] is {type(text).__name__}, not str")
         # Refinement proposals often coincide; score each distinct text once and scatter back.
         first_index: dict[str, int] = {}
         inverse = np.array([first_index.setdefault(t, len(first_index)) for t in texts], dtype=np.int64)
@@ -157,12 +167,24 @@ class Policy:
             per_classifier[c.name] = self._classifier_score(c, per_label[c.name])
 
         aggregate = self._aggregate(per_classifier, len(texts))
+        toxic, effective = self.judge(aggregate, per_label)
+        return PolicyScores(aggregate=aggregate, per_classifier=per_classifier,
+                            per_label=per_label, toxic=toxic, effective=effective)
+
+    def judge(self, aggregate: np.ndarray, per_label: dict[str, dict[str, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(verdict, effective toxicity) per text, from the aggregate and the label scores: the one
+        function that decides "toxic" (module docstring, step 3 and the reward)."""
         toxic = aggregate >= self.threshold
+        effective = np.array(aggregate, dtype=np.float64)
         for c in self.classifiers:
             for label, t in c.label_thresholds.items():
-                toxic |= per_label[c.name][label] >= t
-        return PolicyScores(aggregate=aggregate, per_classifier=per_classifier,
-                            per_label=per_label, toxic=toxic)
+                s = per_label[c.name][label]
+                toxic = toxic | (s >= t)
+                # Reaching t counts like the aggregate reaching the threshold, so a label over its own
+                # threshold costs reward in proportion to its excess, whatever the aggregate says.
+                effective = np.maximum(effective, s - t + self.threshold)
+        return toxic, effective
 
     @staticmethod
     def _classifier_score(c: Classifier, per_label: dict[str, np.ndarray]) -> np.ndarray:
@@ -178,6 +200,12 @@ class Policy:
             # Raised by scorers that can only check some options once the model is loaded.
             key = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in e.key)
             raise PolicyError(f"{self.source}: classifiers[{c.name}]{key}: {e.problem}") from None
+        except (OSError, ImportError) as e:
+            # The scorer's model or a package it imports is missing (a download offline, say): the
+            # user's environment, not a bug, so one line that names the classifier.
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PolicyError(f"{self.source}: classifiers[{c.name}]: the {c.scorer.name} scorer cannot load its "
+                              f"model ({type(e).__name__}: {first})") from None
         out = {}
         for label in c.labels:
             if label not in raw:
@@ -252,6 +280,10 @@ class Policy:
 
     # -- reward --------------------------------------------------------------------------------
 
+    def reward(self, scores: PolicyScores) -> np.ndarray:
+        """The sampler's reward of scored texts: the transform of their effective toxicity."""
+        return self.reward_from_toxicity(scores.effective)
+
     def reward_from_toxicity(self, tox: np.ndarray) -> np.ndarray:
         tox = np.asarray(tox, dtype=np.float64)
         if self.transform == "neg_toxicity":
@@ -260,9 +292,8 @@ class Policy:
 
     @property
     def reward_threshold(self) -> float:
-        """The reward at toxicity == threshold: a text is non-toxic (by aggregate) iff its reward is
-        above this (both transforms decrease in toxicity; log_nontoxic strictly so while
-        1 - toxicity > clip), which adaptive refinement stops on."""
+        """The reward at effective toxicity == threshold, for reading rewards. It decides nothing:
+        the verdict compares the scores themselves (`judge`), and adaptive refinement gates on it."""
         return float(self.reward_from_toxicity(np.array([self.threshold]))[0])
 
     def reward_fn(self, tokenizer, stop_ids: Sequence[int] = ()) -> "PolicyReward":
@@ -305,7 +336,7 @@ class PolicyReward:
         from ..refine import BlameResult
 
         if token_ids.dim() != 2:
-            raise ValueError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
+            raise ArgumentError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
         G = token_ids.shape[1]
         answers = [tuple(self._answer(row)) for row in token_ids.tolist()]
         decoded = {a: token_spans(self.tokenizer, a) for a in dict.fromkeys(answers)}  # text, spans
@@ -316,12 +347,18 @@ class PolicyReward:
         return BlameResult(torch.as_tensor(out, dtype=torch.float32, device=token_ids.device),
                            torch.as_tensor(cost, dtype=torch.float64))
 
-    def __call__(self, token_ids):
+    def judge(self, token_ids):
+        """A `refine.Judged`: the (B,) reward as `__call__` gives it and the (B,) bool verdict of the
+        same scores, which adaptive refinement gates on (one scoring for both)."""
         import torch
 
+        from ..refine import Judged
+
         if token_ids.dim() != 2:
-            raise ValueError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")
-        texts = self.decode(token_ids)
-        scores = self.policy.score(texts)
-        reward = self.policy.reward_from_toxicity(scores.aggregate)
-        return torch.as_tensor(reward, dtype=torch.float32, device=token_ids.device)
+            raise ArgumentError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")
+        scores = self.policy.score(self.decode(token_ids))
+        return Judged(torch.as_tensor(self.policy.reward(scores), dtype=torch.float32, device=token_ids.device),
+                      torch.as_tensor(scores.toxic, dtype=torch.bool))
+
+    def __call__(self, token_ids):
+        return self.judge(token_ids).reward

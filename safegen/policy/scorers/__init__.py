@@ -6,6 +6,7 @@ importing this package stays cheap.
 """
 from __future__ import annotations
 
+from ...errors import ArgumentError
 from .base import Options, OptionError, Scorer
 from .detoxify import DetoxifyScorer
 from .hf import HFScorer
@@ -25,7 +26,7 @@ SCORERS: dict[str, type[Scorer]] = {
 def register_scorer(name: str, scorer: type[Scorer], replace: bool = False) -> None:
     """Make `scorer` available to policy files as `scorer: <name>`."""
     if name in SCORERS and not replace and SCORERS[name] is not scorer:
-        raise ValueError(f"a scorer named {name!r} is already registered ({SCORERS[name].__name__}); "
+        raise ArgumentError(f"a scorer named {name!r} is already registered ({SCORERS[name].__name__}); "
                          "pass replace=True to override it")
     SCORERS[name] = scorer
 

@@ -7,6 +7,7 @@ line in `scorers/__init__.py`.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
@@ -52,6 +53,17 @@ class Scorer:
     path_or_hub_options: ClassVar[tuple[str, ...]] = ()
 
     labels: tuple[str, ...] = ()
+    # The packages `score` imports, as (import name, distribution, install command): checked when
+    # the policy loads (`check_available`), not when the first text is scored after a model load.
+    requires: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+
+    def check_available(self) -> None:
+        """Raise OptionError naming the first required package that is not installed. Packages are
+        looked for, not imported, so loading a policy stays cheap."""
+        for module, distribution, install in self.requires:
+            if not installed(module):
+                raise OptionError(None, f"the {self.name} scorer needs the {distribution} package "
+                                        f"(import {module}), which is not installed: {install}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "Scorer":
@@ -154,6 +166,14 @@ class Options:
         if unknown:
             raise OptionError(unknown[0], "unknown option; known options: "
                               + (", ".join(sorted(self._known)) or "none"))
+
+
+def installed(module: str) -> bool:
+    """Whether `module` (a top-level name) can be found, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
 
 
 def device_option(options: Options, key: str = "device") -> str:

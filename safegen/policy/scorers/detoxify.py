@@ -46,6 +46,7 @@ CHECKPOINT_DEFAULT_LABELS = ("toxicity",)
 
 class DetoxifyScorer(Scorer):
     name = "detoxify"
+    requires = (("detoxify", "detoxify", "pip install detoxify"),)
     path_options = ("checkpoint", "huggingface_config_path")
 
     def __init__(self, variant: str | None = "original", checkpoint=None, huggingface_config_path=None,

@@ -49,6 +49,7 @@ def _default_activation(config: dict) -> str:
 
 class HFScorer(Scorer):
     name = "hf"
+    requires = (("torch", "torch", "pip install torch"), ("transformers", "transformers", "pip install transformers"))
     path_or_hub_options = ("model",)
 
     def __init__(self, model: str, labels: list[str | int], activation: str | None = None,

@@ -22,6 +22,7 @@ from .base import Options, Scorer, spread
 
 class ProfanityCheckScorer(Scorer):
     name = "profanity_check"
+    requires = (("profanity_check", "alt-profanity-check", "pip install alt-profanity-check"),)
     labels = ("profanity",)
 
     def __init__(self):

@@ -41,6 +41,7 @@ LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate
 # trained on that length and does not mask padding, so the length is part of the model.
 MAXLEN = 100
 PACKAGE = "toxic_classifier"   # the import name of the toxic-comment-classifier distribution
+INSTALL = "pip install --no-deps toxic-comment-classifier==0.3.0"
 
 
 class KerasTokenizerState:
@@ -112,17 +113,17 @@ def load_tokenizer(path: Path) -> WordTokenizer:
         try:
             state = RestrictedUnpickler(handle).load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-            raise ValueError(f"{path}: not a usable tokenizer pickle: {error}") from None
+            raise OptionError("tokenizer_file", f"{path}: not a usable tokenizer pickle: {error}") from None
     if not isinstance(state, KerasTokenizerState):
-        raise ValueError(f"{path}: holds a {type(state).__name__}, not a keras Tokenizer")
+        raise OptionError("tokenizer_file", f"{path}: holds a {type(state).__name__}, not a keras Tokenizer")
     attrs = vars(state)
     expected = {"word_index": dict, "filters": str, "lower": bool, "split": str,
                 "num_words": (int, type(None)), "oov_token": (str, type(None))}
     for key, kind in expected.items():
         if not isinstance(attrs.get(key), kind):
-            raise ValueError(f"{path}: tokenizer attribute {key!r} is {type(attrs.get(key)).__name__}")
+            raise OptionError("tokenizer_file", f"{path}: tokenizer attribute {key!r} is {type(attrs.get(key)).__name__}")
     if attrs.get("char_level") or attrs.get("analyzer") is not None:
-        raise ValueError(f"{path}: only word-level tokenizers without a custom analyzer are supported")
+        raise OptionError("tokenizer_file", f"{path}: only word-level tokenizers without a custom analyzer are supported")
     return WordTokenizer(**{key: attrs[key] for key in expected})
 
 
@@ -146,7 +147,7 @@ def read_keras_weights(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         missing = [name for name in where.values() if name not in f]
         if missing:
-            raise ValueError(f"{path}: not the toxic-comment-classifier model: no dataset {missing[0]}")
+            raise OptionError("weights_file", f"{path}: not the toxic-comment-classifier model: no dataset {missing[0]}")
         return {role: np.asarray(f[name], dtype=np.float32) for role, name in where.items()}
 
 
@@ -191,17 +192,18 @@ def build_network(arrays: dict[str, np.ndarray]):
 def package_file(name: str) -> Path:
     spec = importlib.util.find_spec(PACKAGE)   # finds the package without running its TensorFlow imports
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the toxic_lstm scorer needs the toxic-comment-classifier package: "
-                           "pip install --no-deps toxic-comment-classifier==0.3.0")
+        raise OptionError(None, f"the toxic_lstm scorer needs the toxic-comment-classifier package (import "
+                                f"{PACKAGE}), which is not installed: {INSTALL}")
     path = Path(list(spec.submodule_search_locations)[0]) / "model" / name
     if not path.is_file():
-        raise RuntimeError(f"toxic-comment-classifier is installed but has no {path}")
+        raise OptionError(None, f"toxic-comment-classifier is installed but has no {path}: reinstall it ({INSTALL})")
     return path
 
 
 class ToxicLSTMScorer(Scorer):
     name = "toxic_lstm"
     path_options = ("weights_file", "tokenizer_file")
+    requires = (("h5py", "h5py", "pip install h5py"), ("torch", "torch", "pip install torch"))
 
     def __init__(self, labels=None, weights_file: Path | None = None, tokenizer_file: Path | None = None,
                  device: str = "cpu", batch_size: int = 256):
@@ -230,11 +232,19 @@ class ToxicLSTMScorer(Scorer):
         return cls(labels=labels, weights_file=weights_file, tokenizer_file=tokenizer_file,
                    device=device, batch_size=batch_size)
 
+    def check_available(self) -> None:
+        """h5py and torch, and the package's files for those not given as options: found now, read
+        at the first score."""
+        super().check_available()
+        for given, name in ((self.weights_file, "model.weights.h5"), (self.tokenizer_file, "tokenizer.pickle")):
+            if given is None:
+                package_file(name)
+
     def _load(self) -> None:
         self._tokenizer = load_tokenizer(self.tokenizer_file or package_file("tokenizer.pickle"))
         arrays = read_keras_weights(self.weights_file or package_file("model.weights.h5"))
         if arrays["out_kernel"].shape[1] != len(LABELS):
-            raise ValueError(f"the weights have {arrays['out_kernel'].shape[1]} outputs, not {len(LABELS)}")
+            raise OptionError("weights_file", f"the weights have {arrays['out_kernel'].shape[1]} outputs, not {len(LABELS)}")
         self._net = build_network(arrays).to(resolve_device(self.device))
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
