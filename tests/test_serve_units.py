@@ -4,6 +4,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -124,6 +125,28 @@ def test_batcher_groups_by_key_caps_rows_and_bounds_the_queue():
     assert results == [10, 20, 30, 40, 50]
     # The oldest first; same-key jobs join it while they fit in 3 rows; the rest keep their order.
     assert batches == [[1, 3], [2], [4, 5]]
+
+
+def test_batcher_waits_to_fill_only_while_requests_are_arriving():
+    batches = []
+
+    def run(payloads):
+        batches.append(list(payloads))
+        return payloads
+
+    async def main(arriving):
+        b = Batcher(run, max_queue=5, max_rows=4, max_wait=0.5, arriving=lambda: arriving)
+        started = time.monotonic()
+        first = b.submit(("A",), 1, "first")
+        await asyncio.sleep(0.1)
+        second = b.submit(("A",), 1, "second")
+        await asyncio.gather(first.future, second.future)
+        b.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(main(arriving=0)) < 0.4 and batches == [["first"], ["second"]]  # no one to wait for
+    batches.clear()
+    assert asyncio.run(main(arriving=1)) >= 0.5 and batches == [["first", "second"]]  # waits 0.5 s to fill
 
 
 def test_batcher_drops_a_queued_job_whose_client_left():

@@ -74,10 +74,34 @@ class Service:
         self.load_error: Optional[str] = None
         self.draining = False
         self.in_flight = 0
+        self.arriving = 0  # generation requests received and not yet queued (or refused): a batch waits for them
         self.new_seed = None  # set by the server: a random seed for a request without one
 
     # ------------------------------------------------------------------ generation
     async def generate(self, request: Request, kind: str) -> Response:
+        self.arriving += 1
+        try:
+            job, req, rid, started = await self._admit(request, kind)
+        finally:
+            self.arriving -= 1
+        if req.stream:
+            return StreamingResponse(self._stream(request, job, req, rid, started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        leave = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({job.future, leave}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leave.cancel()
+        if not job.future.done():  # the client left; nobody reads what we would send
+            self.batcher.cancel(job)
+            log.info("%s: client left before its answer", rid)
+            return Response(status_code=499)
+        outcome = self._outcome(job, rid, req)
+        self.metrics.latency.labels(kind).observe(time.monotonic() - started)
+        return JSONResponse(self._body(kind, rid, req, outcome))
+
+    async def _admit(self, request: Request, kind: str):
+        """Body, fields, prompt length, queue: (job, request, id, start time), or an APIError."""
         started = time.monotonic()
         if self.engine is None:
             raise APIError(503, "the model is still loading" if self.load_error is None else
@@ -103,21 +127,7 @@ class Service:
                            f"{full.retry_after} s", code="queue_full", type="rate_limit_error",
                            headers={"Retry-After": str(full.retry_after)}) from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        if req.stream:
-            return StreamingResponse(self._stream(request, job, req, rid, started), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        leave = asyncio.ensure_future(wait_for_disconnect(request))
-        try:
-            await asyncio.wait({job.future, leave}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            leave.cancel()
-        if not job.future.done():  # the client left; nobody reads what we would send
-            self.batcher.cancel(job)
-            log.info("%s: client left before its answer", rid)
-            return Response(status_code=499)
-        outcome = self._outcome(job, rid, req)
-        self.metrics.latency.labels(kind).observe(time.monotonic() - started)
-        return JSONResponse(self._body(kind, rid, req, outcome))
+        return job, req, rid, started
 
     def _outcome(self, job, rid: str, req):
         try:

@@ -132,7 +132,7 @@ def command(args) -> int:
 
     service.batcher = Batcher(run_batch, max_queue=args.max_queue, max_rows=args.max_batch_rows,
                               max_wait=args.batch_wait_ms / 1000, on_batch=metrics.record_batch,
-                              on_drop=metrics.dropped.inc)
+                              on_drop=metrics.dropped.inc, arriving=lambda: service.arriving)
     metrics.queue_depth.set_function(lambda: len(service.batcher.queue))
     config = uvicorn.Config(create_app(service), host=args.host, port=args.port, lifespan="off",
                             log_level="info", timeout_graceful_shutdown=5)
