@@ -64,6 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--max-batch-rows", type=_positive, default=16,
                    help="samples per sampler batch (default 16; 1 runs every sample alone)")
     b.add_argument("--batch-wait-ms", type=_non_negative_float, default=10.0,
-                   help="how long a batch waits to fill once the model is free (default 10 ms)")
+                   help="how long a batch waits to fill while more requests are arriving (default 10 ms)")
     b.add_argument("--drain-timeout", type=_non_negative_float, default=600.0,
                    help="after SIGTERM, seconds to let requests in flight finish before exiting anyway (default 600)")
