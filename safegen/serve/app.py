@@ -72,6 +72,7 @@ class Service:
         self.engine = None  # set once the model is loaded
         self.batcher = None
         self.load_error: Optional[str] = None
+        self.load_exception: Optional[BaseException] = None  # re-raised by the command after uvicorn stops
         self.draining = False
         self.in_flight = 0
         self.arriving = 0  # generation requests received and not yet queued (or refused): a batch waits for them

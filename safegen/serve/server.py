@@ -123,7 +123,6 @@ def command(args) -> int:
     metrics = Metrics()
     # The limits' own contradictions are found before the model loads; the context length after.
     service = Service(defaults, _limits(args, sampling, None), metrics, gate, log_content=args.log_content)
-    service.load_exception = None
     service.new_seed = lambda: secrets.randbelow(MAX_SEED - args.max_n + 2)
 
     def run_batch(payloads):
