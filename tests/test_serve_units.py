@@ -281,3 +281,38 @@ def test_serve_listens_on_this_machine_only_by_default():
     args = build_parser().parse_args(["serve", "--policy", "offline", "--policy", "strict"])
     assert (args.host, args.port, args.policy, args.api_key_file, args.log_content) == \
         ("127.0.0.1", 8000, ["offline", "strict"], None, False)
+
+
+def _asgi_get(app, path: str, method: str = "GET", body: bytes = b"") -> tuple[int, dict]:
+    """One request through the ASGI app, in-process: (status, JSON body)."""
+    sent, received = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return received.pop(0) if received else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8000), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_health_is_ready_only_once_the_model_is_loaded_and_not_draining():
+    from safegen.serve.app import Service, create_app
+    from safegen.serve.metrics import Metrics
+
+    service = Service(DEFAULTS, LIMITS, Metrics(), Gate(None))
+    app = create_app(service)
+    assert _asgi_get(app, "/health") == (503, {"status": "loading"})
+    status, body = _asgi_get(app, "/v1/chat/completions", "POST", json.dumps(chat()).encode())
+    assert status == 503 and body["error"]["code"] == "not_ready"
+    service.engine = object()  # loaded
+    assert _asgi_get(app, "/health") == (200, {"status": "ready"})
+    service.draining = True
+    assert _asgi_get(app, "/health") == (503, {"status": "draining"})
+    status, body = _asgi_get(app, "/v1/models")
+    assert status == 503 and body["error"]["code"] == "draining"
+    assert service.in_flight == 0
