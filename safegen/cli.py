@@ -60,7 +60,7 @@ def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------ model + policy
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False) -> None:
     from .loading import DEFAULT_MODEL, QUANTIZATIONS
 
     g = parser.add_argument_group("model")
@@ -72,7 +72,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="allow the model repository's own code, for models safegen and transformers do not "
                         "implement (LLaDA does not need it; it runs code from the hub)")
     g.add_argument("--device-map", default="auto", help="accelerate device map (default auto)")
-    g.add_argument("--policy", default="default", help="a policy name in policies/ or a YAML path (default: default)")
+    if many_policies:  # a server offers several; a request picks one by this name (the first by default)
+        g.add_argument("--policy", action="append", default=None,
+                       help="a policy name in policies/ or a YAML path; repeat to offer several (default: default)")
+    else:
+        g.add_argument("--policy", default="default",
+                       help="a policy name in policies/ or a YAML path (default: default)")
 
     s = parser.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, default=None, help="generation length G (default 128)")
@@ -291,6 +296,18 @@ def _memory_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def serve(args) -> int:
+    from .serve.server import command
+
+    return command(args)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from .serve.options import add_arguments
+
+    add_arguments(parser)
+
+
 # name: (function, help, function adding the arguments)
 COMMANDS = {
     "tiny-model": (tiny_model, "write a tiny random LLaDA-shaped model for offline tests and demos",
@@ -300,6 +317,7 @@ COMMANDS = {
     "detoxify": (detoxify, "detoxify a file of prompts in batch, one JSONL report per sample",
                  _detoxify_arguments),
     "memory": (memory, "parameter count and memory of a LLaDA model, from its config", _memory_arguments),
+    "serve": (serve, "serve safe generation over an OpenAI-compatible HTTP API", _serve_arguments),
 }
 
 
