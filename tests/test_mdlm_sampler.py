@@ -46,7 +46,7 @@ class Recorder:
     def __init__(self):
         self.masked = []
 
-    def applies(self, block, step, steps_per_block):
+    def applies(self, block, step, steps_in_block, t=None):
         return True
 
     def __call__(self, sampler, state):
