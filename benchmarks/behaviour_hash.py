@@ -103,6 +103,25 @@ def tiny_cases(model_dir: str) -> dict[str, str]:
     return out
 
 
+def mdlm_cases(model_dir: str) -> dict[str, str]:
+    from safegen import IterRef, RefineConfig, SamplingConfig, load_model
+
+    make_sampler = _find("make_sampler", "safegen.sampling", "safegen.sampling.sampler", "safegen.sampler")
+    model, tokenizer, profile = load_model(model_dir, quantization="none")
+    torch.manual_seed(1)
+    ids = torch.randint(10, 200, (2, 5))
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0
+    cfg = SamplingConfig(max_new_tokens=12, steps=16, temperature=1.0, sampler="mdlm")
+    out = {"mdlm/plain": digest(make_sampler(model, profile, cfg).run(ids, attn, seeds=2))}
+    for name, rc in {"uniform": RefineConfig(iterations=3, alpha=0.5),
+                     "targeted": RefineConfig(iterations=3, alpha=0.5, remask="targeted")}.items():
+        kw = {"blame": token_blame} if rc.remask == "targeted" else {}
+        res = make_sampler(model, profile, cfg).run(ids, attn, seeds=2, hook=IterRef(rc, token_reward, **kw))
+        out[f"mdlm/{name}"] = digest(res)
+    return out
+
+
 def toy_cases() -> dict[str, str]:
     from safegen import DiffusionSampler, IterRef, RefineConfig, SamplingConfig
 
@@ -132,9 +151,10 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write {case: hash} to this file")
     args = ap.parse_args(argv)
     write_tiny = _find("write_tiny_model", "safegen.models.tiny", "safegen.tiny")
+    write_mdlm = _find("write_tiny_mdlm", "safegen.models.tiny", "safegen.tiny")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(write_tiny(tmp, seed=0))
-        hashes = {**tiny_cases(model_dir), **toy_cases()}
+        hashes = {**tiny_cases(str(write_tiny(f"{tmp}/llada", seed=0))),
+                  **mdlm_cases(str(write_mdlm(f"{tmp}/mdlm", seed=0))), **toy_cases()}
     for name, h in hashes.items():
         print(f"{h}  {name}")
     total = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
