@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     from safegen.policy import load_policy
     from safegen.policy.attribution import token_spans
-    from safegen.tiny import build_tiny_tokenizer
+    from safegen.models.tiny import build_tiny_tokenizer
 
     texts = rtp_texts()
     policy = load_policy(args.policy)

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from safegen.tiny import TINY_VOCAB_FILE, split_words
+from safegen.models.tiny import TINY_VOCAB_FILE, split_words
 
 RTP_FILES = ("challenging.jsonl", "random.jsonl")
 # Punctuation and digits, each its own token under the tokenizer's split.

@@ -1,7 +1,7 @@
 """LLaDA-8B's architecture on a GPU, without the hub: plain sampling against IterRef at budget 4.
 
-Builds the full LLaDA-8B configuration (safegen.llada, 8.0 B parameters) with random weights directly
-in 4-bit, as safegen.loading would load the checkpoint: NF4 with double quantization for the blocks'
+Builds the full LLaDA-8B configuration (safegen.models.llada, 8.0 B parameters) with random weights directly
+in 4-bit, as safegen.models.loading would load the checkpoint: NF4 with double quantization for the blocks'
 linear layers, the embedding, output head and norms in bf16. Each layer is drawn on the device and
 quantized there, so neither the host nor the GPU ever holds the 16 GB bf16 model. Then it samples a
 batch of random prompts (G = 64, T = 64) plainly and with IterRef (budget 4), and writes one JSON:
@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safegen.llada import LLaDAConfig, LLaDAModelLM, RMSNorm  # noqa: E402
-from safegen.memory import meta_model, quantized_linears, weight_bytes  # noqa: E402
-from safegen.profile import ModelProfile  # noqa: E402
-from safegen.refine import IterRef, RefineConfig  # noqa: E402
-from safegen.sampler import DiffusionSampler, SamplingConfig  # noqa: E402
+from safegen.models.llada import LLaDAConfig, LLaDAModelLM, RMSNorm  # noqa: E402
+from safegen.models.memory import meta_model, quantized_linears, weight_bytes  # noqa: E402
+from safegen.models.family import ModelProfile  # noqa: E402
+from safegen.refine.iterref import IterRef, RefineConfig  # noqa: E402
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig  # noqa: E402
 
 SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128, vocab_size=500,
              embedding_size=512, mask_token_id=499, eos_token_id=498, pad_token_id=498)

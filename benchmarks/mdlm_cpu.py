@@ -1,7 +1,7 @@
 """CPU seconds per sample for MDLM-OWT's configuration (random weights): plain sampling with MDLM's
 sampler and IterRef at budgets 2 and 4 (multiples of plain sampling's expected forwards).
 
-The model is safegen.mdlm's at MDLM-OWT's config.json values (hidden 768, 12 blocks, 12 heads, cond 128,
+The model is safegen.models.mdlm's at MDLM-OWT's config.json values (hidden 768, 12 blocks, 12 heads, cond 128,
 vocab 50258, 169.6 M parameters, float32); weights are random, so the timings are the real model's and
 the texts are not. Each sample continues a 20-token prompt by 32 tokens (52 positions a forward, not the
 1024 MDLM pads to in training). The reward is a cheap stand-in (minus the share of tokens from a fixed
@@ -21,11 +21,11 @@ import time
 
 import torch
 
-from safegen import cost
-from safegen.mdlm import MDLMConfig, MDLMModel
-from safegen.mdlm_sampler import MDLMSampler, expected_forwards
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import SamplingConfig
+from safegen.refine import cost
+from safegen.models.mdlm import MDLMConfig, MDLMModel
+from safegen.sampling.mdlm import MDLMSampler, expected_forwards
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import SamplingConfig
 
 PROMPT_TOKENS, NEW_TOKENS = 20, 32
 

@@ -55,7 +55,7 @@ class Stopwatch:
 
 def build_generator(model_dir: str, args, quantization: str = "none"):
     from safegen.generator import SafeGenerator
-    from safegen.loading import load_model
+    from safegen.models.loading import load_model
 
     model, tokenizer, profile = load_model(model_dir, quantization=quantization)
     G = args.max_new_tokens
@@ -141,7 +141,7 @@ def weight_bytes(model) -> dict:
 
 
 def weight_memory(model_dir: str) -> dict:
-    from safegen.loading import load_model
+    from safegen.models.loading import load_model
 
     out = {}
     for q in ("none", "8bit", "4bit"):
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from safegen.tiny import write_tiny_model
+            from safegen.models.tiny import write_tiny_model
             size = QUICK_SIZE if args.quick else dict(MID_SIZE, n_layers=args.layers)
             model_dir = str(write_tiny_model(Path(tmp) / "mid", seed=0, **size))
         n_params = sum(p.numel() for p in build_generator(model_dir, args).model.parameters())

@@ -24,9 +24,9 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safegen import cost  # noqa: E402
-from safegen.refine import IterRef, RefineConfig  # noqa: E402
-from safegen.sampler import DiffusionSampler, SamplingConfig  # noqa: E402
+from safegen.refine import cost  # noqa: E402
+from safegen.refine.iterref import IterRef, RefineConfig  # noqa: E402
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig  # noqa: E402
 
 VOCAB, MASK = 32, 31
 SETTINGS = {  # name: (G, T, block_length)

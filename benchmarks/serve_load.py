@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             model = args.model
             if model is None:
-                from safegen.tiny import write_tiny_model
+                from safegen.models.tiny import write_tiny_model
                 model = str(write_tiny_model(Path(tmp) / "tiny-model", seed=0))
             common = ["--policy", args.policy, "--temperature", "1", "--max-new-tokens", str(args.max_tokens),
                       "--max-queue", str(max(levels) * 2), "--quantization", args.quantization]

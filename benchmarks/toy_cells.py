@@ -8,11 +8,12 @@ from typing import Optional
 
 import torch
 
-from safegen import cost, refine, toy
-from safegen.baselines import best_of_n, fk_steering, svdd
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import DiffusionSampler, SampleOutput, SamplingConfig
-from safegen.toy import TableDenoiser
+from safegen.refine import cost, iterref as refine
+from safegen.research import toy
+from safegen.research.baselines import best_of_n, fk_steering, svdd
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import DiffusionSampler, SampleOutput, SamplingConfig
+from safegen.research.toy import TableDenoiser
 
 from benchmarks.methods import KERNELS
 

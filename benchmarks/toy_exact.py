@@ -32,7 +32,7 @@ worse in all 9; every T steps was within 0.007 on single/blocks and worse on den
 IterRef with uniform re-masking (the paper's kernel) and IterRef with targeted re-masking, with the
 settings of DEFAULT_ITERREF / DEFAULT_TARGETED (the sweeps printed with the results are how they
 were chosen) and k = the largest number of iterations whose worst-case rows (every proposal
-accepted, one pool per iteration; safegen.cost.plan) fit in b · T; RefineConfig.budget = b caps it
+accepted, one pool per iteration; safegen.refine.cost.plan) fit in b · T; RefineConfig.budget = b caps it
 in any case. With N = 1 every iteration draws one proposal, so the rows are deterministic: T + k ·
 Σ_points N · (m + scoring forward), m = max(1, round(rho · decoded in scope)); k is an integer, so
 IterRef may spend a little less than b · T (printed).
@@ -67,8 +67,9 @@ from benchmarks.toy_cells import (BUDGETS, DEFAULT_ALPHA, DEFAULT_ITERREF, DEFAU
                                   sampling_config, simulated_floor)
 from benchmarks.methods import METHODS  # noqa: E402
 from benchmarks.toy_report import efficiency, markdown, settings_text, targets  # noqa: E402
-from safegen import refine, toy  # noqa: E402
-from safegen.toy import TableDenoiser  # noqa: E402
+from safegen.refine import iterref as refine  # noqa: E402
+from safegen.research import toy
+from safegen.research.toy import TableDenoiser  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -1,12 +1,12 @@
 """The exact toy (benchmarks/toy_cells.py's problems) on MDLM's ancestral sampler: IterRef (uniform and
 targeted re-masking) against Best-of-N and remask-only at equal denoiser rows.
 
-Budgets are multiples of the MDLM sampler's expected plain forwards (safegen.cost.plain_rows: the model
+Budgets are multiples of the MDLM sampler's expected plain forwards (safegen.refine.cost.plain_rows: the model
 runs only after a step that unmasked something), not of T. SVDD and FK-steering are built on LLaDA's
 sampler and are left out. T = 256 steps for L = 6 tokens: positions unmasked at the same step are drawn
 independently, which is exact only as T grows (at T = 256 about 6% of samples have such a pair), and
 steps that unmask nothing cost nothing. IterRef's k is the largest whose worst case fits the budget
-(safegen.cost.plan), capped by RefineConfig.budget. Per cell: mean reward, toxic rate, TV to p*, z of
+(safegen.refine.cost.plan), capped by RefineConfig.budget. Per cell: mean reward, toxic rate, TV to p*, z of
 the mean reward against p*, measured rows per sample.
 
     python benchmarks/toy_mdlm.py                   # ~5 min on 2 busy CPU cores
@@ -25,9 +25,9 @@ if not __package__:  # run as a script: the repository root holds the `benchmark
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.toy_cells import SETUPS, Problem, run_method  # noqa: E402
-from safegen import cost  # noqa: E402
-from safegen.mdlm_sampler import MDLMSampler  # noqa: E402
-from safegen.sampler import SamplingConfig  # noqa: E402
+from safegen.refine import cost  # noqa: E402
+from safegen.sampling.mdlm import MDLMSampler  # noqa: E402
+from safegen.sampling.sampler import SamplingConfig  # noqa: E402
 
 METHODS = ("plain", "best_of_n", "remask_only", "iterref", "iterref_targeted")
 STEPS = 256

@@ -1,13 +1,13 @@
 """safegen: toxicity-safe generation for masked diffusion LMs (LLaDA) by reward-guided refinement."""
 
 # The public API, imported on first use: `import safegen` (and so `safegen --help`) loads neither
-# torch nor transformers. LLaDA registers with transformers' Auto classes when safegen.llada is
+# torch nor transformers. LLaDA registers with transformers' Auto classes when safegen.models.llada is
 # imported (load_model imports it for LLaDA folders).
 _EXPORTS = {
     "SafeGenerator": "generator", "SampleReport": "generator", "GenerateOutput": "generator",
-    "DiffusionSampler": "sampler", "SamplingConfig": "sampler", "SampleOutput": "sampler",
-    "generate": "sampler", "IterRef": "refine", "RefineConfig": "refine",
-    "load_policy": "policy", "Policy": "policy", "load_model": "loading", "ModelProfile": "profile",
+    "DiffusionSampler": "sampling.sampler", "SamplingConfig": "sampling.sampler", "SampleOutput": "sampling.sampler",
+    "generate": "sampling.sampler", "IterRef": "refine.iterref", "RefineConfig": "refine.iterref",
+    "load_policy": "policy", "Policy": "policy", "load_model": "models.loading", "ModelProfile": "models.family",
     "SafegenError": "errors",
 }
 __all__ = sorted(_EXPORTS)

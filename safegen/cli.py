@@ -44,7 +44,7 @@ def _positive(text: str) -> int:
 
 
 def tiny_model(args) -> int:
-    from .tiny import write_tiny_mdlm, write_tiny_model
+    from .models.tiny import write_tiny_mdlm, write_tiny_model
 
     write = write_tiny_mdlm if args.family == "mdlm" else write_tiny_model
     folder = write(args.directory, seed=args.seed)
@@ -61,7 +61,7 @@ def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------ model + policy
 def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False) -> None:
-    from .loading import DEFAULT_MODEL, QUANTIZATIONS
+    from .models.loading import DEFAULT_MODEL, QUANTIZATIONS
 
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
@@ -127,10 +127,10 @@ def _sampling_options(args) -> dict:
     options = {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
                                              "remasking", "cfg_scale", "sampler") if getattr(args, k) is not None}
     if getattr(args, "model", None) is not None:
-        from .loading import model_type_of
+        from .models.loading import model_type_of
 
         if model_type_of(args.model, _revision(args)) == "mdlm":
-            from .mdlm_sampler import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
+            from .sampling.mdlm import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
 
             options = {**DEFAULT_SAMPLING, **options}
     return options
@@ -156,14 +156,14 @@ def _configure(args):
 
 
 def _revision(args):
-    from .loading import PINNED_REVISIONS
+    from .models.loading import PINNED_REVISIONS
 
     return args.revision or PINNED_REVISIONS.get(args.model)
 
 
 def _build_generator(args, policy, sampling, refinement, device_map=None):
     from .generator import SafeGenerator
-    from .loading import load_model, require_tokenizer
+    from .models.loading import load_model, require_tokenizer
 
     model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=_revision(args),
                                            device_map=device_map or args.device_map,
@@ -211,7 +211,8 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
     import json
     from pathlib import Path
 
-    from . import batch, rng
+    from . import batch
+    from .sampling import rng
 
     folder = Path(args.model).expanduser()
     if folder.is_dir():
@@ -279,13 +280,13 @@ def _detoxify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def memory(args) -> int:
-    from .memory import command
+    from .models.memory import command
 
     return command(args)
 
 
 def _memory_arguments(parser: argparse.ArgumentParser) -> None:
-    from .loading import DEFAULT_MODEL
+    from .models.loading import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL}); "
                         "only its config.json is read")

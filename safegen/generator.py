@@ -17,11 +17,11 @@ import torch
 from . import keywords
 from .errors import ArgumentTypeError
 from .policy import Policy, load_policy
-from .profile import ModelProfile
-from .refine import IterRef, RefineConfig
+from .models.family import ModelProfile
+from .refine.iterref import IterRef, RefineConfig
 from .keywords import sample_or_not, stop_id_list
-from .sampler import ConfigError, SamplingConfig, make_sampler, updated_config
-from .sampling_config import fit_lengths
+from .sampling.sampler import ConfigError, SamplingConfig, make_sampler, updated_config
+from .sampling.config import fit_lengths
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SampleReport:
     toxic_after: bool
     refined: bool  # did refinement change the sample?
     action: str  # "none" (not toxic), or the policy's on_toxic outcome: "flag" | "refuse" | "best"
-    rows: float  # denoiser rows spent on this sample (safegen.cost: CFG counts 2 per forward)
+    rows: float  # denoiser rows spent on this sample (safegen.refine.cost: CFG counts 2 per forward)
     rows_before: float  # extra denoiser rows spent computing the "before" sample (0 when not computed)
     reward_calls: float  # texts the reward scored for this sample during refinement
     acceptance_rate: Optional[float]  # accepted / proposed (None when nothing was proposed)
@@ -84,12 +84,12 @@ class SafeGenerator:
         self.tokenizer = tokenizer
         self.policy = load_policy(policy)
         if profile is None:
-            from .loading import profile_from
+            from .models.loading import profile_from
             profile = profile_from(model.config, tokenizer)
         self.profile = profile
         if getattr(getattr(model, "config", None), "model_type", None) == "mdlm" and not isinstance(sampling, SamplingConfig):
             # MDLM's own sampler, at temperature 1 as it was trained to be sampled, unless set otherwise.
-            from .mdlm_sampler import DEFAULT_SAMPLING
+            from .sampling.mdlm import DEFAULT_SAMPLING
             sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.sampling, self.refinement = middleware_configs(self.policy, sampling, refinement)
         self.report_before = report_before
@@ -99,7 +99,7 @@ class SafeGenerator:
                         policy: Union[str, Policy] = "default", revision: Optional[str] = None,
                         trust_remote_code: bool = False, device_map: Any = "auto", dtype=None,
                         sampling=None, refinement=None, report_before: bool = True) -> "SafeGenerator":
-        from .loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model, require_tokenizer
+        from .models.loading import DEFAULT_MODEL, DEFAULT_REVISION, load_model, require_tokenizer
         policy = load_policy(policy)  # its mistakes and the configs' cost a second, not a model load
         middleware_configs(policy, sampling, refinement)
         model_id_or_path = model_id_or_path or DEFAULT_MODEL

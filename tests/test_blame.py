@@ -248,7 +248,7 @@ def prefix_spans(tokenizer, ids):
 
 
 def test_token_spans_on_the_tiny_tokenizer():
-    from safegen.tiny import build_tiny_tokenizer
+    from safegen.models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     ids = tok("You are a fucking idiot, you think? Fine.", add_special_tokens=False)["input_ids"]
@@ -292,7 +292,7 @@ def test_token_spans_on_a_byte_level_bpe():
 
 
 def test_reward_blame_maps_characters_to_generated_positions():
-    from safegen.tiny import EOS, build_tiny_tokenizer
+    from safegen.models.tiny import EOS, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     policy = load_policy("offline")

@@ -88,7 +88,7 @@ def test_unknown_policy_is_a_clear_error(tmp_path, capsys):
 
 def test_long_prompt_is_truncated_with_warning(tiny_model_dir, tmp_path, caplog):
     from safegen.generator import SafeGenerator
-    from safegen.loading import load_model
+    from safegen.models.loading import load_model
 
     model, tok, prof = load_model(str(tiny_model_dir), quantization="none")
     g = SafeGenerator(model, tok, policy="offline", profile=prof,

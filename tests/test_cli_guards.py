@@ -12,7 +12,7 @@ import pytest
 
 from safegen import batch
 from safegen.cli import main
-from safegen.loading import TOKENIZER_FILES
+from safegen.models.loading import TOKENIZER_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--quantization", "none", "--policy", "offline", "--max-new-tokens", "8", "--steps", "8",
@@ -22,12 +22,12 @@ SMALL = ["--quantization", "none", "--policy", "offline", "--max-new-tokens", "8
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Makes loading a model a test failure: the checks must come first."""
-    import safegen.loading
+    import safegen.models.loading
 
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(safegen.loading, "load_model", fail)
+    monkeypatch.setattr(safegen.models.loading, "load_model", fail)
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_concurrent_run_refused_and_ctrl_c_exits_130(tiny_model_dir, tmp_path, c
 
 
 def test_resume_compares_what_names_resolve_to(tiny_model_dir, tmp_path, capsys):
-    from safegen.tiny import write_tiny_model
+    from safegen.models.tiny import write_tiny_model
 
     model = write_tiny_model(tmp_path / "model", seed=0)
     src = tmp_path / "p.txt"

@@ -1,13 +1,13 @@
-"""safegen.cost against what really runs: the oracle is the model's own batch (the rows a scripted
+"""safegen.refine.cost against what really runs: the oracle is the model's own batch (the rows a scripted
 model receives) and the sampler's commits, never the cost model itself."""
 from dataclasses import replace
 
 import pytest
 import torch
 
-from safegen import cost
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import DiffusionSampler, SamplingConfig
+from safegen.refine import cost
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
 from oracles import ScriptedModel
 

@@ -104,16 +104,16 @@ def test_awkward_lengths_keep_the_block_length_and_the_tokens_per_step(gen, opti
 
 
 def test_steps_that_fit_no_block_split_are_refused_with_the_nearest():
-    from safegen.sampler import ConfigError, SamplingConfig
+    from safegen.sampling.sampler import ConfigError, SamplingConfig
 
     with pytest.raises(ConfigError, match=r"sampling.steps \(101\) does not fit .* 100 and 104"):
         SamplingConfig(max_new_tokens=127, steps=101, block_length=32).validate()
 
 
 def test_refinement_points_stay_at_block_ends_and_late_in_each_block():
-    from safegen import cost
-    from safegen.refine import RefineConfig
-    from safegen.sampler import SamplingConfig
+    from safegen.refine import cost
+    from safegen.refine.iterref import RefineConfig
+    from safegen.sampling.sampler import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=127, steps=127, block_length=32)
     final = RefineConfig(schedule="final")
@@ -144,8 +144,8 @@ class Recorder:
 def test_sampler_commits_blocks_as_the_cost_model_predicts(G, T, bl):
     from oracles import ScriptedModel
 
-    from safegen import cost
-    from safegen.sampler import DiffusionSampler, SamplingConfig
+    from safegen.refine import cost
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=G, steps=T, block_length=bl, temperature=1.0)
     m, hook = ScriptedModel(), Recorder()
@@ -170,9 +170,9 @@ def test_sampler_commits_blocks_as_the_cost_model_predicts(G, T, bl):
 def test_predicted_rows_equal_the_rows_the_model_runs_with_a_short_last_block(G, T, bl, rc):
     from oracles import ScriptedModel
 
-    from safegen import cost
-    from safegen.refine import IterRef, RefineConfig
-    from safegen.sampler import DiffusionSampler, SamplingConfig
+    from safegen.refine import cost
+    from safegen.refine.iterref import IterRef, RefineConfig
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=G, steps=T, block_length=bl, temperature=1.0)
     refine = RefineConfig(iterations=2, selection="remask_only", budget=None, **rc)
@@ -184,9 +184,9 @@ def test_predicted_rows_equal_the_rows_the_model_runs_with_a_short_last_block(G,
 
 def test_refinement_is_exact_with_a_shorter_last_block():
     """The exact toy (V = 3, L = 4) in blocks of 3 and 1: IterRef still reaches p* ∝ p0·exp(r/α)."""
-    from safegen import toy
-    from safegen.refine import IterRef, RefineConfig
-    from safegen.sampler import DiffusionSampler, SamplingConfig
+    from safegen.research import toy
+    from safegen.refine.iterref import IterRef, RefineConfig
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
     V, L, alpha, n = 3, 4, 0.5, 3000
     p0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)

@@ -13,10 +13,10 @@ def test_every_user_error_is_a_safegen_error():
     from benchmarks.rtp.settings import BenchmarkError
     from safegen.batch import InputError
     from safegen.errors import ArgumentError, ArgumentTypeError, SafegenError
-    from safegen.loading import LoadError
+    from safegen.models.loading import LoadError
     from safegen.policy import PolicyError
     from safegen.policy.scorers import OptionError
-    from safegen.sampler import ConfigError
+    from safegen.sampling.sampler import ConfigError
 
     assert safegen.SafegenError is SafegenError and issubclass(SafegenError, ValueError)
     for error in (InputError, LoadError, PolicyError, OptionError, ConfigError, BenchmarkError, ArgumentError,
@@ -73,10 +73,10 @@ CLI_WITHOUT = """
 import sys
 for name in sys.argv[1].split(","):
     sys.modules[name] = None  # as if the package were not installed: find_spec and import both fail
-import safegen.loading
+import safegen.models.loading
 def load_model(*args, **kwargs):
     raise AssertionError("the model was loaded before the error was reported")
-safegen.loading.load_model = load_model
+safegen.models.loading.load_model = load_model
 from safegen.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -183,21 +183,21 @@ def test_prompts_and_configs_of_the_wrong_kind_are_safegen_errors(generator, tin
     (dict(quantization="none", dtype="float33"), "dtype must be"),
 ])
 def test_load_model_arguments_are_load_errors(tiny_model_dir, kwargs, message):
-    from safegen.loading import LoadError, load_model
+    from safegen.models.loading import LoadError, load_model
 
     with pytest.raises(LoadError, match=message):
         load_model(str(tiny_model_dir), **kwargs)
 
 
 def test_from_pretrained_checks_the_policy_before_the_model(monkeypatch):
-    import safegen.loading
+    import safegen.models.loading
     from safegen.generator import SafeGenerator
     from safegen.policy import PolicyError
 
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was reported")
 
-    monkeypatch.setattr(safegen.loading, "load_model", load_model)
+    monkeypatch.setattr(safegen.models.loading, "load_model", load_model)
     monkeypatch.setitem(sys.modules, "toxic_classifier", None)
     with pytest.raises(PolicyError, match="toxic-comment-classifier"):
         SafeGenerator.from_pretrained("unused", policy="eval-neural")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from safegen.generator import SafeGenerator, fit_lengths, left_padded
-from safegen.sampler import SamplingConfig
+from safegen.sampling.sampler import SamplingConfig
 
 REFINE = dict(n_proposals=2, iterations=1, schedule="final", adaptive=False)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from safegen.generator import SafeGenerator
-from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig
+from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig
 
 SAMPLING = dict(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
 

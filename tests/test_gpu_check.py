@@ -28,7 +28,7 @@ def test_small_run_writes_the_json(gpu_check, tmp_path):
 
 def test_random_model_is_4bit_except_head_embedding_and_norms(gpu_check):
     import bitsandbytes as bnb
-    from safegen.llada import LLaDAConfig
+    from safegen.models.llada import LLaDAConfig
 
     config = LLaDAConfig(**gpu_check.SMALL)
     model = gpu_check.random_4bit_model(config, torch.device("cpu"), torch.float32)

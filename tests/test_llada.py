@@ -1,8 +1,8 @@
-"""safegen.llada: LLaDA-8B's config.json as published, the 8B model's parameters, refused settings."""
+"""safegen.models.llada: LLaDA-8B's config.json as published, the 8B model's parameters, refused settings."""
 import pytest
 import torch
 
-from safegen.llada import LLaDAConfig, LLaDAModelLM
+from safegen.models.llada import LLaDAConfig, LLaDAModelLM
 
 # The fields of LLaDA-8B-Instruct's config.json (values as published; auto_map and model_type are read by
 # transformers before the config class sees the rest).
@@ -98,7 +98,7 @@ def test_grouped_query_attention_shares_keys_across_heads():
 
 
 def test_rotary_embedding_is_relative_and_uses_the_config_theta():
-    from safegen.llada import rotary_angles, rotate
+    from safegen.models.llada import rotary_angles, rotate
 
     torch.manual_seed(0)
     q, k = torch.randn(2, 1, 1, 16, dtype=torch.float64).unbind(0)

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from safegen.llada import LLaDAModelLM
-from safegen.loading import DEFAULT_MODEL, DEFAULT_REVISION, HEAD_MODULE, LoadError, load_model
-from safegen.profile import LLADA_IDS, profile_from
-from safegen.tiny import BOS, EOS, EOT, MASK, write_tiny_model
+from safegen.models.llada import LLaDAModelLM
+from safegen.models.loading import DEFAULT_MODEL, DEFAULT_REVISION, HEAD_MODULE, LoadError, load_model
+from safegen.models.family import LLADA_IDS, profile_from
+from safegen.models.tiny import BOS, EOS, EOT, MASK, write_tiny_model
 from transformers import AutoModel, BitsAndBytesConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -135,7 +135,7 @@ def test_folder_without_any_tokenizer_gives_the_model_and_no_tokenizer(tiny_dir,
     """Weights saved by a modeling script alone: the sampler can run on ids; text needs the tokenizer."""
     import shutil
 
-    from safegen.loading import TOKENIZER_FILES, require_tokenizer
+    from safegen.models.loading import TOKENIZER_FILES, require_tokenizer
 
     folder = tmp_path / "weights-only"
     shutil.copytree(tiny_dir, folder)

@@ -1,4 +1,4 @@
-"""safegen.mdlm against MDLM's published architecture: a folder in the hub's layout (config.json with the
+"""safegen.models.mdlm against MDLM's published architecture: a folder in the hub's layout (config.json with the
 hub's fields and auto_map, model.safetensors with `backbone.*` names, remote code that must never run)
 loads with load_model, and its logits match a plain re-derivation of the DiT written here, head by head."""
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safegen.loading import load_model
-from safegen.mdlm import HEAD_MODULE, MDLMConfig, MDLMModel
+from safegen.models.loading import load_model
+from safegen.models.mdlm import HEAD_MODULE, MDLMConfig, MDLMModel
 
 # Output widths multiples of 32: bitsandbytes' CPU 4-bit kernel packs weights in blocks of 32 rows
 # and needs input widths of at least 64.

@@ -8,9 +8,9 @@ import torch
 
 from safegen.cli import main
 from safegen.generator import SafeGenerator
-from safegen.loading import LoadError, load_model
-from safegen.mdlm import MDLMModel
-from safegen.tiny import MDLM_EOS, MDLM_MASK
+from safegen.models.loading import LoadError, load_model
+from safegen.models.mdlm import MDLMModel
+from safegen.models.tiny import MDLM_EOS, MDLM_MASK
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_generator_runs_mdlm_s_sampler_and_counts_its_forwards(parts):
     rows = [r.rows for r in out.reports]
     assert all(1 <= r <= 17 for r in rows), rows
     # An explicit SamplingConfig is the caller's choice, kept as given.
-    from safegen.sampler import SamplingConfig
+    from safegen.sampling.sampler import SamplingConfig
 
     llada = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
                           sampling=SamplingConfig(max_new_tokens=16, steps=16, block_length=16))
@@ -72,7 +72,7 @@ def test_detoxify_on_the_tiny_mdlm(tiny_mdlm_dir, tmp_path, capsys):
 def test_hub_mdlm_without_gpt2_s_tokenizer_says_what_to_download(monkeypatch):
     """kuleshov-group/mdlm-owt ships no tokenizer: when GPT-2's is neither cached nor downloadable, the
     error names it and its pinned revision; a local folder then loads without a tokenizer instead."""
-    from safegen import loading, mdlm
+    from safegen.models import loading, mdlm
 
     asked = []
 
@@ -94,15 +94,15 @@ def test_memory_estimate_of_mdlm_matches_what_loading_stores(tiny_mdlm_dir, quan
     pytest.importorskip("bitsandbytes")
     from test_memory import stored_bytes
 
-    from safegen.memory import meta_model, weight_bytes
+    from safegen.models.memory import meta_model, weight_bytes
 
     model, _, _ = load_model(str(tiny_mdlm_dir), quantization=quantization, device_map="cpu")
     assert weight_bytes(meta_model(model.config), quantization, kept_bytes=4) == stored_bytes(model)
 
 
 def test_memory_knows_mdlm_owt(tiny_mdlm_dir, capsys):
-    from safegen.mdlm import MDLMConfig
-    from safegen.memory import estimate
+    from safegen.models.mdlm import MDLMConfig
+    from safegen.models.memory import estimate
 
     result = estimate(MDLMConfig(), seq_len=1024)
     # MDLM-OWT's model.safetensors holds 678,522,728 bytes of float32 (and the rotary buffer's 32 numbers).
@@ -143,8 +143,8 @@ def test_audit_runs_mdlm_s_sampler_on_the_tiny_mdlm(tiny_mdlm_dir, tmp_path, cap
 def test_mdlm_sampler_left_padding_invariance(parts):
     """A short prompt gives the same MDLM generation alone and left-padded in a batch with a long one:
     its coins, tokens and forwards depend on its own prompt and seed only."""
-    from safegen.mdlm_sampler import MDLMSampler
-    from safegen.sampler import SamplingConfig
+    from safegen.sampling.mdlm import MDLMSampler
+    from safegen.sampling.sampler import SamplingConfig
 
     model, tokenizer, profile = parts
     gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling={"max_new_tokens": 12})

@@ -1,4 +1,4 @@
-"""MDLM's ancestral sampler (safegen.mdlm_sampler) on the exact toy (safegen.toy): its step statistics
+"""MDLM's ancestral sampler (safegen.sampling.mdlm) on the exact toy (safegen.research.toy): its step statistics
 against a re-derivation of the reference's `_ddpm_caching_update` loop, its samples against p0, and
 IterRef on top of it against p* (total variation and a z-test of the mean reward). Seeds are fixed."""
 import math
@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from safegen import toy
-from safegen.mdlm_sampler import MDLMSampler, expected_forwards, move_chances, unmask_probability
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import ConfigError, SamplingConfig, make_sampler
+from safegen.research import toy
+from safegen.sampling.mdlm import MDLMSampler, expected_forwards, move_chances, unmask_probability
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import ConfigError, SamplingConfig, make_sampler
 
 V, L, ALPHA, N_SAMPLES = 3, 4, 0.5, 3000
 P0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)
@@ -187,7 +187,7 @@ def test_rows_alone_and_batched_are_identical():
 def test_budget_is_counted_in_mdlm_plain_forwards():
     """The budget's unit with MDLM's sampler is its expected plain cost (cost.plain_rows), not T: at
     T = 256 for 4 tokens a budget of 3 x T would be no cap at all."""
-    from safegen import cost
+    from safegen.refine import cost
 
     sampler = mdlm()
     unit = cost.plain_rows(sampler.config)

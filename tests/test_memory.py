@@ -1,14 +1,14 @@
-"""safegen.memory: the estimate from a config against what bitsandbytes actually stores, and the command."""
+"""safegen.models.memory: the estimate from a config against what bitsandbytes actually stores, and the command."""
 import json
 
 import pytest
 import torch
 
 from safegen.cli import main
-from safegen.llada import LLaDAConfig
-from safegen.loading import HEAD_MODULE, load_model
-from safegen.memory import estimate, meta_model, weight_bytes
-from safegen.tiny import write_tiny_model
+from safegen.models.llada import LLaDAConfig
+from safegen.models.loading import HEAD_MODULE, load_model
+from safegen.models.memory import estimate, meta_model, weight_bytes
+from safegen.models.tiny import write_tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -3,8 +3,8 @@ changed the sample."""
 import torch
 
 from oracles import ScriptedModel
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import DiffusionSampler, SamplingConfig
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
 
 class ChangeRecorder:

@@ -3,8 +3,8 @@ depend on how much left padding its neighbours' longer prompts put before it, in
 import pytest
 import torch
 
-from safegen.llada import rotary_angles
-from safegen.sampler import DiffusionSampler, SamplingConfig
+from safegen.models.llada import rotary_angles
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
 SHORT, LONG = 5, 29  # prompt lengths: the short prompt gets 24 pads when batched with the long one
 

@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from safegen import cost, toy
-from safegen.profile import ModelProfile
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import DiffusionSampler, SamplingConfig
+from safegen.refine import cost
+from safegen.research import toy
+from safegen.models.family import ModelProfile
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
 from oracles import ScriptedModel
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from safegen import toy
-from safegen.baselines import best_of_n, fk_steering, svdd
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig
+from safegen.research import toy
+from safegen.research.baselines import best_of_n, fk_steering, svdd
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig
 
 from oracles import ScriptedModel
 
@@ -154,7 +154,7 @@ def test_baselines_respect_budget_and_improve_reward():
 
 
 def test_logits_are_never_stale_after_refinement():
-    from safegen.baselines import SVDDSampler
+    from safegen.research.baselines import SVDDSampler
 
     m = ScriptedModel(input_weight=2.0, seed=7)
     cfg = SamplingConfig(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)

@@ -1,4 +1,4 @@
-"""IterRef against an exactly enumerable target: a toy whose denoiser is exact (safegen.toy), so
+"""IterRef against an exactly enumerable target: a toy whose denoiser is exact (safegen.research.toy), so
 that the refined samples can be compared with p* ∝ p0 · exp(r/α) itself. Each statistical test
 checks total variation to p* and the z-score of the mean reward (TV alone misses biases of a few
 per cent). Seeds are fixed, so every outcome is reproducible."""
@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from safegen import remask, toy
-from safegen.refine import BlameResult, IterRef, RefineConfig
-from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig
+from safegen.refine import remask
+from safegen.research import toy
+from safegen.refine.iterref import BlameResult, IterRef, RefineConfig
+from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig
 
 V, L, ALPHA, N_SAMPLES = 3, 4, 0.5, 3000
 P0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)

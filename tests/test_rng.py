@@ -1,6 +1,6 @@
 import torch
 
-from safegen import rng
+from safegen.sampling import rng
 
 
 def test_inverse_cdf_edges_pick_the_right_token_never_a_zero_one():

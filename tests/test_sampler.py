@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from safegen import rng
-from safegen.profile import ModelProfile
-from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig, generate, transfer_counts
+from safegen.sampling import rng
+from safegen.models.family import ModelProfile
+from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig, generate, transfer_counts
 
 from oracles import ScriptedModel, WrappedOutput
 

@@ -67,7 +67,7 @@ def test_a_valid_request_gets_the_defaults_and_a_drawn_seed():
     ("chat", chat(stream="yes"), "stream", 400),
     ("chat", chat(safegen={"policy": "strict"}), "safegen.policy", 400),
     ("chat", chat(safegen={"budget": 5}), "safegen.budget", 400),
-    ("chat", chat(safegen={"refine": 1}), "safegen.refine", 400),
+    ("chat", chat(safegen={"refine": 1}), "safegen.refine.iterref", 400),
 ])
 def test_each_bad_field_is_refused_by_name(kind, body, param, status):
     error = refusal(kind, body)
@@ -236,7 +236,7 @@ def test_a_batch_gives_each_request_its_tokens_alone_fp32(tiny_generator_parts, 
 
 def test_a_batch_gives_each_request_its_tokens_alone_bf16(tiny_model_dir, one_thread):
     """bf16 under left padding: fails while rotary positions shift with the padding (llada.py)."""
-    from safegen.loading import load_model
+    from safegen.models.loading import load_model
 
     model, tokenizer, profile = load_model(str(tiny_model_dir), quantization="none", dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16

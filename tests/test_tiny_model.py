@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegen.llada import LLaDAConfig, LLaDAModelLM  # importing it registers LLaDA with the Auto classes
-from safegen.tiny import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIAL_TOKENS, TINY_VOCAB_FILE, UNK,
+from safegen.models.llada import LLaDAConfig, LLaDAModelLM  # importing it registers LLaDA with the Auto classes
+from safegen.models.tiny import (BOS, EOS, EOT, HEADER_END, HEADER_START, MASK, SPECIAL_TOKENS, TINY_VOCAB_FILE, UNK,
                           build_tiny_tokenizer, write_tiny_model)
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 

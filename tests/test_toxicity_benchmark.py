@@ -130,7 +130,7 @@ def test_aggregate_gives_the_hand_computed_figures():
 @pytest.mark.parametrize("points", ["final", "late", "spread"])
 @pytest.mark.parametrize("G,T,block", [(20, 20, 20), (20, 20, 10), (16, 8, 8)])
 def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
-    from safegen.sampler import SamplingConfig
+    from safegen.sampling.sampler import SamplingConfig
 
     cfg = SamplingConfig(max_new_tokens=G, steps=T, block_length=block, temperature=1.0)
     config, plan = plan_refinement(cfg, 1, points=points)
@@ -171,7 +171,7 @@ def test_plans_use_the_budget_without_exceeding_it(G, T, block, points):
     (16, 8, 8, 1.0, 4, 1, 42),
 ])
 def test_final_plans_match_hand_computed_costs(G, T, block, cfg, budget, k, planned):
-    from safegen.sampler import SamplingConfig
+    from safegen.sampling.sampler import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=G, steps=T, block_length=block, temperature=1.0, cfg_scale=cfg)
     config, plan = plan_refinement(sampling, budget, rho=0.5, points="final")

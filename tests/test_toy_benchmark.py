@@ -9,8 +9,8 @@ import torch
 
 from benchmarks import toy_cells, toy_exact, toy_report
 from benchmarks.methods import METHODS
-from safegen import toy
-from safegen.refine import IterRef
+from safegen.research import toy
+from safegen.refine.iterref import IterRef
 
 
 def test_table_denoiser_matches_exact_denoiser():

@@ -16,8 +16,8 @@ import torch
 from safegen.generator import SafeGenerator
 from safegen.policy import SCORERS, Options, Scorer, load_policy
 from safegen.policy.scorers.detoxify import JIGSAW_2019
-from safegen.refine import IterRef, RefineConfig
-from safegen.sampler import ConfigError, DiffusionSampler, SamplingConfig
+from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig
 
 SAMPLING = dict(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
 
@@ -201,7 +201,7 @@ def test_without_label_thresholds_the_reward_is_the_transformed_aggregate(tmp_pa
 def test_policy_reward_judges_with_the_verdict(tmp_path):
     from test_policy import FakeTokenizer
 
-    from safegen.refine import Judged
+    from safegen.refine.iterref import Judged
 
     DetoxLike.SCORES = {"toxicity": 0.1, "threat": 0.25}
     policy = policy_file(tmp_path, LABEL_THRESHOLD_POLICY)
@@ -217,7 +217,7 @@ def test_iterref_gates_on_a_verdict_not_on_the_bar():
     """A reward that returns a verdict decides the gate, whatever its value says."""
     from oracles import ScriptedModel
 
-    from safegen.refine import Judged
+    from safegen.refine.iterref import Judged
 
     m = ScriptedModel(input_weight=1.0, seed=4)
     ids = torch.randint(0, 5, (8, 3), generator=torch.Generator().manual_seed(0))

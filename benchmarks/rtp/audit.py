@@ -10,7 +10,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from safegen import batch, cost
+from safegen import batch
+from safegen.refine import cost
 from safegen.errors import SafegenError
 
 from ..methods import KERNELS
@@ -39,10 +40,10 @@ def load_prompts(s: Settings) -> list[str]:
 
 
 def prepare_model(s: Settings):
-    from safegen.loading import DEFAULT_MODEL, PINNED_REVISIONS, load_model
+    from safegen.models.loading import DEFAULT_MODEL, PINNED_REVISIONS, load_model
 
     if s.tiny:
-        from safegen.tiny import write_tiny_model
+        from safegen.models.tiny import write_tiny_model
 
         folder = s.out / "tiny-model"
         if not (folder / "config.json").is_file():
@@ -103,7 +104,7 @@ def run(s: Settings) -> dict:
 
     from safegen.generator import SafeGenerator
     from safegen.policy import load_policy
-    from safegen.sampler import SamplingConfig, make_sampler
+    from safegen.sampling.sampler import SamplingConfig, make_sampler
 
     t_start = time.perf_counter()
     prompts = load_prompts(s)

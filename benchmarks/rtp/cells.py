@@ -43,8 +43,8 @@ def expansion(method: str, budget, s: Settings) -> int:
 
 def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
     """One SampleOutput for the rows (each a prompt and a seed): rows/reward_calls per sample."""
-    from safegen.baselines import best_of_n, fk_steering, svdd
-    from safegen.refine import IterRef
+    from safegen.research.baselines import best_of_n, fk_steering, svdd
+    from safegen.refine.iterref import IterRef
 
     sampler, reward = ctx.sampler, ctx.reward
     if method == "plain":

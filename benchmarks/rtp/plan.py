@@ -1,8 +1,8 @@
-"""The refinement plan of the IterRef-style methods at a budget: safegen.cost picks the base steps
+"""The refinement plan of the IterRef-style methods at a budget: safegen.refine.cost picks the base steps
 and the iterations k; this module turns its choice into the RefineConfig the audit runs."""
 from __future__ import annotations
 
-from safegen import cost
+from safegen.refine import cost
 
 POINTS = tuple(cost.POINTS)  # --refine-points: final, late, spread
 
@@ -18,7 +18,7 @@ def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 
     caps the rows anyway: it is a first-come cap, not an allocation, so the plan is what spreads
     the budget. When not even one pool fits, the config does no refinement (and no reward call).
     """
-    from safegen.refine import RefineConfig
+    from safegen.refine.iterref import RefineConfig
 
     base = dict(n_proposals=n_proposals, rho=rho, alpha=alpha, selection=selection, scope=scope,
                 adaptive=False, budget=float(budget))

@@ -173,7 +173,7 @@ class Settings:
 
 
 def _refine_default(name: str):
-    from safegen.refine import RefineConfig
+    from safegen.refine.iterref import RefineConfig
 
     return getattr(RefineConfig(), name)
 
@@ -181,7 +181,7 @@ def _refine_default(name: str):
 def _sampler(args) -> str:
     if args.sampler is not None:
         return args.sampler
-    from safegen.loading import PINNED_REVISIONS, model_type_of
+    from safegen.models.loading import PINNED_REVISIONS, model_type_of
 
     mdlm = args.model is not None and model_type_of(args.model, args.revision or PINNED_REVISIONS.get(args.model)) == "mdlm"
     return "mdlm" if mdlm else "llada"

@@ -333,7 +333,7 @@ class PolicyReward:
         """
         import torch
 
-        from ..refine import BlameResult
+        from ..refine.iterref import BlameResult
 
         if token_ids.dim() != 2:
             raise ArgumentError(f"blame expects token ids of shape (n, G), got {tuple(token_ids.shape)}")
@@ -352,7 +352,7 @@ class PolicyReward:
         same scores, which adaptive refinement gates on (one scoring for both)."""
         import torch
 
-        from ..refine import Judged
+        from ..refine.iterref import Judged
 
         if token_ids.dim() != 2:
             raise ArgumentError(f"reward_fn expects token ids of shape (B, G), got {tuple(token_ids.shape)}")

@@ -4,7 +4,7 @@ It uses SafeGenerator's public methods only. A batch is the samples of several r
 a sampler configuration (the same policy, generation length, temperature, budget and refine flag),
 left padded together and run by `SafeGenerator.generate` with one seed per row, which is what
 `generate_text` does for a list of prompts. A row's tokens depend only on its prompt and its seed
-(safegen.rng keys every random draw by the row's seed), so a request gets the tokens that
+(safegen.sampling.rng keys every random draw by the row's seed), so a request gets the tokens that
 `generate_text` gives it alone.
 
 The prompt of a chat request is encoded by `SafeGenerator.encode_prompts` (the chat template); the

@@ -166,7 +166,7 @@ def _extension(value, defaults: ServerDefaults) -> Extension:
         raise bad("safegen.budget", f"{budget} is above this server's cap of {defaults.budget}")
     refine = ext.get("refine", defaults.refine)
     if not isinstance(refine, bool):
-        raise bad("safegen.refine", f"must be true or false, not {refine!r}", "invalid_type")
+        raise bad("safegen.refine.iterref", f"must be true or false, not {refine!r}", "invalid_type")
     return Extension(policy=policy, budget=None if budget is None else float(budget), refine=refine)
 
 

@@ -81,7 +81,7 @@ def _load(args, configs, service, server) -> None:
     try:
         from ..cli import _revision
         from ..generator import SafeGenerator
-        from ..loading import load_model, require_tokenizer
+        from ..models.loading import load_model, require_tokenizer
         from .engine import Engine
 
         model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=_revision(args),

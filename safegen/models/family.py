@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import LoadError
+from ..errors import LoadError
 
 # LLaDA-8B's special tokens (its tokenizer and config.json). Used only when a LLaDA config omits them.
 LLADA_IDS = dict(mask_id=126336, bos_id=126080, eos_id=126081, pad_id=126081, eot_id=126348)

@@ -1,6 +1,6 @@
 """A tiny LLaDA and an offline tokenizer, for tests and demos without the 16 GB checkpoint.
 
-The model is safegen.llada's LLaDAModelLM, the class that runs LLaDA-8B, in a small configuration with
+The model is safegen.models.llada's LLaDAModelLM, the class that runs LLaDA-8B, in a small configuration with
 random weights: loading, quantization skip lists and the sampler are exercised on the same code as with
 the real model. The tokenizer is word-level, with LLaDA's special tokens and chat template.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from .llada import LLaDAConfig, LLaDAModelLM
-from .sampling_config import ConfigError
+from ..sampling.config import ConfigError
 
-TINY_VOCAB_FILE = Path(__file__).parent / "data" / "tiny_vocab.txt"
+TINY_VOCAB_FILE = Path(__file__).parent.parent / "data" / "tiny_vocab.txt"
 
 # LLaDA's special tokens, as strings; the tiny tokenizer gives them ids after the words, like LLaDA does.
 UNK, BOS, EOS = "<unk>", "<|startoftext|>", "<|endoftext|>"
@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 
-# The tiny model's dimensions: LLaDA-8B's architecture (safegen.llada) at a size that loads in a blink.
+# The tiny model's dimensions: LLaDA-8B's architecture (safegen.models.llada) at a size that loads in a blink.
 TINY_ARCHITECTURE = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, max_sequence_length=512)
 
 
@@ -132,7 +132,7 @@ def write_tiny_model(directory: str | Path, seed: int = 0, **config_overrides) -
 # last, so that the mask id is vocab_size - 1 as in MDLM.
 MDLM_EOS, MDLM_MASK = "<|endoftext|>", "[MASK]"
 
-# MDLM-OWT's architecture (safegen.mdlm) at a size that loads in a blink. Widths are multiples of 32,
+# MDLM-OWT's architecture (safegen.models.mdlm) at a size that loads in a blink. Widths are multiples of 32,
 # which bitsandbytes' CPU 4-bit kernel needs.
 TINY_MDLM_ARCHITECTURE = dict(hidden_dim=64, n_heads=4, cond_dim=64, n_blocks=2, model_length=512)
 
@@ -157,7 +157,7 @@ def build_tiny_mdlm_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
 
 
 def write_tiny_mdlm(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a randomly initialised tiny MDLM (safegen.mdlm's class, MDLM-OWT's config fields) and its
+    """Save a randomly initialised tiny MDLM (safegen.models.mdlm's class, MDLM-OWT's config fields) and its
     offline tokenizer in `directory`; returns the folder. `config_overrides` set MDLMConfig fields."""
     from .mdlm import MDLMConfig, MDLMModel
 

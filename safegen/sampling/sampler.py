@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 
 from . import rng
-from .errors import ArgumentError
-from .profile import ModelProfile
+from ..errors import ArgumentError
+from ..models.family import ModelProfile
 
-from .sampling_config import REMASKING, ConfigError, SamplingConfig, updated_config  # noqa: F401 (re-exported)
+from .config import REMASKING, ConfigError, SamplingConfig, updated_config  # noqa: F401 (re-exported)
 from .state import Prediction, SampleOutput, SamplerState, StepHook  # noqa: F401 (re-exported)
 
 
@@ -99,7 +99,7 @@ class DiffusionSampler:
         else:
             logits = self._call(x, attn)
             ran = owner
-        # Each row the model ran is charged to its owner: what safegen.cost.rows_per_forward predicts.
+        # Each row the model ran is charged to its owner: what safegen.refine.cost.rows_per_forward predicts.
         state.rows.index_add_(0, ran.cpu(), torch.ones(len(ran), dtype=torch.float64))
         return logits[:, P:]
 
@@ -361,9 +361,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, profile: ModelProf
 
 def make_sampler(model: torch.nn.Module, profile: ModelProfile | int,
                  config: SamplingConfig | None = None) -> DiffusionSampler:
-    """The sampler `config.sampler` names: LLaDA's (this module) or MDLM's (safegen.mdlm_sampler)."""
+    """The sampler `config.sampler` names: LLaDA's (this module) or MDLM's (safegen.sampling.mdlm)."""
     if config is not None and config.sampler == "mdlm":
-        from .mdlm_sampler import MDLMSampler
+        from .mdlm import MDLMSampler
 
         return MDLMSampler(model, profile, config)
     return DiffusionSampler(model, profile, config)

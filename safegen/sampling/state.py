@@ -85,7 +85,7 @@ class StepHook(Protocol):
 @dataclass
 class SampleOutput:
     sequences: torch.Tensor  # (B, P+G) prompt + generation, stop-cut and padded
-    rows: torch.Tensor  # (B,) denoiser rows spent per sample (safegen.cost)
+    rows: torch.Tensor  # (B,) denoiser rows spent per sample (safegen.refine.cost)
     reward_calls: torch.Tensor  # (B,) texts scored by the reward per sample
     proposed: torch.Tensor  # (B,) refinement proposals examined
     accepted: torch.Tensor  # (B,) refinement proposals accepted

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .sampler import global_step
-from .sampling_config import ConfigError, updated_config
+from ..sampling.sampler import global_step
+from ..sampling.config import ConfigError, updated_config
 
 SCHEDULES = ("late", "evenly", "final", "steps")
 SCOPES = ("block", "all")

@@ -5,7 +5,7 @@ failure a user can cause (no cached weights and no network, remote code not trus
 missing, a bad argument) is a LoadError whose message says what to do.
 
 LLaDA checkpoints (model_type "llada") and MDLM checkpoints (model_type "mdlm") always load with safegen's
-own implementations (safegen.llada, safegen.mdlm): the repository's modeling code is never imported,
+own implementations (safegen.models.llada, safegen.models.mdlm): the repository's modeling code is never imported,
 whatever its config.json's auto_map says and whatever trust_remote_code is. MDLM's hub repository has no
 tokenizer: an MDLM without tokenizer files gets GPT-2's, with MDLM's mask token appended. Other model types load through transformers' Auto classes; those that exist only
 as the repository's own code need trust_remote_code=True.
@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import LoadError
-from .profile import profile_from
+from ..errors import LoadError
+from .family import profile_from
 
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
     import torch
@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "PINNED_REVISIONS", "HEAD_MODULE
 DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # A commit of the hub repository (the snapshot that public projects pin and that appears in their
 # Hugging Face cache paths). It fixes the weights, config.json and tokenizer that are downloaded; the
-# repository's modeling code is not used (safegen.llada replaces it), so which side of its October 2025
+# repository's modeling code is not used (safegen.models.llada replaces it), so which side of its October 2025
 # attention-mask change this commit is on does not matter here. To use another commit, pass
 # revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
 DEFAULT_REVISION = "08b83a6feb34df1a6011b80c3c00c7563e963b07"

@@ -16,7 +16,7 @@ A step that unmasks nothing leaves the logits valid, and the next step reuses th
 the model again (per row: the rows that changed are re-run alone). After the last step, positions still
 masked (probability eps each) take the argmax of one more forward ("noise removal").
 
-Everything else (hooks, IterRef, the plain fork, accounting) is safegen.sampler's, with one block that
+Everything else (hooks, IterRef, the plain fork, accounting) is safegen.sampling.sampler's, with one block that
 spans the answer, so that IterRef's points are the steps 1..T.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from . import rng
-from .profile import ModelProfile
+from ..models.family import ModelProfile
 from .sampler import DiffusionSampler, SamplingConfig, SamplerState
 
 __all__ = ["DEFAULT_SAMPLING", "MDLMSampler", "expected_forwards", "SCHEDULE_EPS", "move_chances", "unmask_probability"]

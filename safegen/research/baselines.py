@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from . import rng
-from .refine import Reward
-from .sampler import ConfigError, DiffusionSampler, Prediction, SampleOutput, SamplerState, global_step, row_keys
+from ..sampling import rng
+from ..refine.iterref import Reward
+from ..sampling.sampler import ConfigError, DiffusionSampler, Prediction, SampleOutput, SamplerState, global_step, row_keys
 
 
 def _expand(input_ids, attention_mask, seeds, n: int):

@@ -2,7 +2,7 @@
 
 The parameters are counted on the meta device (no weights are read or allocated), so the figures for
 LLaDA-8B come from its config.json before anyone downloads 16 GB. Byte counts follow how bitsandbytes
-stores what safegen.loading asks for:
+stores what safegen.models.loading asks for:
   - bf16: 2 bytes a parameter.
   - 8bit (LLM.int8): the transformer blocks' linear weights 1 byte each plus one float32 scale per
     output row; everything else (embedding, output head, norms) stays 16-bit.
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .loading import HEAD_MODULE, LoadError
-from .sampling_config import ConfigError
+from ..sampling.config import ConfigError
 
 GB = 1e9
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
@@ -37,7 +37,7 @@ class MemoryEstimate:
 
 
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers safegen.loading quantizes: all of them but the output head."""
+    """The linear layers safegen.models.loading quantizes: all of them but the output head."""
     head = getattr(model, "safegen_head_module", HEAD_MODULE)
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != head}
 
@@ -71,7 +71,7 @@ def activation_bytes_per_row(config, seq_len: int, dtype_bytes: int = 2) -> int:
     generation's logits come on top.
     """
     if getattr(config, "model_type", None) == "mdlm":
-        # safegen.mdlm keeps the residual stream, norms and attention in float32 (as the reference does
+        # safegen.models.mdlm keeps the residual stream, norms and attention in float32 (as the reference does
         # under autocast): logits, residual and its modulated copy, q/k/v, the MLP's input and output of
         # 4 x hidden_dim, all 4 bytes.
         return seq_len * (config.vocab_size + 5 * config.hidden_dim + 8 * config.hidden_dim) * 4

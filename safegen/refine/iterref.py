@@ -6,7 +6,7 @@ Refinement", arXiv 2511.05562.
 Target: p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kernel
   1. draws a pool of N proposals from the current draft x_t: re-mask m = max(1, round(rho · n)) of its
      n decoded generated tokens in scope (never the prompt), uniformly at random or (remask
-     "targeted") towards the tokens a blame function holds responsible (safegen.remask), then
+     "targeted") towards the tokens a blame function holds responsible (safegen.refine.remask), then
      denoise them again with the base model, one per forward at the proposal temperature, in an
      order that depends on the logits only (PROPOSAL_ORDER): a draw from p(x_S | x_rest);
   2. takes the pool's candidates in turn and accepts one with probability
@@ -32,10 +32,11 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from . import cost, remask, rng
+from . import cost, remask
+from ..sampling import rng
 from .remask import Blame, BlameResult
-from .refine_config import RefineConfig
-from .sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
+from .config import RefineConfig
+from ..sampling.sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
 
 
 class Judged(NamedTuple):

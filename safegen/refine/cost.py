@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .refine_config import RefineConfig
-from .sampler import SamplingConfig, global_step, transfer_counts
+from .config import RefineConfig
+from ..sampling.sampler import SamplingConfig, global_step, transfer_counts
 
 
 # (block, step, steps in the block, t) -> does the kernel apply there (RefineConfig.applies, IterRef.applies)
@@ -42,7 +42,7 @@ def plain_rows(sampling: SamplingConfig) -> float:
     """Rows per sample of plain sampling, the budget's unit: T forwards; with MDLM's sampler, which
     runs the model only after a step that unmasked something, their expected number (at most G + 1)."""
     if sampling.sampler == "mdlm":
-        from .mdlm_sampler import expected_forwards
+        from ..sampling.mdlm import expected_forwards
 
         return expected_forwards(sampling.max_new_tokens, sampling.steps) * rows_per_forward(sampling)
     return sampling.steps * rows_per_forward(sampling)

@@ -13,7 +13,7 @@ n_blocks, n_heads, vocab_size, model_length, dropout, time_conditioning) and the
 
 The forward returns raw logits over the whole vocabulary, the mask column included. What MDLM's "subs"
 parameterization does with them (the mask never predicted, decoded positions carried over) and the
-noise schedule belong to the sampler (safegen.mdlm_sampler).
+noise schedule belong to the sampler (safegen.sampling.mdlm).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 __all__ = ["MDLMConfig", "MDLMModel", "HEAD_MODULE", "MDLM_OWT", "mdlm_tokenizer", "GPT2_TOKENIZER",
            "GPT2_REVISION", "MASK_TOKEN"]
 
-MDLM_OWT = "kuleshov-group/mdlm-owt"  # its pinned commit is in safegen.loading.PINNED_REVISIONS
+MDLM_OWT = "kuleshov-group/mdlm-owt"  # its pinned commit is in safegen.models.loading.PINNED_REVISIONS
 # The hub repository has no tokenizer files: MDLM-OWT was trained on GPT-2's tokenizer, with the mask
 # appended as id 50257 (vocab_size 50258). This commit of openai-community/gpt2 is the one loaded.
 GPT2_TOKENIZER = "openai-community/gpt2"
@@ -37,7 +37,7 @@ GPT2_REVISION = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
 GPT2_VOCAB_SIZE = 50257
 MASK_TOKEN = "[MASK]"
 
-# The output projection, kept in full precision when the blocks are quantized (safegen.loading).
+# The output projection, kept in full precision when the blocks are quantized (safegen.models.loading).
 HEAD_MODULE = "backbone.output_layer.linear"
 
 # Constants of the reference architecture, not config fields.
@@ -296,6 +296,6 @@ def mdlm_tokenizer(config: MDLMConfig, folder=None, local_files_only: bool = Fal
 
 
 AutoConfig.register(MDLMConfig.model_type, MDLMConfig, exist_ok=True)
-# The hub config maps AutoModelForMaskedLM to its model; AutoModel is what safegen.loading asks for.
+# The hub config maps AutoModelForMaskedLM to its model; AutoModel is what safegen.models.loading asks for.
 for _auto in (AutoModel, AutoModelForMaskedLM):
     _auto.register(MDLMConfig, MDLMModel, exist_ok=True)

@@ -1,15 +1,15 @@
 """The sampling settings (SamplingConfig: LLaDA's, and which sampler runs) and the validated-update
-helper that every config dataclass of safegen shares; the samplers are in safegen/sampler.py and
-safegen/mdlm_sampler.py."""
+helper that every config dataclass of safegen shares; the samplers are in safegen/sampling/sampler.py and
+safegen/sampling/mdlm.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .errors import SafegenError
+from ..errors import SafegenError
 
 REMASKING = ("low_confidence", "random")
-# "llada": LLaDA's blocks and fixed commit counts (safegen.sampler); "mdlm": MDLM's ancestral sampler
-# with the log-linear schedule over the whole answer, one block (safegen.mdlm_sampler).
+# "llada": LLaDA's blocks and fixed commit counts (safegen.sampling.sampler); "mdlm": MDLM's ancestral sampler
+# with the log-linear schedule over the whole answer, one block (safegen.sampling.mdlm).
 SAMPLERS = ("llada", "mdlm")
 
 
