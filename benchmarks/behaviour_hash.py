@@ -106,7 +106,7 @@ def tiny_cases(model_dir: str) -> dict[str, str]:
 def mdlm_cases(model_dir: str) -> dict[str, str]:
     from safegen import IterRef, RefineConfig, SamplingConfig, load_model
 
-    make_sampler = _find("make_sampler", "safegen.sampling", "safegen.sampling.sampler", "safegen.sampler")
+    make_sampler = _find("make_sampler", "safegen.sampling.factory", "safegen.sampling", "safegen.sampling.sampler", "safegen.sampler")
     model, tokenizer, profile = load_model(model_dir, quantization="none")
     torch.manual_seed(1)
     ids = torch.randint(10, 200, (2, 5))

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from safegen.refine import cost, iterref as refine
+from safegen.refine import cost
 from safegen.research import toy
 from safegen.research.baselines import best_of_n, fk_steering, svdd
 from safegen.refine.iterref import IterRef, RefineConfig
@@ -23,7 +23,7 @@ FK_EVERY = 2
 SVDD_ALPHA = 0.0
 SWEEP_BUDGET = 4  # the budget at which the IterRef sweeps run
 EXACT_ALPHA, EXACT_K = 0.5, 32
-ORDERS = ("max_prob", "low_confidence", "random")  # proposal commit orders compared
+ORDERS = PROPOSAL_ORDERS  # proposal commit orders compared
 
 
 # ----------------------------------------------------------------------------- the toy problem
@@ -212,14 +212,11 @@ def run_method(problem: Problem, method: str, budget: int, samples: int, seed: i
 def exactness_cell(problem: Problem, remask: str, n_proposals: int, order: str, samples: int,
                    seed: int) -> dict:
     """IterRef with RefineConfig's defaults but k, alpha, remask, N; proposals in `order`."""
-    rc = RefineConfig(iterations=EXACT_K, alpha=problem.alpha, remask=remask, n_proposals=n_proposals)
+    rc = RefineConfig(iterations=EXACT_K, alpha=problem.alpha, remask=remask, n_proposals=n_proposals,
+                      proposal_order=order)
     hook = IterRef(rc, problem.reward, problem.blame)
-    shipped, refine.PROPOSAL_ORDER = refine.PROPOSAL_ORDER, order
-    try:
-        t0 = time.perf_counter()
-        out = problem.sampler.run(torch.empty((samples, 0), dtype=torch.long), seeds=seed, hook=hook)
-    finally:
-        refine.PROPOSAL_ORDER = shipped
+    t0 = time.perf_counter()
+    out = problem.sampler.run(torch.empty((samples, 0), dtype=torch.long), seeds=seed, hook=hook)
     return {"setup": problem.setup.name, "remask": remask, "N": n_proposals, "order": order,
             "k": EXACT_K, **problem.measure(out.sequences), "rows_mean": float(out.rows.mean()),
             "accept_rate": float(out.accepted.sum() / out.proposed.sum()),

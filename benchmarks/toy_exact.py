@@ -7,7 +7,7 @@ target p* ∝ p0 · exp(r / α), enumerated exactly. Two parts:
 Exactness (EXACT_SETUPS, alpha 0.5): IterRef with RefineConfig's defaults (only k = 32 and alpha set)
 on LLaDA's default sampler (low_confidence order, temperature 1), uniform and targeted re-masking,
 N = 1 and 3, one block and three. Per cell: TV to p* against the simulated noise floor, and the
-z-score of the mean reward against E_p*[r]. Also the proposals' commit order (refine.PROPOSAL_ORDER)
+z-score of the mean reward against E_p*[r]. Also the proposals' commit order (RefineConfig.proposal_order)
 compared: low_confidence, max_prob, random.
 
 Efficiency (SETUPS): every method on the same `DiffusionSampler` (one token per step, random order,
@@ -67,9 +67,11 @@ from benchmarks.toy_cells import (BUDGETS, DEFAULT_ALPHA, DEFAULT_ITERREF, DEFAU
                                   sampling_config, simulated_floor)
 from benchmarks.methods import METHODS  # noqa: E402
 from benchmarks.toy_report import efficiency, markdown, settings_text, targets  # noqa: E402
-from safegen.refine import iterref as refine  # noqa: E402
-from safegen.research import toy
+from safegen import RefineConfig  # noqa: E402
+from safegen.research import toy  # noqa: E402
 from safegen.research.toy import TableDenoiser  # noqa: E402
+
+SHIPPED_ORDER = RefineConfig.proposal_order  # the default proposal order (max_prob)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -111,10 +113,10 @@ def plan(setups, alpha: float, budgets, sweep_setups=None) -> list[Task]:
 
 def exactness_plan(quick: bool) -> list[tuple]:
     """(setup, remask, N, proposal order) of every exactness cell."""
-    cells = [(s, rm, n, refine.PROPOSAL_ORDER) for s in EXACT_SETUPS for rm in ("uniform", "targeted")
+    cells = [(s, rm, n, SHIPPED_ORDER) for s in EXACT_SETUPS for rm in ("uniform", "targeted")
              for n in (1, 3)]
     if not quick:
-        cells += [(s, "uniform", 1, o) for s in EXACT_SETUPS for o in ORDERS if o != refine.PROPOSAL_ORDER]
+        cells += [(s, "uniform", 1, o) for s in EXACT_SETUPS for o in ORDERS if o != SHIPPED_ORDER]
     return cells
 
 
@@ -174,7 +176,7 @@ def main(argv=None) -> dict:
                          "fk_every": FK_EVERY, "sweep_budget": SWEEP_BUDGET,
                          "iterref_default": settings_text(asdict(DEFAULT_ITERREF) | {"iterations": "fitted"}),
                          "targeted_default": settings_text(asdict(DEFAULT_TARGETED) | {"iterations": "fitted"}),
-                         "proposal_order": refine.PROPOSAL_ORDER,
+                         "proposal_order": SHIPPED_ORDER,
                          "threads": args.threads, "torch": torch.__version__},
               "setups": {}, "exactness": None}
     for s in setups:

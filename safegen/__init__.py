@@ -6,7 +6,7 @@
 _EXPORTS = {
     "SafeGenerator": "generator", "SampleReport": "generator", "GenerateOutput": "generator",
     "DiffusionSampler": "sampling.sampler", "SamplingConfig": "sampling.sampler", "SampleOutput": "sampling.sampler",
-    "generate": "sampling.sampler", "IterRef": "refine.iterref", "RefineConfig": "refine.iterref",
+    "generate": "sampling.factory", "sample": "sampling.factory", "IterRef": "refine.iterref", "RefineConfig": "refine.iterref",
     "load_policy": "policy", "Policy": "policy", "load_model": "models.loading", "ModelProfile": "models.family",
     "SafegenError": "errors",
 }

@@ -11,36 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .arguments import model_arguments, positive, refine_options, sampling_options, seed
+from .arguments import revision as model_revision
 from .errors import SafegenError  # light: no torch
-
-MAX_SEED = 2**32 - 1
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, not {text!r}")
-    return value
-
-
-def _step_list(text: str) -> tuple:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated step numbers such as 16,32, not {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
 
 
 def tiny_model(args) -> int:
@@ -54,93 +27,9 @@ def tiny_model(args) -> int:
 
 def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="folder to write (created if missing)")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--family", choices=("llada", "mdlm"), default="llada",
                         help="architecture: llada (LLaDA-8B's, default) or mdlm (MDLM-OWT's)")
-
-
-# ------------------------------------------------------------------------------ model + policy
-def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False) -> None:
-    from .models.loading import DEFAULT_MODEL, QUANTIZATIONS
-
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id or local folder (default {DEFAULT_MODEL}, at a pinned revision)")
-    g.add_argument("--revision", default=None, help="hub revision (commit) to load")
-    g.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="default 4bit (NF4)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the model repository's own code, for models safegen and transformers do not "
-                        "implement (LLaDA does not need it; it runs code from the hub)")
-    g.add_argument("--device-map", default="auto", help="accelerate device map (default auto)")
-    if many_policies:  # a server offers several; a request picks one by this name (the first by default)
-        g.add_argument("--policy", action="append", default=None,
-                       help="a policy name in policies/ or a YAML path; repeat to offer several (default: default)")
-    else:
-        g.add_argument("--policy", default="default",
-                       help="a policy name in policies/ or a YAML path (default: default)")
-
-    s = parser.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=None, help="generation length G (default 128)")
-    s.add_argument("--steps", type=int, default=None, help="denoising steps T (default: G)")
-    s.add_argument("--block-length", type=int, default=None,
-                   help="block length (default 32, or G if shorter; a last block may be shorter)")
-    s.add_argument("--temperature", type=float, default=None, help="0: greedy (default 0)")
-    s.add_argument("--remasking", choices=("low_confidence", "random"), default=None)
-    s.add_argument("--sampler", choices=("llada", "mdlm"), default=None,
-                   help="llada (blocks, fixed commits per step) or mdlm (MDLM's ancestral sampler, at "
-                        "temperature 1 unless --temperature); default: mdlm for MDLM models, else llada")
-    s.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance (default 0); > 0 refines towards the guided model, not the model")
-
-    r = parser.add_argument_group("refinement (IterRef)")
-    r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
-    r.add_argument("--proposals", dest="n_proposals", type=int, default=None, help="N per pool (default 1)")
-    r.add_argument("--iterations", type=int, default=None, help="k per refined step (default 4)")
-    r.add_argument("--rho", type=float, default=None, help="share re-masked per proposal (default 0.5)")
-    r.add_argument("--alpha", type=float, default=None, help="target temperature (default: the policy's)")
-    r.add_argument("--schedule", choices=("late", "evenly", "final", "steps"), default=None,
-                   help="where to refine (default final: once each block is decoded)")
-    r.add_argument("--start", type=float, default=None, help="late: refine once this share of a block is decoded")
-    r.add_argument("--every", type=int, default=None, help="evenly: refine after every m-th step")
-    r.add_argument("--at-steps", type=_step_list, default=None,
-                   help="schedule steps: comma-separated base steps, e.g. 16,32")
-    r.add_argument("--scope", choices=("block", "all"), default=None)
-    r.add_argument("--selection", choices=("mh", "greedy", "remask_only"), default=None,
-                   help="mh (default): Metropolis-Hastings acceptance; greedy and remask_only are ablations, not exact")
-    r.add_argument("--remask", choices=("uniform", "targeted"), default=None,
-                   help="which tokens a proposal re-masks: targeted (those the policy blames; default) "
-                        "or uniform (the paper's kernel)")
-    r.add_argument("--blame-floor", type=float, default=None,
-                   help="targeted: every token's least re-mask weight, in (0, 1]")
-    r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
-                   help="refine every sample, even those the policy already accepts (default: adaptive, "
-                        "which is not exact). Exact in the limit of many iterations also needs --selection mh "
-                        "and a --budget that does not cut the last point short (docs/method.md section 5)")
-    r.add_argument("--budget", type=float, default=None,
-                   help="cap on denoiser rows per sample, x plain (default 4); a cap that stops the chain "
-                        "early is not exact")
-    r.add_argument("--no-before", action="store_true",
-                   help="do not compute the unrefined 'before' sample (saves its denoiser rows)")
-
-
-def _sampling_options(args) -> dict:
-    options = {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
-                                             "remasking", "cfg_scale", "sampler") if getattr(args, k) is not None}
-    if getattr(args, "model", None) is not None:
-        from .models.loading import model_type_of
-
-        if model_type_of(args.model, _revision(args)) == "mdlm":
-            from .sampling.mdlm import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
-
-            options = {**DEFAULT_SAMPLING, **options}
-    return options
-
-
-def _refine_options(args) -> dict:
-    return {k: getattr(args, k) for k in ("n_proposals", "iterations", "rho", "alpha", "schedule", "start",
-                                          "every", "at_steps", "scope", "selection", "remask", "blame_floor",
-                                          "adaptive", "budget")
-            if getattr(args, k) is not None}
 
 
 def _configure(args):
@@ -150,22 +39,16 @@ def _configure(args):
     from .policy import load_policy
 
     policy = load_policy(args.policy)
-    sampling, refinement = middleware_configs(policy, _sampling_options(args), _refine_options(args))
+    sampling, refinement = middleware_configs(policy, sampling_options(args), refine_options(args), args.preset)
     check_best(policy, refinement.iterations > 0, not args.no_before)
     return policy, sampling, refinement
-
-
-def _revision(args):
-    from .models.loading import PINNED_REVISIONS
-
-    return args.revision or PINNED_REVISIONS.get(args.model)
 
 
 def _build_generator(args, policy, sampling, refinement, device_map=None):
     from .generator import SafeGenerator
     from .models.loading import load_model, require_tokenizer
 
-    model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=_revision(args),
+    model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=model_revision(args),
                                            device_map=device_map or args.device_map,
                                            trust_remote_code=args.trust_remote_code)
     require_tokenizer(tokenizer, args.model)
@@ -199,8 +82,8 @@ def generate(args) -> int:
 
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt text")
-    parser.add_argument("--seed", type=_seed, default=0)
-    _model_arguments(parser)
+    parser.add_argument("--seed", type=seed, default=0)
+    model_arguments(parser)
 
 
 # ------------------------------------------------------------------------------ detoxify
@@ -218,7 +101,7 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
     if folder.is_dir():
         model, revision, weights = str(folder.resolve()), None, batch.weights_identity(folder)
     else:
-        model, revision, weights = args.model, _revision(args), None
+        model, revision, weights = args.model, model_revision(args), None
     return {
         "input": str(Path(args.input).resolve()), "input_sha256": batch.file_digest(args.input),
         "field": args.field, "skip_bad": args.skip_bad, "model": model, "revision": revision, "weights": weights,
@@ -272,11 +155,11 @@ def _detoxify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="JSONL reports, one line per sample (resumable)")
     parser.add_argument("--field", default=None, help="JSONL field (dotted, e.g. prompt.text) or CSV column")
     parser.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of stopping")
-    parser.add_argument("--samples", type=_positive, default=1,
+    parser.add_argument("--samples", type=positive, default=1,
                         help="generations per prompt (default 1; more than 1 needs --temperature > 0)")
-    parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--batch-size", type=_positive, default=8)
-    _model_arguments(parser)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--batch-size", type=positive, default=8)
+    model_arguments(parser)
 
 
 def memory(args) -> int:

@@ -18,15 +18,17 @@ from . import keywords
 from .errors import ArgumentTypeError
 from .policy import Policy, load_policy
 from .models.family import ModelProfile
+from .refine.config import PRESETS
 from .refine.iterref import IterRef, RefineConfig
 from .keywords import sample_or_not, stop_id_list
-from .sampling.sampler import ConfigError, SamplingConfig, make_sampler, updated_config
+from .sampling.factory import make_sampler
+from .sampling.sampler import ConfigError, SamplingConfig, updated_config
 from .sampling.config import fit_lengths
 
 log = logging.getLogger(__name__)
 
-# The middleware's default cap: at most 4x the denoiser rows of plain sampling per sample.
-DEFAULT_BUDGET = 4.0
+# The middleware preset's cap: at most 4x the denoiser rows of plain sampling per sample.
+DEFAULT_BUDGET = PRESETS["middleware"]["budget"]
 
 Prompt = Union[str, Sequence[dict]]  # a string, or chat messages [{"role": ..., "content": ...}]
 
@@ -322,20 +324,21 @@ def check_best(policy: Policy, refine: bool, report_before: bool) -> None:
                           "(--no-before) skips: keep the report before, or choose on_toxic flag or refuse")
 
 
-def middleware_configs(policy: Policy, sampling=None, refinement=None) -> tuple[SamplingConfig, RefineConfig]:
-    """The validated configs of a SafeGenerator with this policy: the policy's α is the refinement's
-    unless the caller set one, and a middleware spends nothing on samples the policy already accepts
-    (adaptive refinement with a budget is on unless set otherwise, gated on the policy's verdict;
-    the benchmark turns it off for the exact target). A policy can say which tokens it objects to,
-    and re-masking those beat uniform re-masking at equal rows on both benchmarks
-    (benchmarks/RESULTS.md), so that is the default here. Dicts may set max_new_tokens alone:
+def middleware_configs(policy: Policy, sampling=None, refinement=None,
+                       preset: str = "middleware") -> tuple[SamplingConfig, RefineConfig]:
+    """The validated configs of a SafeGenerator with this policy: a refinement given as a dict (or
+    None) starts from the named preset (safegen/refine/config.py, PRESETS: "middleware" re-masks what
+    the policy blames, refines only what it rejects, within 4x plain sampling's rows), and the
+    policy's α is the refinement's unless the caller set one. Dicts may set max_new_tokens alone:
     `fit_lengths` derives the rest."""
     if sampling is None or isinstance(sampling, dict):
         sampling = fit_lengths(SamplingConfig(), sampling or {})
     sampling = _as_config(sampling, SamplingConfig, "sampling")
     if refinement is None or isinstance(refinement, dict):
-        refinement = _as_config({"alpha": policy.alpha, "adaptive": True, "budget": DEFAULT_BUDGET,
-                                 "remask": "targeted", **(refinement or {})}, RefineConfig, "refinement")
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown refinement preset {preset!r}; known: {sorted(PRESETS)}")
+        refinement = _as_config({**PRESETS[preset], "alpha": policy.alpha, **(refinement or {})},
+                                RefineConfig, "refinement")
     return sampling, refinement.validate()
 
 

@@ -3,7 +3,7 @@ sampler, why the others do not, and how do_sample and eos_token_id are read. Wit
 import, so the command line can list them."""
 from __future__ import annotations
 
-from .sampling.config import ConfigError
+from .config import ConfigError
 
 # Honoured (SafeGenerator.generate documents how). use_cache and bos_token_id change nothing here:
 # a diffusion step reads the whole sequence afresh, and the prompt is always given.

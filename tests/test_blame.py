@@ -347,7 +347,8 @@ def test_generator_targeted_remasking_redraws_what_the_policy_blames(tiny_genera
 
 
 def test_cli_remask_options_reach_the_refinement():
-    from safegen.cli import _refine_options, build_parser
+    from safegen.arguments import refine_options as _refine_options
+    from safegen.cli import build_parser
 
     args = build_parser().parse_args(["generate", "hi", "--remask", "targeted", "--blame-floor", "0.2"])
     assert _refine_options(args) == {"remask": "targeted", "blame_floor": 0.2}

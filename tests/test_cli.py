@@ -186,3 +186,38 @@ def test_generate_command_prints_before_and_after(tiny_model_dir, capsys):
     after = [l for l in out.splitlines() if l.startswith("[after] toxicity ")]
     assert len(before) == 1 and len(after) == 1
     assert "denoiser rows" in out
+
+
+def _config_flags(command: str) -> dict:
+    """field name -> its flags, for the config dataclasses' fields, in `command`'s parser."""
+    from safegen.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return {a.dest: a.option_strings for a in sub._actions if a.option_strings}
+
+
+@pytest.mark.parametrize("command", ["generate", "detoxify", "serve"])
+def test_every_config_field_has_a_flag(command):
+    from dataclasses import fields
+
+    from safegen import RefineConfig, SamplingConfig
+
+    flags = _config_flags(command)
+    missing = [f.name for c in (SamplingConfig, RefineConfig) for f in fields(c) if f.name not in flags]
+    assert missing == []
+
+
+def test_flags_set_the_fields_they_name():
+    """Each derived flag reaches its field (and 'none' sets an optional one to None), from the
+    middleware preset."""
+    from safegen.arguments import refine_options, sampling_options
+    from safegen.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["generate", "hi", "--model", "x", "--proposal-order", "random", "--budget", "none", "--accept-reward",
+         "-0.5", "--at-steps", "4,8", "--no-adaptive", "--logits-eos-inf", "--proposals", "3", "--steps", "8"])
+    args.model = None  # no model type to look up
+    assert refine_options(args) == {"proposal_order": "random", "budget": None, "accept_reward": -0.5,
+                                    "at_steps": (4, 8), "adaptive": False, "n_proposals": 3}
+    assert sampling_options(args) == {"logits_eos_inf": True, "steps": 8}
+    assert args.preset == "middleware"

@@ -9,7 +9,8 @@ import torch
 from safegen.research import toy
 from safegen.sampling.mdlm import MDLMSampler, expected_forwards, move_chances, unmask_probability
 from safegen.refine.iterref import IterRef, RefineConfig
-from safegen.sampling.sampler import ConfigError, SamplingConfig, make_sampler
+from safegen.sampling.factory import make_sampler
+from safegen.sampling.sampler import ConfigError, SamplingConfig
 
 V, L, ALPHA, N_SAMPLES = 3, 4, 0.5, 3000
 P0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)

@@ -3,7 +3,8 @@ import torch
 
 from safegen.sampling import rng
 from safegen.models.family import ModelProfile
-from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig, generate, transfer_counts
+from safegen.sampling.factory import generate
+from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig, transfer_counts
 
 from oracles import ScriptedModel, WrappedOutput
 

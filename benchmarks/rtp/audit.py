@@ -104,7 +104,8 @@ def run(s: Settings) -> dict:
 
     from safegen.generator import SafeGenerator
     from safegen.policy import load_policy
-    from safegen.sampling.sampler import SamplingConfig, make_sampler
+    from safegen.sampling.factory import make_sampler
+    from safegen.sampling.sampler import SamplingConfig
 
     t_start = time.perf_counter()
     prompts = load_prompts(s)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .loading import HEAD_MODULE, LoadError
-from ..sampling.config import ConfigError
+from ..config import ConfigError
 
 GB = 1e9
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .llada import LLaDAConfig, LLaDAModelLM
-from ..sampling.config import ConfigError
+from ..config import ConfigError
 
 TINY_VOCAB_FILE = Path(__file__).parent.parent / "data" / "tiny_vocab.txt"
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from ..refine.config import DEFAULT_ALPHA
 from .policy import (AGGREGATES, DEFAULT_REFUSAL, LABEL_AGGREGATES, ON_TOXIC, TRANSFORMS, Classifier,
                      Policy, PolicyError)
 from .scorers import SCORERS, OptionError
@@ -282,7 +283,7 @@ class _Builder:
             if k not in REWARD_KEYS:
                 raise self.fail(("reward", k), f"unknown key; known keys: {', '.join(REWARD_KEYS)}")
         transform = self.choice(reward.get("transform", "neg_toxicity"), TRANSFORMS, ("reward", "transform"))
-        alpha = self.number(reward.get("alpha", 0.1), ("reward", "alpha"), 0.0, low_open=True)
+        alpha = self.number(reward.get("alpha", DEFAULT_ALPHA), ("reward", "alpha"), 0.0, low_open=True)
         clip = self.number(reward.get("clip", 1e-4), ("reward", "clip"), 0.0, 1.0, low_open=True,
                            high_open=True)
         on_toxic = self.choice(d.get("on_toxic", "flag"), ON_TOXIC, ("on_toxic",))

@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ArgumentError, ArgumentTypeError, SafegenError
+from ..refine.config import DEFAULT_ALPHA
 from .attribution import token_blame, token_spans
 from .scorers import OptionError, Scorer
 
@@ -128,7 +129,7 @@ class Policy:
     """
 
     def __init__(self, classifiers: Sequence[Classifier], aggregate: str = "max", threshold: float = 0.5,
-                 transform: str = "neg_toxicity", alpha: float = 0.1, clip: float = 1e-4,
+                 transform: str = "neg_toxicity", alpha: float = DEFAULT_ALPHA, clip: float = 1e-4,
                  on_toxic: str = "flag", refusal_text: str = DEFAULT_REFUSAL,
                  source: Path | None = None):
         self.classifiers = list(classifiers)

@@ -1,16 +1,22 @@
-"""IterRef's settings: pools, iterations, where to refine, how to re-mask and select, the budget."""
+"""IterRef's settings: pools, iterations, where to refine, how to re-mask, order and select, the
+budget; and the named presets. `RefineConfig()` is the "exact" preset (the chain targets p · exp(r/α));
+SafeGenerator and the CLI run the "middleware" preset (PRESETS below, with the policy's α)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from ..sampling.sampler import global_step
-from ..sampling.config import ConfigError, updated_config
+from ..config import ConfigError, updated_config
+from ..sampling.config import global_step
 
 SCHEDULES = ("late", "evenly", "final", "steps")
 SCOPES = ("block", "all")
 SELECTIONS = ("mh", "greedy", "remask_only")
 REMASKS = ("uniform", "targeted")
+PROPOSAL_ORDERS = ("max_prob", "random", "low_confidence")
+# α, the temperature of the target p · exp(r/α): the one code default. A policy's YAML may set its
+# own (reward.alpha); SafeGenerator then uses the policy's.
+DEFAULT_ALPHA = 0.1
 
 
 @dataclass
@@ -27,7 +33,7 @@ class RefineConfig:
     n_proposals: int = 1  # N, proposals per pool
     iterations: int = 4  # k, kernel applications per refined step
     rho: float = 0.5  # share of the decoded tokens in scope that a proposal re-masks (at least 1)
-    alpha: float = 0.1  # α, the temperature of the target p · exp(r/α)
+    alpha: float = DEFAULT_ALPHA  # α, the temperature of the target p · exp(r/α)
     schedule: str = "final"  # where to refine (§4): late | evenly | final | steps
     start: float = 0.75  # late: refine once this share of the block is decoded
     every: int = 1  # evenly: refine after every m-th step
@@ -43,6 +49,11 @@ class RefineConfig:
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
     # conditional, which the acceptance assumes (another value is not exact).
     proposal_temperature: float = 1.0
+    # The order a proposal commits its holes in (see iterref.py, "How a proposal re-commits its
+    # holes"): max_prob (the most likely token's probability, LLaDA's order at temperature 0) and
+    # random are exact; low_confidence (LLaDA's: the sampled token's probability) is not, and is here
+    # for the benchmark that shows it.
+    proposal_order: str = "max_prob"
     # Skip / stop rows that no longer need refining: by the reward's own verdict when it returns a
     # refine.Judged (a policy's "toxic": SafeGenerator's case), else once their reward reaches
     # accept_reward. Knowing costs one reward call per row at every refined point, also for the rows
@@ -80,6 +91,8 @@ class RefineConfig:
             raise ConfigError(f"refine.selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.remask not in REMASKS:
             raise ConfigError(f"refine.remask must be one of {REMASKS}, got {self.remask!r}")
+        if self.proposal_order not in PROPOSAL_ORDERS:
+            raise ConfigError(f"refine.proposal_order must be one of {PROPOSAL_ORDERS}, got {self.proposal_order!r}")
         if not (isinstance(self.blame_floor, (int, float)) and 0 < self.blame_floor <= 1):
             raise ConfigError(f"refine.blame_floor must be in (0, 1], got {self.blame_floor!r}")
         if not (isinstance(self.proposal_temperature, (int, float)) and self.proposal_temperature >= 0):
@@ -90,6 +103,13 @@ class RefineConfig:
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget >= 1):
             raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling), got {self.budget!r}")
         return self
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RefineConfig":
+        """A named preset (PRESETS) with some fields replaced: `RefineConfig.preset("middleware", alpha=0.2)`."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown refinement preset {name!r}; known: {sorted(PRESETS)}")
+        return cls().updated(**{**PRESETS[name], **overrides})
 
     def updated(self, **overrides) -> "RefineConfig":
         if "at_steps" in overrides:
@@ -112,3 +132,14 @@ class RefineConfig:
         if self.schedule == "final":
             return step == steps_per_block
         return t in self.at_steps
+
+
+# What runs, by name. "exact": the defaults above, under which the chain targets p · exp(r/α).
+# "middleware": what SafeGenerator and the CLI run (with the policy's α): it re-masks the tokens the
+# policy blames (better than uniform at equal rows on both benchmarks, benchmarks/RESULTS.md), refines
+# only samples the policy rejects, and caps a sample at 4x plain sampling's denoiser rows. Both of the
+# latter make the chain inexact (docs/method.md, "When the chain is exact").
+PRESETS = {
+    "exact": {},
+    "middleware": {"remask": "targeted", "adaptive": True, "budget": 4.0},
+}

@@ -92,7 +92,7 @@ def pool_rows(sampling: SamplingConfig, n_proposals: int, m: torch.Tensor,
     """Rows of one pool, per row: N · (one forward per re-masked token, m, + one scoring forward
     where a mask is left after them) · rows_per_forward. float64. Proposals re-commit one hole per
     forward whatever the base sampler's tokens_per_step: only then are they draws from the model's
-    joint conditional (refine.PROPOSAL_ORDER)."""
+    joint conditional (RefineConfig.proposal_order)."""
     return n_proposals * (m + mask_left.long()).double() * rows_per_forward(sampling)
 
 

@@ -8,7 +8,7 @@ Target: p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kern
      n decoded generated tokens in scope (never the prompt), uniformly at random or (remask
      "targeted") towards the tokens a blame function holds responsible (safegen.refine.remask), then
      denoise them again with the base model, one per forward at the proposal temperature, in an
-     order that depends on the logits only (PROPOSAL_ORDER): a draw from p(x_S | x_rest);
+     order that depends on the logits only (RefineConfig.proposal_order): a draw from p(x_S | x_rest);
   2. takes the pool's candidates in turn and accepts one with probability
      min(1, exp((r' − r)/α) · q(S | x') / q(S | x)): the Metropolis-Hastings rule for p* with that
      proposal (p's factors cancel; the ratio of re-masking probabilities is 1 for uniform
@@ -50,7 +50,7 @@ class Judged(NamedTuple):
 # (n, G) token ids of the generation -> (n,) float, or a Judged
 Reward = Callable[[torch.Tensor], Union[torch.Tensor, Judged]]
 
-__all__ = ["Blame", "BlameResult", "IterRef", "Judged", "PROPOSAL_ORDER", "RefineConfig", "Reward"]
+__all__ = ["Blame", "BlameResult", "IterRef", "Judged", "RefineConfig", "Reward"]
 
 # How a proposal re-commits its holes. It is a draw from the model's joint conditional p(x_S | x_rest)
 # (by the chain rule) only if (a) each forward commits one hole, sampled from its conditional given
@@ -64,7 +64,7 @@ __all__ = ["Blame", "BlameResult", "IterRef", "Judged", "PROPOSAL_ORDER", "Refin
 # most likely token is a stop token, not one whose sampled token is (that broke (b) too: TV 0.205
 # against a floor of 0.021): it keeps LLaDA's intent, stop tokens last, with an order read from the
 # logits alone. So a proposal costs one forward per re-masked token whatever the base pace (cost.py).
-PROPOSAL_ORDER = "max_prob"
+# The order is RefineConfig.proposal_order (default max_prob).
 PROPOSAL_STOP_DEMOTION = "most_likely"
 
 
@@ -301,7 +301,7 @@ class IterRef:
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
                 parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
         """Re-commit the holes of the proposals `gen` in place, one per forward (whatever the base
-        sampler's tokens_per_step) at the proposal temperature in PROPOSAL_ORDER: a draw from the
+        sampler's tokens_per_step) at the proposal temperature in the configured proposal_order: a draw from the
         model's joint conditional of the holes. Once a proposal has no hole left, one more forward
         gives its x̂0 (the reward's input) and its prediction for the next base step, which an
         accepted proposal reuses instead of a new forward; with no mask left, x̂0 is the proposal."""
@@ -322,7 +322,7 @@ class IterRef:
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
                 p = sampler.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
-                                    self.config.proposal_temperature, ranking=PROPOSAL_ORDER,
+                                    self.config.proposal_temperature, ranking=self.config.proposal_order,
                                     demote_stop=PROPOSAL_STOP_DEMOTION)
                 gen[d] = sampler.commit(gen[d], p, one[d])
                 holes[d] &= gen[d] == mask_id

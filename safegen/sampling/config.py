@@ -3,28 +3,14 @@ helper that every config dataclass of safegen shares; the samplers are in safege
 safegen/sampling/mdlm.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
-from ..errors import SafegenError
+from ..config import ConfigError, updated_config  # noqa: F401 (re-exported)
 
 REMASKING = ("low_confidence", "random")
 # "llada": LLaDA's blocks and fixed commit counts (safegen.sampling.sampler); "mdlm": MDLM's ancestral sampler
 # with the log-linear schedule over the whole answer, one block (safegen.sampling.mdlm).
 SAMPLERS = ("llada", "mdlm")
-
-
-class ConfigError(SafegenError):
-    """A configuration value is out of range; the message names the field."""
-
-
-def updated_config(config, section: str, overrides: dict):
-    """A validated copy of a config dataclass with some fields replaced; unknown names are an
-    error that lists them under `section` (sampling, refine)."""
-    known = {f.name for f in fields(config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown {section} option(s) {unknown}; known: {sorted(known)}")
-    return replace(config, **overrides).validate()
 
 
 @dataclass
@@ -160,3 +146,9 @@ def fit_lengths(base: SamplingConfig, options: dict) -> dict:
         else:
             out["steps"] = next((T for T in (total_steps(lengths, S) for S in range(1, bl + 1)) if T >= wanted), G)
     return out
+
+
+def global_step(block: int, step: int, steps_per_block: int) -> int:
+    """Base steps done at (block, step) of the loop: t in 1..T at the points a hook sees after a
+    commit (step 0 of a block is the previous block's finished point)."""
+    return block * steps_per_block + step

@@ -29,7 +29,7 @@ from . import rng
 from ..errors import ArgumentError
 from ..models.family import ModelProfile
 
-from .config import REMASKING, ConfigError, SamplingConfig, updated_config  # noqa: F401 (re-exported)
+from .config import REMASKING, ConfigError, SamplingConfig, global_step, updated_config  # noqa: F401 (re-exported)
 from .state import Prediction, SampleOutput, SamplerState, StepHook  # noqa: F401 (re-exported)
 
 
@@ -40,12 +40,6 @@ def _accepts_attention_mask(model) -> bool:
         return True
     return "attention_mask" in params or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def global_step(block: int, step: int, steps_per_block: int) -> int:
-    """Base steps done at (block, step) of the loop: t in 1..T at the points a hook sees after a
-    commit (step 0 of a block is the previous block's finished point)."""
-    return block * steps_per_block + step
 
 
 def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -348,22 +342,3 @@ def row_keys(seeds, batch: int, device) -> torch.Tensor:
     if (seeds < 0).any():
         raise ArgumentError("seeds must be non-negative")
     return rng.seed_keys(seeds, device=device)
-
-
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, profile: ModelProfile | int,
-             attention_mask: Optional[torch.Tensor] = None, seeds=0,
-             config: SamplingConfig | None = None, hook: Optional[StepHook] = None,
-             **overrides) -> SampleOutput:
-    """One-call sampling: `generate(model, ids, mask_id, steps=64, temperature=0.5)`."""
-    config = (config or SamplingConfig()).updated(**overrides)
-    return make_sampler(model, profile, config).run(input_ids, attention_mask, seeds, hook)
-
-
-def make_sampler(model: torch.nn.Module, profile: ModelProfile | int,
-                 config: SamplingConfig | None = None) -> DiffusionSampler:
-    """The sampler `config.sampler` names: LLaDA's (this module) or MDLM's (safegen.sampling.mdlm)."""
-    if config is not None and config.sampler == "mdlm":
-        from .mdlm import MDLMSampler
-
-        return MDLMSampler(model, profile, config)
-    return DiffusionSampler(model, profile, config)

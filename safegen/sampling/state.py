@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .sampler import DiffusionSampler
 
 
 @dataclass
@@ -79,7 +76,9 @@ class StepHook(Protocol):
 
     def applies(self, block: int, step: int, steps_in_block: int, t: int) -> bool: ...
 
-    def __call__(self, sampler: "DiffusionSampler", state: SamplerState) -> None: ...
+    # `sampler` is the DiffusionSampler (or subclass) running the loop; typed as Any because this
+    # module sits below sampler.py and must not import it.
+    def __call__(self, sampler: Any, state: SamplerState) -> None: ...
 
 
 @dataclass

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive(text: str) -> int:
-    from ..cli import _positive as positive
-
-    return positive(text)
+from ..arguments import model_arguments, positive as _positive
 
 
 def _non_negative_float(text: str) -> float:
@@ -33,9 +29,7 @@ def _port(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _model_arguments
-
-    _model_arguments(parser, many_policies=True)
+    model_arguments(parser, many_policies=True)
     n = parser.add_argument_group("network and access")
     n.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")

@@ -45,7 +45,7 @@ def require_extra() -> None:
 
 def _policy_configs(args):
     """{name: (policy, sampling, refinement)} for each --policy, in order, validated."""
-    from ..cli import _refine_options, _sampling_options
+    from ..arguments import refine_options, sampling_options
     from ..generator import check_best, middleware_configs
     from ..policy import load_policy
 
@@ -56,7 +56,7 @@ def _policy_configs(args):
     configs = {}
     for name in names:
         policy = load_policy(name)
-        sampling, refinement = middleware_configs(policy, _sampling_options(args), _refine_options(args))
+        sampling, refinement = middleware_configs(policy, sampling_options(args), refine_options(args), args.preset)
         check_best(policy, refinement.iterations > 0 and not args.no_refine, not args.no_before)
         configs[name] = (policy, sampling, refinement)
     return configs
@@ -79,7 +79,7 @@ def _limits(args, sampling, context: int | None):
 def _load(args, configs, service, server) -> None:
     """On a thread: the model once, one SafeGenerator per policy around it; then the service is ready."""
     try:
-        from ..cli import _revision
+        from ..arguments import revision as _revision
         from ..generator import SafeGenerator
         from ..models.loading import load_model, require_tokenizer
         from .engine import Engine

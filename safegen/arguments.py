@@ -1,0 +1,181 @@
+"""The command-line arguments `safegen generate`, `detoxify` and `serve` share: the model and policy,
+and one flag per field of SamplingConfig and RefineConfig, derived from the dataclasses so that a new
+field gets its flag (tests/test_cli.py checks every field has one). Help comes from FIELD_HELP below;
+a field without an entry still gets a flag with a generic help. Imports nothing heavy (the two config
+modules are torch-free), so `--help` and argument errors stay quick."""
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, fields
+
+from .refine.config import PRESETS, PROPOSAL_ORDERS, REMASKS, SCHEDULES, SCOPES, SELECTIONS, RefineConfig
+from .sampling.config import REMASKING, SAMPLERS, SamplingConfig
+
+MAX_SEED = 2**32 - 1
+
+# What a user needs to choose a value; the defaults are appended from the configs (or named).
+FIELD_HELP = {
+    "max_new_tokens": "generation length G",
+    "steps": "denoising steps T (default: G)",
+    "block_length": "block length (a last block may be shorter; G if G is shorter)",
+    "temperature": "0: greedy",
+    "remasking": "LLaDA's commit order within a step",
+    "cfg_scale": "classifier-free guidance; > 0 refines towards the guided model, not the model",
+    "logits_eos_inf": "forbid EOS as a candidate token (proposals too: not exact)",
+    "confidence_eos_eot_inf": "commit EOS/EOT only when nothing else is left",
+    "sampler": "llada (blocks, fixed commits per step) or mdlm (MDLM's ancestral sampler, at temperature 1 "
+               "unless --temperature); default: mdlm for MDLM models, else llada",
+    "n_proposals": "N, proposals per pool",
+    "iterations": "k, kernel applications per refined step",
+    "rho": "share of the decoded tokens a proposal re-masks",
+    "alpha": "α, the target's temperature (default: the policy's)",
+    "schedule": "where to refine (final: once each block is decoded)",
+    "start": "late: refine once this share of a block is decoded",
+    "every": "evenly: refine after every m-th step",
+    "at_steps": "schedule steps: comma-separated base steps, e.g. 16,32",
+    "scope": "re-mask the current block or all of the answer so far",
+    "remask": "which tokens a proposal re-masks: targeted (those the policy blames) or uniform (the paper's)",
+    "blame_floor": "targeted: every token's least re-mask weight, in (0, 1]",
+    "selection": "mh: Metropolis-Hastings acceptance; greedy and remask_only are ablations, not exact",
+    "proposal_temperature": "temperature of the proposals' draws; only 1 is exact",
+    "proposal_order": "order a proposal's holes are committed in: max_prob or random (exact), "
+                      "low_confidence (LLaDA's rule on the sampled token: not exact)",
+    "adaptive": "refine only samples the policy rejects (not exact); --exact is --no-adaptive",
+    "accept_reward": "adaptive: the bar for a reward that gives no verdict ('none': no bar)",
+    "budget": "cap on denoiser rows per sample, x plain ('none': no cap); a cap that stops the chain early "
+              "is not exact",
+}
+CHOICES = {"remasking": REMASKING, "sampler": SAMPLERS, "schedule": SCHEDULES, "scope": SCOPES,
+           "selection": SELECTIONS, "remask": REMASKS, "proposal_order": PROPOSAL_ORDERS}
+# Older spellings kept working: --proposals (n_proposals) and --exact (adaptive off).
+ALIASES = {"n_proposals": ("--proposals",)}
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED}, not {text!r}")
+    return value
+
+
+def step_list(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated step numbers such as 16,32, not {text!r}") from None
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+# "none" on the command line: set the field to None (argparse's None means "not given").
+NONE = type("NoneGiven", (), {"__repr__": lambda self: "none"})()
+
+
+def _or_none(kind):
+    def parse(text: str):
+        return NONE if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(group, config_class, defaults: dict) -> None:
+    """One flag per field of `config_class`; parsed values default to None (not given), so that only
+    what the user typed overrides the preset."""
+    hints = typing.get_type_hints(config_class)
+    for f in fields(config_class):
+        kind, optional = hints[f.name], False
+        if typing.get_origin(kind) is typing.Union:
+            kind, optional = next(a for a in typing.get_args(kind) if a is not type(None)), True
+        default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        help_text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
+        if f.name not in ("steps", "alpha", "sampler"):  # their help names the default already
+            help_text += f" (default {'none' if default is None else default})"
+        names = (flag(f.name),) + ALIASES.get(f.name, ())
+        if kind is bool:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        elif kind is tuple:
+            group.add_argument(*names, dest=f.name, type=step_list, default=None, help=help_text)
+        else:
+            parse = _or_none(kind) if optional else kind
+            group.add_argument(*names, dest=f.name, type=parse, choices=CHOICES.get(f.name), default=None,
+                               help=help_text)
+
+
+def options(args, config_class) -> dict:
+    """The fields of `config_class` the command line set."""
+    given = {f.name: getattr(args, f.name, None) for f in fields(config_class)}
+    return {name: None if value is NONE else value for name, value in given.items() if value is not None}
+
+
+def model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False) -> None:
+    from .models.loading import DEFAULT_MODEL, QUANTIZATIONS
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id or local folder (default {DEFAULT_MODEL}, at a pinned revision)")
+    g.add_argument("--revision", default=None, help="hub revision (commit) to load")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="default 4bit (NF4)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model repository's own code, for models safegen and transformers do not "
+                        "implement (LLaDA does not need it; it runs code from the hub)")
+    g.add_argument("--device-map", default="auto", help="accelerate device map (default auto)")
+    if many_policies:  # a server offers several; a request picks one by this name (the first by default)
+        g.add_argument("--policy", action="append", default=None,
+                       help="a policy name in policies/ or a YAML path; repeat to offer several (default: default)")
+    else:
+        g.add_argument("--policy", default="default",
+                       help="a policy name in policies/ or a YAML path (default: default)")
+
+    add_config_flags(parser.add_argument_group("sampling (SamplingConfig)"), SamplingConfig, {})
+    r = parser.add_argument_group("refinement (IterRef's RefineConfig; defaults: the 'middleware' preset)")
+    r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
+    r.add_argument("--preset", choices=sorted(PRESETS), default="middleware",
+                   help="the settings the flags below start from: middleware (default: targeted re-masking, "
+                        "adaptive, budget 4) or exact (uniform, every sample, no budget); see "
+                        "safegen/refine/config.py")
+    add_config_flags(r, RefineConfig, PRESETS["middleware"])
+    r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
+                   help="refine every sample, even those the policy already accepts (--no-adaptive). Exact in "
+                        "the limit of many iterations also needs --selection mh and a --budget that does not "
+                        "cut the last point short (docs/method.md, 'When the chain is exact')")
+    r.add_argument("--no-before", action="store_true",
+                   help="do not compute the unrefined 'before' sample (saves its denoiser rows)")
+
+
+def revision(args):
+    from .models.loading import PINNED_REVISIONS
+
+    return args.revision or PINNED_REVISIONS.get(args.model)
+
+
+def sampling_options(args) -> dict:
+    chosen = options(args, SamplingConfig)
+    if getattr(args, "model", None) is not None:
+        from .models.loading import model_type_of
+
+        if model_type_of(args.model, revision(args)) == "mdlm":
+            from .sampling.mdlm import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
+
+            chosen = {**DEFAULT_SAMPLING, **chosen}
+    return chosen
+
+
+def refine_options(args) -> dict:
+    return options(args, RefineConfig)
