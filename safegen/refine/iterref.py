@@ -300,42 +300,11 @@ class IterRef:
 
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
                 parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
-        """Re-commit the holes of the proposals `gen` in place, one per forward (whatever the base
-        sampler's tokens_per_step) at the proposal temperature in the configured proposal_order: a draw from the
-        model's joint conditional of the holes. Once a proposal has no hole left, one more forward
-        gives its x̂0 (the reward's input) and its prediction for the next base step, which an
-        accepted proposal reuses instead of a new forward; with no mask left, x̂0 is the proposal."""
-        mask_id, P = sampler.mask_id, state.prompt_length
-        one = torch.ones(gen.shape[0], dtype=torch.long, device=gen.device)
-        preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
-                           torch.empty_like(gen))
-        todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
-        next_block = sampler.next_block(state)
-        sub = 0
-        while bool(todo.any()):
-            todo &= (gen == mask_id).any(1)  # fully decoded: x̂0 is the draft itself
-            idx = todo.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            logits = sampler.forward(state, torch.cat([state.x[parent[idx], :P], gen[idx]], dim=1), parent[idx])
-            has_holes = holes[idx].any(1)
-            d, f = idx[has_holes], idx[~has_holes]
-            if len(d):
-                p = sampler.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
-                                    self.config.proposal_temperature, ranking=self.config.proposal_order,
-                                    demote_stop=PROPOSAL_STOP_DEMOTION)
-                gen[d] = sampler.commit(gen[d], p, one[d])
-                holes[d] &= gen[d] == mask_id
-            if len(f):
-                p = sampler.predict(logits[~has_holes], gen[f], sampler.committable(gen[f], next_block),
-                                    sampler.step_keys(state, state.keys[parent[f]]), sampler.config.temperature)
-                preds.candidates[f], preds.confidence[f], preds.xhat0[f] = p.candidates, p.confidence, p.xhat0
-                todo[f] = False
-            sub += 1
-        clean = ~(gen == mask_id).any(1)
-        preds.candidates[clean] = gen[clean]
-        preds.xhat0[clean] = gen[clean]
-        return preds
+        """Re-commit the holes of the proposals `gen` in place: the sampler's kernel (redenoise) at the
+        proposal temperature, in the configured proposal_order, stop tokens demoted by the most
+        likely token (see "How a proposal re-commits its holes" above)."""
+        return sampler.redenoise(state, gen, holes, parent, keys, self.config.proposal_temperature,
+                                 self.config.proposal_order, PROPOSAL_STOP_DEMOTION)
 
     # ---------------------------------------------------------------- rewards, blame, scope
     def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

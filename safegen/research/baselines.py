@@ -88,9 +88,7 @@ class SVDDSampler(DiffusionSampler):
             nxt = Prediction(gen.clone(), torch.full(gen.shape, float("-inf"), device=device), gen.clone())
         else:
             logits = self.forward(state, torch.cat([state.x[owner, :P], gen], 1), owner)
-            next_block = state.block + (state.step + 1 == S)
-            nxt = self.predict(logits, gen, self.committable(gen, next_block),
-                               self.step_keys(state, state.keys[owner], ahead=1), self.config.temperature)
+            nxt = self.next_prediction(state, logits, gen, owner, block=state.block + (state.step + 1 == S), ahead=1)
         if M == 1:  # nothing to choose: plain sampling, no reward call
             r = torch.zeros((B, 1), dtype=torch.float64)
         else:

@@ -215,8 +215,55 @@ class DiffusionSampler:
             return
         owner = torch.arange(gen.shape[0], device=gen.device)
         state.logits = self.forward(state, state.x, owner)
-        state.pred = self.predict(state.logits, gen, self.committable(gen, self.next_block(state)),
-                                  self.step_keys(state), self.config.temperature)
+        state.pred = self.next_prediction(state, state.logits, gen, owner)
+
+    def next_prediction(self, state: SamplerState, logits: torch.Tensor, gen: torch.Tensor, owner: torch.Tensor,
+                        block: Optional[int] = None, ahead: int = 0) -> Prediction:
+        """The base step's prediction for drafts `gen` of the state's rows `owner`, from their logits:
+        candidates for the masked positions of `block` (default: the block the next commit goes to),
+        drawn at the sampling temperature with the noise of the state's step (+ `ahead`), the same for
+        a row and every draft derived from it."""
+        block = self.next_block(state) if block is None else block
+        return self.predict(logits, gen, self.committable(gen, block),
+                            self.step_keys(state, state.keys[owner], ahead), self.config.temperature)
+
+    def redenoise(self, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor, owner: torch.Tensor,
+                  keys: torch.Tensor, temperature: float, order: str, demote_stop: str) -> Prediction:
+        """The refinement kernel's denoiser: re-commit the `holes` of drafts `gen` (rows `owner` of the
+        state) in place, one hole per forward whatever the base pace, at `temperature`, in `order` (a
+        `predict` ranking), drawing with `keys` (one per draft); a draw from the model's joint
+        conditional of the holes when the order reads the logits alone (refine/iterref.py). Once a
+        draft has no hole left, one more forward gives its x̂0 and the next base step's prediction
+        (next_prediction), which an accepted draft reuses instead of a new forward; with no mask
+        left, x̂0 is the draft."""
+        mask_id, P = self.mask_id, state.prompt_length
+        one = torch.ones(gen.shape[0], dtype=torch.long, device=gen.device)
+        preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
+                           torch.empty_like(gen))
+        todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
+        sub = 0
+        while bool(todo.any()):
+            todo &= (gen == mask_id).any(1)  # fully decoded: x̂0 is the draft itself
+            idx = todo.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            logits = self.forward(state, torch.cat([state.x[owner[idx], :P], gen[idx]], dim=1), owner[idx])
+            has_holes = holes[idx].any(1)
+            d, f = idx[has_holes], idx[~has_holes]
+            if len(d):
+                p = self.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
+                                 temperature, ranking=order, demote_stop=demote_stop)
+                gen[d] = self.commit(gen[d], p, one[d])
+                holes[d] &= gen[d] == mask_id
+            if len(f):
+                p = self.next_prediction(state, logits[~has_holes], gen[f], owner[f])
+                preds.candidates[f], preds.confidence[f], preds.xhat0[f] = p.candidates, p.confidence, p.xhat0
+                todo[f] = False
+            sub += 1
+        clean = ~(gen == mask_id).any(1)
+        preds.candidates[clean] = gen[clean]
+        preds.xhat0[clean] = gen[clean]
+        return preds
 
     def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
         """One base step: commit from the current prediction. Baselines override this."""
