@@ -248,7 +248,7 @@ class SafeGenerator:
 
     def _encode_answer(self, text: str, length: int, device, profile: ModelProfile) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: length - 1]
-        pad = profile.pad_id if profile.pad_id is not None else profile.eos_id
+        pad = profile.fill_id
         stop = profile.eos_id if profile.eos_id is not None else pad
         row = ids + [stop] + [pad] * (length - len(ids) - 1)
         return torch.tensor(row[:length], dtype=torch.long, device=device)
@@ -283,7 +283,7 @@ class SafeGenerator:
             rows.append(list(ids))
             shown.append(p if isinstance(p, str) else messages[-1]["content"])
         width = max(len(r) for r in rows)
-        pad = self.profile.pad_id if self.profile.pad_id is not None else self.profile.eos_id
+        pad = self.profile.fill_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):

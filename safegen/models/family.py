@@ -37,6 +37,12 @@ class ModelProfile:
         """Tokens at which an answer ends (the output is cut at the first of them)."""
         return tuple(dict.fromkeys(i for i in (self.eos_id, self.eot_id, *self.extra_stop_ids) if i is not None))
 
+    @property
+    def fill_id(self) -> Optional[int]:
+        """The id that pads prompts on the left and fills an answer after its stop token: the pad
+        token, else EOS (LLaDA's tokenizer and many others have no pad token)."""
+        return self.pad_id if self.pad_id is not None else self.eos_id
+
     def __post_init__(self):
         if self.pad_id is not None and self.pad_id == self.mask_id:
             raise LoadError(

@@ -50,6 +50,15 @@ class Judged(NamedTuple):
 # (n, G) token ids of the generation -> (n,) float, or a Judged
 Reward = Callable[[torch.Tensor], Union[torch.Tensor, Judged]]
 
+
+def reward_values(out, n: int) -> torch.Tensor:
+    """What a Reward returned for n sequences, as (n,) float64 on the CPU (a Judged's `reward`);
+    any other count is an error that names both."""
+    r = torch.as_tensor(out.reward if isinstance(out, Judged) else out, dtype=torch.float64).reshape(-1).cpu()
+    if r.shape[0] != n:
+        raise ValueError(f"the reward returned {r.shape[0]} values for {n} sequences")
+    return r
+
 __all__ = ["Blame", "BlameResult", "IterRef", "Judged", "RefineConfig", "Reward"]
 
 # How a proposal re-commits its holes. It is a draw from the model's joint conditional p(x_S | x_rest)
@@ -312,9 +321,7 @@ class IterRef:
         the reward's own when it returns a Judged, else "below accept_reward" (needed only when
         adaptive; without a bar every row counts as still to be refined)."""
         out = self.reward(xhat0)
-        r = torch.as_tensor(out.reward if isinstance(out, Judged) else out, dtype=torch.float64).reshape(-1).cpu()
-        if r.shape[0] != xhat0.shape[0]:
-            raise ValueError(f"the reward returned {r.shape[0]} values for {xhat0.shape[0]} sequences")
+        r = reward_values(out, xhat0.shape[0])
         if isinstance(out, Judged):
             toxic = torch.as_tensor(out.toxic, dtype=torch.bool).reshape(-1).cpu()
         elif self.config.accept_reward is not None:

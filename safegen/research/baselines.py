@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..sampling import rng
-from ..refine.iterref import Reward
+from ..refine.iterref import Reward, reward_values
 from ..sampling.sampler import ConfigError, DiffusionSampler, Prediction, SampleOutput, SamplerState, global_step, row_keys
 
 
@@ -39,7 +39,7 @@ def _keep_best(sampler, reward: Reward, out: SampleOutput, n: int, P: int, t0: f
     if n == 1:
         r = torch.zeros(out.sequences.shape[0], dtype=torch.float64)
     else:
-        r = torch.as_tensor(reward(out.sequences[:, P:]), dtype=torch.float64).reshape(-1).cpu()
+        r = reward_values(reward(out.sequences[:, P:]), out.sequences.shape[0])
         out.reward_calls += 1
     best = r.view(-1, n).argmax(1) + torch.arange(r.numel() // n) * n
     return SampleOutput(sequences=out.sequences[best.to(out.sequences.device)],
@@ -92,7 +92,7 @@ class SVDDSampler(DiffusionSampler):
         if M == 1:  # nothing to choose: plain sampling, no reward call
             r = torch.zeros((B, 1), dtype=torch.float64)
         else:
-            r = torch.as_tensor(self.reward(nxt.xhat0), dtype=torch.float64).view(B, M).cpu()
+            r = reward_values(self.reward(nxt.xhat0), B * M).view(B, M)
             state.reward_calls += M
         if self.alpha > 0:
             u = rng.uniform(rng.derive(state.keys, rng.Stream.SVDD_SELECT, t),
@@ -134,7 +134,7 @@ class FKSteering:
 
     def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:
         B = state.x.shape[0]
-        r = torch.as_tensor(self.reward(state.pred.xhat0), dtype=torch.float64).reshape(-1).cpu()
+        r = reward_values(self.reward(state.pred.xhat0), B)
         state.reward_calls += 1
         if self.r_prev is None:
             self.r_prev = torch.zeros(B, dtype=torch.float64)

@@ -373,7 +373,7 @@ class DiffusionSampler:
         gen = x[:, prompt_length:]
         stop = torch.isin(gen, self._stop.to(gen.device)).long()
         after = (stop.cumsum(1) - stop) > 0
-        pad = self.profile.pad_id if self.profile.pad_id is not None else self.profile.eos_id
+        pad = self.profile.fill_id
         out = x.clone()
         out[:, prompt_length:] = torch.where(after, torch.full_like(gen, pad), gen)
         return out

@@ -84,7 +84,7 @@ class Engine:
         self._encoder = type(first)(first.model, copy.deepcopy(first.tokenizer), policy=first.policy,
                                     profile=first.profile, sampling=first.sampling, refinement=first.refinement)
         self._encode_lock = threading.Lock()
-        self.pad_id = self.profile.pad_id if self.profile.pad_id is not None else self.profile.eos_id
+        self.pad_id = self.profile.fill_id
         self.parameters = sum(p.numel() for p in first.model.parameters())
 
     def encode(self, request: GenerationRequest) -> list[list[int]]:
