@@ -240,8 +240,14 @@ class Policy:
         text, how many texts the classifiers scored to find out (occlusion costs reward calls; a
         repeated text is attributed once, and its cost charged to its first occurrence)."""
         texts = list(texts)
-        first_index: dict[str, int] = {}
-        inverse = [first_index.setdefault(t, len(first_index)) for t in texts]
+        first_index: dict[str, int] = {}  # text -> its index among the unique texts
+        first_row: list[int] = []  # unique text -> the row of its first occurrence, charged its cost
+        inverse = []
+        for k, t in enumerate(texts):
+            if t not in first_index:
+                first_index[t] = len(first_row)
+                first_row.append(k)
+            inverse.append(first_index[t])
         unique = list(first_index)
         per_classifier, cost = {}, np.zeros(len(unique))
         for c in self.classifiers:
@@ -272,11 +278,8 @@ class Policy:
                 if c.hard and fires[c.name][i] >= self.threshold:
                     blame = np.maximum(blame, per_classifier[c.name][i])
             combined.append(blame)
-        first_row = {}
-        for k, t in enumerate(texts):
-            first_row.setdefault(t, k)
         charged = np.zeros(len(texts))
-        charged[[first_row[t] for t in unique]] = cost
+        charged[first_row] = cost
         return [combined[k] for k in inverse], charged
 
     # -- reward --------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ class RefineConfig:
     """IterRef's settings. The chain at the last point targets p · exp(r/α) exactly (in the limit of
     many iterations) only with selection "mh", proposal_temperature 1, adaptive off and a budget
     that does not cut it short (None, or at least cost.worst_case_rows): the defaults here, not
-    SafeGenerator's (adaptive, budget 4). Every condition: docs/method.md §5."""
+    SafeGenerator's (adaptive, budget 4). Every condition:
+    docs/method.md, "5. Exactness: when it holds"."""
 
     # Defaults from benchmarks/toy_exact.py (RESULTS.md): at equal rows N = 1 beat every larger pool
     # (an accepted pool's unexamined members are rows spent for nothing), rho 0.5 had the lowest
@@ -34,7 +35,7 @@ class RefineConfig:
     iterations: int = 4  # k, kernel applications per refined step
     rho: float = 0.5  # share of the decoded tokens in scope that a proposal re-masks (at least 1)
     alpha: float = DEFAULT_ALPHA  # α, the temperature of the target p · exp(r/α)
-    schedule: str = "final"  # where to refine (§4): late | evenly | final | steps
+    schedule: str = "final"  # where to refine: late | evenly | final | steps (docs/method.md, "Decisions and why")
     start: float = 0.75  # late: refine once this share of the block is decoded
     every: int = 1  # evenly: refine after every m-th step
     at_steps: tuple = ()  # schedule "steps": base steps (1..T) after which to refine
@@ -45,7 +46,7 @@ class RefineConfig:
     # needs IterRef's `blame`. Uniform stays the default here because a blame is optional.
     remask: str = "uniform"
     blame_floor: float = 0.05  # ε: no decoded position is ever impossible to re-mask
-    selection: str = "mh"  # mh (exact) | greedy | remask_only (ablations with other targets, §3)
+    selection: str = "mh"  # mh (exact) | greedy | remask_only (ablations with other targets: docs/method.md, "3. The kernel")
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
     # conditional, which the acceptance assumes (another value is not exact).
     proposal_temperature: float = 1.0

@@ -20,10 +20,11 @@ Target: p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kern
 This repeats `iterations` (k) times, then the base sampler takes its ordinary next step. The point
 after the last step re-masks the whole answer, whatever the scope: a block refined and then frozen
 cannot reach p*, the chain over the whole answer can. When that chain is exact is listed in
-docs/method.md §5 (adaptive off, selection mh, proposal temperature 1, no budget cut, cfg_scale 0,
+docs/method.md, "5. Exactness: when it holds" (adaptive off, selection mh, proposal temperature 1, no budget cut, cfg_scale 0,
 logits_eos_inf off, many iterations).
 
-All rows and all N proposals of a pool are denoised together, as one batch of A·N rows per sub-step.
+All rows and all N proposals of a pool are denoised together, as one batch of A·N rows per sub-step
+(A: the rows still refined at this point, N: proposals per pool).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test-time alignment baselines on the same sampler and accounting (docs/method.md §7).
+"""Test-time alignment baselines on the same sampler and accounting (docs/method.md, "7. Baselines, on the same sampler and accounting").
 
 At budget b (a multiple of plain sampling's T denoiser rows per sample):
   Best-of-N   N = b independent samples, keep the highest final reward;

@@ -1,4 +1,5 @@
-"""A masked diffusion "model" with an exact denoiser, for testing and measuring refinement (§7).
+"""A masked diffusion "model" with an exact denoiser, for testing and measuring refinement
+(tests/test_refine_exact.py, benchmarks/toy_exact.py).
 
 Sequences of length L over a vocabulary of V tokens are few enough to enumerate (V**L of them), so a
 known distribution p0 over all of them defines the perfect mask predictor: at any state, the logits

@@ -17,7 +17,7 @@ SAMPLERS = ("llada", "mdlm")
 class SamplingConfig:
     """LLaDA's sampling settings, with the names of the LLaDA reference code.
 
-    IterRef's chain stays exact (docs/method.md §5) whatever the order, temperature, pace
+    IterRef's chain stays exact (docs/method.md, "5. Exactness: when it holds") whatever the order, temperature, pace
     (tokens per step) and block settings, and with confidence_eos_eot_inf; cfg_scale > 0 and
     logits_eos_inf change the conditionals its proposals draw from, so that "p" in its target
     p · exp(r/α) is no longer the model's own distribution.
