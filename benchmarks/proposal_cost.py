@@ -9,7 +9,7 @@ predictor (the rows do not depend on the weights) and counts the rows the model 
           iteration draws one pool, so this is also the cost model's worst case;
   budget  the same with SafeGenerator's run-time cap of 4x plain sampling (DEFAULT_BUDGET), and
           the proposals it could afford;
-and the k that cost.plan fits into 4x plain. Run it on a checkout before this change for the old
+and the k that planner.plan fits into 4x plain. Run it on a checkout before this change for the old
 figures (the script uses nothing that changed):
 
     python benchmarks/proposal_cost.py
@@ -24,7 +24,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safegen.refine import cost  # noqa: E402
+from safegen.research import planner  # noqa: E402
 from safegen.refine.iterref import IterRef, RefineConfig  # noqa: E402
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
         rc = RefineConfig()
         free, _ = rows(sampling, rc)
         capped, proposed = rows(sampling, RefineConfig(budget=BUDGET))
-        k = cost.plan(sampling, rc, BUDGET).iterations
+        k = planner.plan(sampling, rc, BUDGET).iterations
         print(f"| {name} | {sampling.tokens_per_step} | {T} | {free:.0f} ({free / T:.2f}) | "
               f"{capped:.0f} ({capped / T:.2f}) | {proposed:.0f} | {k} |")
 

@@ -8,8 +8,7 @@ from typing import Optional
 
 import torch
 
-from safegen.refine import cost
-from safegen.research import toy
+from safegen.research import planner, toy
 from safegen.research.baselines import best_of_n, fk_steering, svdd
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SampleOutput, SamplingConfig
@@ -23,7 +22,7 @@ FK_EVERY = 2
 SVDD_ALPHA = 0.0
 SWEEP_BUDGET = 4  # the budget at which the IterRef sweeps run
 EXACT_ALPHA, EXACT_K = 0.5, 32
-ORDERS = PROPOSAL_ORDERS  # proposal commit orders compared
+ORDERS = ("max_prob", "low_confidence", "random")  # proposal commit orders compared
 
 
 # ----------------------------------------------------------------------------- the toy problem
@@ -136,7 +135,7 @@ class IterRefChoice:
                           schedule="steps" if last else self.schedule, at_steps=(cfg.steps,) if last else (),
                           start=self.start, every=self.every, selection=self.selection, budget=budget,
                           remask=self.remask, blame_floor=self.blame_floor)
-        k = self.iterations if self.iterations is not None else cost.plan(cfg, rc, budget).iterations
+        k = self.iterations if self.iterations is not None else planner.plan(cfg, rc, budget).iterations
         return rc.updated(iterations=k)
 
 

@@ -32,7 +32,7 @@ worse in all 9; every T steps was within 0.007 on single/blocks and worse on den
 IterRef with uniform re-masking (the paper's kernel) and IterRef with targeted re-masking, with the
 settings of DEFAULT_ITERREF / DEFAULT_TARGETED (the sweeps printed with the results are how they
 were chosen) and k = the largest number of iterations whose worst-case rows (every proposal
-accepted, one pool per iteration; safegen.refine.cost.plan) fit in b · T; RefineConfig.budget = b caps it
+accepted, one pool per iteration; safegen.research.planner.plan) fit in b · T; RefineConfig.budget = b caps it
 in any case. With N = 1 every iteration draws one proposal, so the rows are deterministic: T + k ·
 Σ_points N · (m + scoring forward), m = max(1, round(rho · decoded in scope)); k is an integer, so
 IterRef may spend a little less than b · T (printed).

@@ -6,7 +6,7 @@ runs only after a step that unmasked something), not of T. SVDD and FK-steering 
 sampler and are left out. T = 256 steps for L = 6 tokens: positions unmasked at the same step are drawn
 independently, which is exact only as T grows (at T = 256 about 6% of samples have such a pair), and
 steps that unmask nothing cost nothing. IterRef's k is the largest whose worst case fits the budget
-(safegen.refine.cost.plan), capped by RefineConfig.budget. Per cell: mean reward, toxic rate, TV to p*, z of
+(safegen.research.planner.plan), capped by RefineConfig.budget. Per cell: mean reward, toxic rate, TV to p*, z of
 the mean reward against p*, measured rows per sample.
 
     python benchmarks/toy_mdlm.py                   # ~5 min on 2 busy CPU cores
@@ -26,6 +26,7 @@ if not __package__:  # run as a script: the repository root holds the `benchmark
 
 from benchmarks.toy_cells import SETUPS, Problem, run_method  # noqa: E402
 from safegen.refine import cost  # noqa: E402
+from safegen.research import planner  # noqa: E402
 from safegen.sampling.mdlm import MDLMSampler  # noqa: E402
 from safegen.sampling.sampler import SamplingConfig  # noqa: E402
 

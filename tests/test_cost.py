@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from safegen.refine import cost
+from safegen.research import planner
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
@@ -43,12 +44,12 @@ REFINES = [
                                          [(0, 0), (0, 3), (1, 1), (1, 2), (2, 1), (2, 2), (3, 0), (3, 3)]])
 def test_planned_k_is_the_largest_whose_rows_fit(sampling, rc):
     budget = 12.0  # rho 1 at every step costs 8-9x plain now that proposals run one token a forward
-    plan = cost.plan(sampling, rc, budget)
+    plan = planner.plan(sampling, rc, budget)
     plain = model_rows(sampling, replace(rc, iterations=0))
     assert cost.plain_rows(sampling) == plain
     assert plan.iterations >= 1
     rows = model_rows(sampling, replace(rc, iterations=plan.iterations))
-    assert rows == plan.rows == cost.worst_case_rows(sampling, replace(rc, iterations=plan.iterations))
+    assert rows == plan.rows == planner.worst_case_rows(sampling, replace(rc, iterations=plan.iterations))
     assert rows <= budget * plain
     assert model_rows(sampling, replace(rc, iterations=plan.iterations + 1)) > budget * plain
 
@@ -70,9 +71,9 @@ def test_decoded_tokens_at_each_point_are_the_samplers():
     DiffusionSampler(m, m.mask_id, sampling).run(torch.randint(0, 5, (1, 2)), hook=Recorder())
     assert [t for t, _, _ in seen] == list(range(1, sampling.steps + 1))
     for t, in_block, so_far in seen[:-1]:
-        assert cost.decoded_at(sampling, t, "block") == in_block, t
-        assert cost.decoded_at(sampling, t, "all") == so_far, t
-    assert cost.decoded_at(sampling, sampling.steps, "block") == sampling.max_new_tokens  # the whole answer
+        assert planner.decoded_at(sampling, t, "block") == in_block, t
+        assert planner.decoded_at(sampling, t, "all") == so_far, t
+    assert planner.decoded_at(sampling, sampling.steps, "block") == sampling.max_new_tokens  # the whole answer
 
 
 def test_allowance_shares_what_the_base_steps_leave():
@@ -86,5 +87,5 @@ def test_allowance_shares_what_the_base_steps_leave():
 
 
 def test_nothing_fits_a_budget_of_plain_sampling():
-    plan = cost.plan(SAMPLINGS[1], REFINES[0], 1.0)
+    plan = planner.plan(SAMPLINGS[1], REFINES[0], 1.0)
     assert plan.iterations == 0 and plan.points == () and plan.rows == 8.0  # 4 steps, 2 rows with CFG

@@ -112,6 +112,7 @@ def test_steps_that_fit_no_block_split_are_refused_with_the_nearest():
 
 def test_refinement_points_stay_at_block_ends_and_late_in_each_block():
     from safegen.refine import cost
+    from safegen.research import planner
     from safegen.refine.iterref import RefineConfig
     from safegen.sampling.sampler import SamplingConfig
 
@@ -121,7 +122,7 @@ def test_refinement_points_stay_at_block_ends_and_late_in_each_block():
     late = cost.refinement_points(sampling, RefineConfig(schedule="late", start=0.9).applies)
     # steps >= 0.9·32 (29..32) of full blocks and >= 0.9·31 (28..31) of the last one
     assert late == [t for b in range(3) for t in range(32 * b + 29, 32 * b + 33)] + list(range(96 + 28, 128))
-    assert cost.candidate_point_sets(sampling, "final") == [(32, 64, 96, 127)]
+    assert planner.candidate_point_sets(sampling, "final") == [(32, 64, 96, 127)]
 
 
 class Recorder:
@@ -145,6 +146,7 @@ def test_sampler_commits_blocks_as_the_cost_model_predicts(G, T, bl):
     from oracles import ScriptedModel
 
     from safegen.refine import cost
+    from safegen.research import planner
     from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=G, steps=T, block_length=bl, temperature=1.0)
@@ -154,9 +156,9 @@ def test_sampler_commits_blocks_as_the_cost_model_predicts(G, T, bl):
     assert float(out.rows[0]) == cost.plain_rows(sampling) == T  # one forward a step
     for block, step, t, in_block, so_far, total in hook.seen:
         assert so_far == total  # nothing committed beyond the current block
-        assert cost.decoded_at(sampling, t, "all") == so_far, t
+        assert planner.decoded_at(sampling, t, "all") == so_far, t
         if t < T:
-            assert cost.decoded_at(sampling, t, "block") == in_block, t
+            assert planner.decoded_at(sampling, t, "block") == in_block, t
     ends = [t for block, step, t, in_block, *_ in hook.seen if in_block == sampling.block_lengths[block]
             and step == sampling.steps_in_block(block)]
     assert ends == [sum(sampling.steps_in_block(b) for b in range(i + 1)) for i in range(sampling.n_blocks)]
@@ -170,7 +172,7 @@ def test_sampler_commits_blocks_as_the_cost_model_predicts(G, T, bl):
 def test_predicted_rows_equal_the_rows_the_model_runs_with_a_short_last_block(G, T, bl, rc):
     from oracles import ScriptedModel
 
-    from safegen.refine import cost
+    from safegen.research import planner
     from safegen.refine.iterref import IterRef, RefineConfig
     from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
@@ -179,7 +181,7 @@ def test_predicted_rows_equal_the_rows_the_model_runs_with_a_short_last_block(G,
     m = ScriptedModel(input_weight=1.0)
     hook = IterRef(refine, lambda ids: -(ids == 0).sum(1).double())
     DiffusionSampler(m, m.mask_id, sampling).run(torch.randint(0, 5, (2, 2)), seeds=0, hook=hook)
-    assert sum(c.shape[0] for c in m.calls) / 2 == cost.worst_case_rows(sampling, refine)
+    assert sum(c.shape[0] for c in m.calls) / 2 == planner.worst_case_rows(sampling, refine)
 
 
 def test_refinement_is_exact_with_a_shorter_last_block():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from safegen.refine import cost
+from safegen.research import planner
 from safegen.research import toy
 from safegen.models.family import ModelProfile
 from safegen.refine.iterref import IterRef, RefineConfig
@@ -91,10 +92,10 @@ def test_a_proposal_runs_one_forward_per_hole(sampling, rc):
     out = DiffusionSampler(m, m.mask_id, sampling).run(torch.randint(0, 5, (B, P)), seeds=0, hook=hook)
     rows_model = sum(c.shape[0] for c in m.calls) / B
     assert out.rows.tolist() == [rows_model] * B
-    assert rows_model == cost.worst_case_rows(sampling, rc)
+    assert rows_model == planner.worst_case_rows(sampling, rc)
     per_forward = 2 if sampling.cfg_scale > 0 else 1
     for t in cost.refinement_points(sampling, rc.applies):
-        n = cost.decoded_at(sampling, t, rc.scope)
+        n = planner.decoded_at(sampling, t, rc.scope)
         holes = max(1, round(rc.rho * n))
         scoring = 0 if t == sampling.steps else 1
-        assert cost.point_pool_rows(sampling, rc, t) == rc.n_proposals * (holes + scoring) * per_forward
+        assert planner.point_pool_rows(sampling, rc, t) == rc.n_proposals * (holes + scoring) * per_forward

@@ -2,9 +2,9 @@
 and the iterations k; this module turns its choice into the RefineConfig the audit runs."""
 from __future__ import annotations
 
-from safegen.refine import cost
+from safegen.research import planner
 
-POINTS = tuple(cost.POINTS)  # --refine-points: final, late, spread
+POINTS = tuple(planner.POINTS)  # --refine-points: final, late, spread
 
 
 def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 0.5, alpha: float = 0.1,
@@ -12,9 +12,9 @@ def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 
                     max_iterations: int = 64, use: float = 0.9):
     """(RefineConfig, plan) for IterRef-style refinement at `budget` times plain sampling's rows.
 
-    The plan is cost.plan's worst case, in which every iteration draws a new pool (always so for
+    The plan is planner.plan's worst case, in which every iteration draws a new pool (always so for
     remask_only and for N = 1; Metropolis with N > 1 reuses pools after rejections and spends less),
-    over the candidate point sets of `points` (cost.candidate_point_sets). RefineConfig(budget=b)
+    over the candidate point sets of `points` (planner.candidate_point_sets). RefineConfig(budget=b)
     caps the rows anyway: it is a first-come cap, not an allocation, so the plan is what spreads
     the budget. When not even one pool fits, the config does no refinement (and no reward call).
     """
@@ -22,7 +22,7 @@ def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 
 
     base = dict(n_proposals=n_proposals, rho=rho, alpha=alpha, selection=selection, scope=scope,
                 adaptive=False, budget=float(budget))
-    chosen = cost.plan(sampling, RefineConfig(**base), budget, cost.candidate_point_sets(sampling, points),
+    chosen = planner.plan(sampling, RefineConfig(**base), budget, planner.candidate_point_sets(sampling, points),
                        max_iterations=max_iterations, use=use)
     if not chosen.points:
         config = RefineConfig(iterations=0, **base).validate()

@@ -23,7 +23,7 @@ DEFAULT_ALPHA = 0.1
 class RefineConfig:
     """IterRef's settings. The chain at the last point targets p · exp(r/α) exactly (in the limit of
     many iterations) only with selection "mh", proposal_temperature 1, adaptive off and a budget
-    that does not cut it short (None, or at least cost.worst_case_rows): the defaults here, not
+    that does not cut it short (None, or at least research/planner.py's worst_case_rows): the defaults here, not
     SafeGenerator's (adaptive, budget 4). Every condition:
     docs/method.md, "5. Exactness: when it holds"."""
 
