@@ -256,3 +256,23 @@ def test_proposals_see_their_own_rows_prompt():
     out = DiffusionSampler(PromptEcho(), 5, cfg).run(ids, seeds=0, hook=IterRef(rc, reward))
     assert out.accepted.sum() == 4 * 3 * 4
     assert torch.equal(out.sequences[:, 2:], ids[:, :1].expand(-1, 4))
+
+
+def test_proposal_order_is_a_setting_that_reaches_the_proposals():
+    """RefineConfig.proposal_order, not a module global, orders a proposal's commits: on a model
+    whose logits depend on the input, the three orders draw different proposals from the same keys,
+    and an unknown order is a ConfigError naming the field."""
+    cfg = SamplingConfig(max_new_tokens=8, steps=8, block_length=8, temperature=1.0)
+    reward = lambda ids: -(ids == 0).sum(1).double()
+    prompts = torch.randint(0, 5, (6, 2), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for order in ("max_prob", "max_prob", "random", "low_confidence"):
+        m = ScriptedModel(input_weight=1.0)
+        rc = RefineConfig(iterations=3, rho=1.0, selection="remask_only", proposal_order=order)
+        out = DiffusionSampler(m, m.mask_id, cfg).run(prompts, seeds=3, hook=IterRef(rc, reward)).sequences
+        assert order not in outs or torch.equal(outs[order], out)  # the same order: the same draws
+        outs[order] = out
+    assert not torch.equal(outs["max_prob"], outs["random"])
+    assert not torch.equal(outs["max_prob"], outs["low_confidence"])
+    with pytest.raises(ConfigError, match="refine.proposal_order"):
+        RefineConfig(proposal_order="left_to_right").validate()
