@@ -405,6 +405,11 @@ def test_invalid_yaml_syntax(tmp_path):
 
 
 def test_yaml_tags_are_not_executed(tmp_path):
-    path = write(tmp_path, "evil.yaml", "classifiers: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(PolicyError, match="invalid YAML"):
+    """A Python tag in a policy is refused, and its payload never runs: an unsafe loader would
+    create the marker file (and then fail on the value os.system returns)."""
+    marker = tmp_path / "ran"
+    path = write(tmp_path, "evil.yaml", f"classifiers: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(PolicyError) as refused:
         load_policy(path)
+    assert not marker.exists()
+    assert "invalid YAML" in str(refused.value)
