@@ -37,7 +37,13 @@ def build_base_folder(folder: Path, num_labels: int, id2label: dict | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # transformers 5's BertTokenizer takes the vocabulary itself (`vocab`); given `vocab_file=` it
+    # ignores it and keeps only the special tokens, so every word would be [UNK].
+    tokenizer = transformers.BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    tokenizer.save_pretrained(folder)
+    reloaded = transformers.AutoTokenizer.from_pretrained(folder)
+    words = reloaded(" ".join(WORDS), add_special_tokens=False)["input_ids"]
+    assert words == [vocab.index(w) for w in WORDS]  # every word its own id: no [UNK]
     kwargs = dict(id2label=id2label, label2id={v: k for k, v in id2label.items()}) if id2label else {}
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=32,
