@@ -5,8 +5,10 @@
 # imported (load_model imports it for LLaDA folders).
 _EXPORTS = {
     "SafeGenerator": "generator", "SampleReport": "generator", "GenerateOutput": "generator",
-    "DiffusionSampler": "sampling.sampler", "SamplingConfig": "sampling.sampler", "SampleOutput": "sampling.sampler",
-    "generate": "sampling.factory", "sample": "sampling.factory", "IterRef": "refine.iterref", "RefineConfig": "refine.iterref",
+    "DiffusionSampler": "sampling.sampler", "SamplingConfig": "sampling.sampler",
+    "SampleOutput": "sampling.sampler", "sample": "sampling.factory",
+    "generate": "sampling.factory",  # sample's former name, kept importable
+    "IterRef": "refine.iterref", "RefineConfig": "refine.iterref",
     "load_policy": "policy", "Policy": "policy", "load_model": "models.loading", "ModelProfile": "models.family",
     "SafegenError": "errors",
 }
