@@ -30,6 +30,11 @@ def _find(name: str, *modules: str):
     raise ImportError(f"{name} in none of {modules}")
 
 
+# RefineConfig's field for which tokens a proposal re-masks: proposal_holes, formerly remask.
+_HOLES = ("proposal_holes" if "proposal_holes" in importlib.import_module("safegen").RefineConfig.__dataclass_fields__
+          else "remask")
+
+
 def digest(out) -> str:
     h = hashlib.sha256()
     for field in ("sequences", "rows", "reward_calls", "proposed", "accepted"):
@@ -83,16 +88,16 @@ def tiny_cases(model_dir: str) -> dict[str, str]:
     refine = {
         "uniform_final": RefineConfig(iterations=3, rho=0.5, alpha=0.5),
         "uniform_late_N2": RefineConfig(n_proposals=2, iterations=2, schedule="late", start=0.5, alpha=0.5),
-        "targeted_final": RefineConfig(iterations=3, remask="targeted", alpha=0.5),
-        "targeted_scope_all": RefineConfig(iterations=2, remask="targeted", scope="all", schedule="evenly",
+        "targeted_final": RefineConfig(iterations=3, **{_HOLES: "targeted"}, alpha=0.5),
+        "targeted_scope_all": RefineConfig(iterations=2, **{_HOLES: "targeted"}, scope="all", schedule="evenly",
                                            every=4, alpha=0.5),
         "greedy_sel": RefineConfig(n_proposals=3, iterations=2, selection="greedy", alpha=0.5),
         "remask_only": RefineConfig(iterations=2, selection="remask_only", alpha=0.5),
-        "budget2": RefineConfig(iterations=8, remask="targeted", alpha=0.5, budget=2.0),
+        "budget2": RefineConfig(iterations=8, **{_HOLES: "targeted"}, alpha=0.5, budget=2.0),
     }
     for name, rc in refine.items():
         for sname in ("t1", "two_per_step", "greedy"):
-            kw = {"blame": token_blame} if rc.remask == "targeted" else {}
+            kw = {"blame": token_blame} if getattr(rc, _HOLES) == "targeted" else {}
             hook = IterRef(rc, token_reward, **kw)
             res = DiffusionSampler(model, profile, sampling[sname]).run(ids, attn, seeds=5, hook=hook)
             out[f"iterref/{name}/{sname}"] = digest(res)
@@ -115,8 +120,8 @@ def mdlm_cases(model_dir: str) -> dict[str, str]:
     cfg = SamplingConfig(max_new_tokens=12, steps=16, temperature=1.0, sampler="mdlm")
     out = {"mdlm/plain": digest(make_sampler(model, profile, cfg).run(ids, attn, seeds=2))}
     for name, rc in {"uniform": RefineConfig(iterations=3, alpha=0.5),
-                     "targeted": RefineConfig(iterations=3, alpha=0.5, remask="targeted")}.items():
-        kw = {"blame": token_blame} if rc.remask == "targeted" else {}
+                     "targeted": RefineConfig(iterations=3, alpha=0.5, **{_HOLES: "targeted"})}.items():
+        kw = {"blame": token_blame} if getattr(rc, _HOLES) == "targeted" else {}
         res = make_sampler(model, profile, cfg).run(ids, attn, seeds=2, hook=IterRef(rc, token_reward, **kw))
         out[f"mdlm/{name}"] = digest(res)
     return out
@@ -136,11 +141,11 @@ def toy_cases() -> dict[str, str]:
         ("plain", SamplingConfig(max_new_tokens=L, steps=L, block_length=L, temperature=1.0, remasking="random"), None),
         ("uniform", SamplingConfig(max_new_tokens=L, steps=L, block_length=L, temperature=1.0), RefineConfig(iterations=6, alpha=0.5)),
         ("targeted_blocks", SamplingConfig(max_new_tokens=L, steps=L, block_length=2, temperature=1.0),
-         RefineConfig(iterations=6, alpha=0.5, remask="targeted")),
+         RefineConfig(iterations=6, alpha=0.5, **{_HOLES: "targeted"})),
     ]:
         hook = None
         if rc is not None:
-            hook = IterRef(rc, reward, **({"blame": toy.toxic_blame([0])} if rc.remask == "targeted" else {}))
+            hook = IterRef(rc, reward, **({"blame": toy.toxic_blame([0])} if getattr(rc, _HOLES) == "targeted" else {}))
         res = DiffusionSampler(model, model.mask_id, cfg).run(prompts, seeds=7, hook=hook)
         out[f"toy/{name}"] = digest(res)
     return out

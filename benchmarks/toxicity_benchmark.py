@@ -10,7 +10,7 @@ method at each budget b (a multiple of plain sampling's T denoiser rows per samp
     fk_steering  b particles, resampled every --fk-every steps
     remask_only  the IterRef kernel accepting every proposal (no reward in the choice)
     iterref      IterRef, Metropolis selection (exact mode: no adaptive skipping), uniform re-masking
-    iterref_targeted  the same, re-masking the tokens the guide blames (remask="targeted")
+    iterref_targeted  the same, re-masking the tokens the guide blames (proposal_holes="targeted")
 
 IterRef (both re-maskings) and remask-only run with RefineConfig(budget=b) and the same (N, k, rho, refined steps),
 planned by `plan_refinement` to spend as much of (b - 1)·T extra rows as it can: by default at each

@@ -134,7 +134,7 @@ class IterRefChoice:
         rc = RefineConfig(n_proposals=self.n_proposals, iterations=1, rho=self.rho, alpha=alpha,
                           schedule="steps" if last else self.schedule, at_steps=(cfg.steps,) if last else (),
                           start=self.start, every=self.every, selection=self.selection, budget=budget,
-                          remask=self.remask, blame_floor=self.blame_floor)
+                          proposal_holes=self.remask, blame_floor=self.blame_floor)
         k = self.iterations if self.iterations is not None else planner.plan(cfg, rc, budget).iterations
         return rc.updated(iterations=k)
 
@@ -183,7 +183,7 @@ def run_method(problem: Problem, method: str, budget: int, samples: int, seed: i
             params["start"] = rc.start
         if rc.schedule == "evenly":
             params["every"] = rc.every
-        if rc.remask == "targeted":
+        if rc.proposal_holes == "targeted":
             params["floor"] = rc.blame_floor
         hook = IterRef(rc, reward, problem.blame)
         run = lambda: sampler.run(ids, seeds=seed, hook=hook)  # noqa: E731
@@ -211,7 +211,7 @@ def run_method(problem: Problem, method: str, budget: int, samples: int, seed: i
 def exactness_cell(problem: Problem, remask: str, n_proposals: int, order: str, samples: int,
                    seed: int) -> dict:
     """IterRef with RefineConfig's defaults but k, alpha, remask, N; proposals in `order`."""
-    rc = RefineConfig(iterations=EXACT_K, alpha=problem.alpha, remask=remask, n_proposals=n_proposals,
+    rc = RefineConfig(iterations=EXACT_K, alpha=problem.alpha, proposal_holes=remask, n_proposals=n_proposals,
                       proposal_order=order)
     hook = IterRef(rc, problem.reward, problem.blame)
     t0 = time.perf_counter()

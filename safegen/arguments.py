@@ -35,7 +35,7 @@ FIELD_HELP = {
     "every": "evenly: refine after every m-th step",
     "at_steps": "schedule steps: comma-separated base steps, e.g. 16,32",
     "scope": "re-mask the current block or all of the answer so far",
-    "remask": "which tokens a proposal re-masks: targeted (those the policy blames) or uniform (the paper's)",
+    "proposal_holes": "which tokens a proposal re-masks: targeted (those the policy blames) or uniform (the paper's)",
     "blame_floor": "targeted: every token's least re-mask weight, in (0, 1]",
     "selection": "mh: Metropolis-Hastings acceptance; greedy and remask_only are ablations, not exact",
     "proposal_temperature": "temperature of the proposals' draws; only 1 is exact",
@@ -47,9 +47,9 @@ FIELD_HELP = {
               "is not exact",
 }
 CHOICES = {"remasking": REMASKING, "sampler": SAMPLERS, "schedule": SCHEDULES, "scope": SCOPES,
-           "selection": SELECTIONS, "remask": REMASKS, "proposal_order": PROPOSAL_ORDERS}
-# Older spellings kept working: --proposals (n_proposals) and --exact (adaptive off).
-ALIASES = {"n_proposals": ("--proposals",)}
+           "selection": SELECTIONS, "proposal_holes": REMASKS, "proposal_order": PROPOSAL_ORDERS}
+# Older spellings kept working: --proposals, --remask (the field's former name) and --exact (adaptive off).
+ALIASES = {"n_proposals": ("--proposals",), "proposal_holes": ("--remask",)}
 
 
 def seed(text: str) -> int:

@@ -18,7 +18,7 @@ from . import keywords
 from .errors import ArgumentTypeError
 from .policy import Policy, load_policy
 from .models.family import ModelProfile
-from .refine.config import PRESETS
+from .refine.config import PRESETS, RENAMED_FIELDS, renamed
 from .refine.iterref import IterRef, RefineConfig
 from .keywords import sample_or_not, stop_id_list
 from .sampling.factory import make_sampler
@@ -33,7 +33,7 @@ DEFAULT_BUDGET = PRESETS["middleware"]["budget"]
 Prompt = Union[str, Sequence[dict]]  # a string, or chat messages [{"role": ..., "content": ...}]
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingConfig)}
-_REFINE_FIELDS = {f.name for f in fields(RefineConfig)}
+_REFINE_FIELDS = {f.name for f in fields(RefineConfig)} | set(RENAMED_FIELDS)
 # Keyword arguments of generate() that are not configuration fields: safegen's own, and those of
 # transformers' generate() whose meaning carries over.
 _CALL_FIELDS = {"seed", "seeds", "refine", "report_before", "return_dict_in_generate", *keywords.HONOURED}
@@ -132,7 +132,7 @@ class SafeGenerator:
             # others None), do_sample among them only when stated: the same options as a dict.
             from_config = {k: v for k, v in items.items() if k in _SAMPLING_FIELDS | _REFINE_FIELDS | _CALL_FIELDS
                            and (is_dict or v is not None)}
-        merged = {**from_config, **kwargs}
+        merged = renamed({**from_config, **kwargs})
         if "max_length" in merged and "max_new_tokens" not in merged:
             if prompt_length is None or merged["max_length"] - prompt_length < 1:
                 raise ConfigError(f"max_length={merged['max_length']} leaves no room to generate after the "
@@ -209,7 +209,7 @@ class SafeGenerator:
         check_best(self.policy, refine, fork)
         t0 = time.perf_counter()
         # Targeted re-masking asks the policy which tokens it objects to.
-        blame = reward.blame if refinement.remask == "targeted" else None
+        blame = reward.blame if refinement.proposal_holes == "targeted" else None
         # The reward's verdict (Policy.judge) is the adaptive gate: it refines what the report calls toxic.
         result = sampler.run(input_ids, attention_mask, seeds,
                              hook=IterRef(refinement, reward.judge, blame=blame) if refine else None, fork_plain=fork)

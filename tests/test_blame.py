@@ -337,7 +337,7 @@ def test_generator_targeted_remasking_redraws_what_the_policy_blames(tiny_genera
                         refinement=dict(iterations=1, rho=0.25, adaptive=False, budget=None))
     removed = {}
     for remask in ("uniform", "targeted"):
-        out = gen.generate(ids, attention_mask=attn, seed=0, remask=remask, blame_floor=0.01,
+        out = gen.generate(ids, attention_mask=attn, seed=0, proposal_holes=remask, blame_floor=0.01,
                            return_dict_in_generate=True)
         assert all(r.text_before == r2 for r, r2 in zip(out.reports, policy.reward_fn(
             tokenizer, profile.stop_ids).decode(before[:, P:])))
@@ -351,5 +351,5 @@ def test_cli_remask_options_reach_the_refinement():
     from safegen.cli import build_parser
 
     args = build_parser().parse_args(["generate", "hi", "--remask", "targeted", "--blame-floor", "0.2"])
-    assert _refine_options(args) == {"remask": "targeted", "blame_floor": 0.2}
+    assert _refine_options(args) == {"proposal_holes": "targeted", "blame_floor": 0.2}  # --remask: the former name
     assert _refine_options(build_parser().parse_args(["generate", "hi"])) == {}

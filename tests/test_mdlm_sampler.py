@@ -151,7 +151,7 @@ def refined(k, flip_sign=False, **refinement):
 
 @pytest.mark.parametrize("remask, n_proposals", [("uniform", 1), ("targeted", 3)])
 def test_iterref_on_mdlm_reaches_the_aligned_target(remask, n_proposals):
-    out = refined(16, remask=remask, n_proposals=n_proposals)
+    out = refined(16, proposal_holes=remask, n_proposals=n_proposals)
     tv, z = distance(out.sequences)
     assert tv < FLOOR + 0.02 and abs(z) < 3, (tv, FLOOR, z)
 

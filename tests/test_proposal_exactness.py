@@ -40,7 +40,7 @@ def test_exact_at_two_tokens_per_step(block_length, remask):
     proposals re-commit one hole a forward whatever the base pace (measured before: TV 0.20-0.22)."""
     sampling = SamplingConfig(max_new_tokens=L, steps=2, block_length=block_length, temperature=1.0)
     assert sampling.tokens_per_step == 2
-    seqs = refined(sampling, V, remask=remask)
+    seqs = refined(sampling, V, proposal_holes=remask)
     tv = toy.tv_distance(seqs, P_STAR, V)
     z = toy.mean_z(REWARD(seqs), REWARD.values, P_STAR)
     assert tv < FLOOR + 0.02 and abs(z) < 3, (tv, FLOOR, z)

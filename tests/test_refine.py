@@ -276,3 +276,15 @@ def test_proposal_order_is_a_setting_that_reaches_the_proposals():
     assert not torch.equal(outs["max_prob"], outs["low_confidence"])
     with pytest.raises(ConfigError, match="refine.proposal_order"):
         RefineConfig(proposal_order="left_to_right").validate()
+
+
+def test_the_former_name_remask_still_sets_proposal_holes():
+    """RefineConfig.remask became proposal_holes (beside SamplingConfig.remasking, LLaDA's commit
+    order, the old name misled); updated() and the CLI's --remask still take the former name."""
+    from safegen.arguments import refine_options
+    from safegen.cli import build_parser
+
+    assert RefineConfig().updated(remask="targeted").proposal_holes == "targeted"
+    assert RefineConfig.preset("middleware").proposal_holes == "targeted"
+    args = build_parser().parse_args(["generate", "hi", "--remask", "uniform"])
+    assert refine_options(args) == {"proposal_holes": "uniform"}

@@ -58,7 +58,7 @@ def test_iterref_converges_to_the_aligned_target():
 def test_exact_with_default_order_for_any_pool_size_and_blocks(remask_, n_proposals, block_length):
     """LLaDA's low_confidence base order, one and two blocks: the chain still reaches p*. N = 3
     re-uses pools after rejections, so this also guards against a pool kept after an acceptance."""
-    tv, z = distance(refine(24, sampler(block_length), remask=remask_, n_proposals=n_proposals))
+    tv, z = distance(refine(24, sampler(block_length), proposal_holes=remask_, n_proposals=n_proposals))
     assert tv < FLOOR + 0.02 and abs(z) < 3, (tv, FLOOR, z)
 
 
@@ -77,7 +77,7 @@ def test_greedy_base_sampler_with_stochastic_proposals_is_exact():
 def test_targeted_beats_uniform_at_few_iterations():
     toxic = {}
     for how in ("uniform", "targeted"):
-        toxic[how] = float((REWARD(refine(2, sampler(2), remask=how)) < 0).double().mean())
+        toxic[how] = float((REWARD(refine(2, sampler(2), proposal_holes=how)) < 0).double().mean())
     assert toxic["targeted"] < toxic["uniform"] - 0.05, toxic
 
 
@@ -118,14 +118,14 @@ def test_weighted_subsets_stay_finite_for_long_answers():
 
 
 def test_targeted_needs_a_blame_and_checks_it():
-    with pytest.raises(ConfigError, match="remask='targeted'.*blame"):
-        IterRef(RefineConfig(remask="targeted"), REWARD)
+    with pytest.raises(ConfigError, match="proposal_holes='targeted'.*blame"):
+        IterRef(RefineConfig(proposal_holes="targeted"), REWARD)
     with pytest.raises(ConfigError, match="refine.blame_floor"):
         RefineConfig(blame_floor=0.0).validate()
     ids = torch.empty((4, 0), dtype=torch.long)
     for bad, message in [(lambda t: torch.zeros(t.shape[0]), "shape"), (lambda t: 2.0 * BLAME(t), r"\[0, 1\]")]:
         with pytest.raises(ValueError, match=message):
-            sampler().run(ids, hook=IterRef(RefineConfig(remask="targeted"), REWARD, bad))
+            sampler().run(ids, hook=IterRef(RefineConfig(proposal_holes="targeted"), REWARD, bad))
 
 
 def test_blame_reports_its_reward_calls():
@@ -133,6 +133,6 @@ def test_blame_reports_its_reward_calls():
     to the row, on top of one call per scored draft (the current one, then every proposal)."""
     k, n = 3, 5
     costly = lambda t: BlameResult(BLAME(t), torch.full((t.shape[0],), 2.0))  # noqa: E731
-    hook = IterRef(RefineConfig(iterations=k, remask="targeted"), REWARD, costly)
+    hook = IterRef(RefineConfig(iterations=k, proposal_holes="targeted"), REWARD, costly)
     out = sampler().run(torch.empty((n, 0), dtype=torch.long), seeds=0, hook=hook)
     assert out.reward_calls.tolist() == [(1 + k) * (1 + 2.0)] * n

@@ -63,7 +63,7 @@ def plans_for(s: Settings, sampling, alpha: float) -> dict:
             for b in s.budgets:
                 config, plan = plan_refinement(sampling, b, s.proposals, s.rho, alpha, selection, s.scope,
                                                s.refine_points)
-                plans[(method, b)] = config.updated(remask=remask, blame_floor=s.blame_floor), plan
+                plans[(method, b)] = config.updated(proposal_holes=remask, blame_floor=s.blame_floor), plan
     return plans
 
 

@@ -51,7 +51,7 @@ def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
         return sampler.run(input_ids, attention, seeds)
     if method in KERNELS:
         config, _ = ctx.plans[(method, budget)]
-        blame = reward.blame if config.remask == "targeted" else None
+        blame = reward.blame if config.proposal_holes == "targeted" else None
         return sampler.run(input_ids, attention, seeds, hook=IterRef(config, reward, blame=blame))
     b = int(budget)  # a count: settings_from admits whole budgets only for the baselines
     if method == "best_of_n":

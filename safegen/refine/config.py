@@ -12,8 +12,20 @@ from ..sampling.config import global_step
 SCHEDULES = ("late", "evenly", "final", "steps")
 SCOPES = ("block", "all")
 SELECTIONS = ("mh", "greedy", "remask_only")
-REMASKS = ("uniform", "targeted")
+REMASKS = ("uniform", "targeted")  # proposal_holes: which decoded tokens a proposal re-masks
 PROPOSAL_ORDERS = ("max_prob", "random", "low_confidence")
+# Former field names, still accepted by updated() and SafeGenerator's keywords.
+RENAMED_FIELDS = {"remask": "proposal_holes"}
+
+
+def renamed(options: dict) -> dict:
+    """`options` with former field names replaced by the current ones (the current name wins)."""
+    if not any(k in options for k in RENAMED_FIELDS):
+        return options
+    out = {RENAMED_FIELDS.get(k, k): v for k, v in options.items() if k in RENAMED_FIELDS}
+    return {**out, **{k: v for k, v in options.items() if k not in RENAMED_FIELDS}}
+
+
 # α, the temperature of the target p · exp(r/α): the one code default. A policy's YAML may set its
 # own (reward.alpha); SafeGenerator then uses the policy's.
 DEFAULT_ALPHA = 0.1
@@ -42,9 +54,11 @@ class RefineConfig:
     # Re-mask the current block only, or "all" generated tokens so far. The point after the last
     # step always spans the whole answer, so that the last chain targets p* over all of it.
     scope: str = "block"
-    # uniform (the paper's) | targeted: re-mask positions in proportion to ε + (1 − ε)·blame, which
-    # needs IterRef's `blame`. Uniform stays the default here because a blame is optional.
-    remask: str = "uniform"
+    # Which decoded tokens a proposal re-masks (its holes): uniform (the paper's) | targeted: positions
+    # in proportion to ε + (1 − ε)·blame, which needs IterRef's `blame`. Uniform stays the default
+    # here because a blame is optional. (Formerly `remask`, still accepted by updated(); not to be
+    # confused with SamplingConfig.remasking, LLaDA's order of commits within a step.)
+    proposal_holes: str = "uniform"
     blame_floor: float = 0.05  # ε: no decoded position is ever impossible to re-mask
     selection: str = "mh"  # mh (exact) | greedy | remask_only (ablations with other targets: docs/method.md, "3. The kernel")
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
@@ -90,8 +104,8 @@ class RefineConfig:
             raise ConfigError(f"refine.scope must be one of {SCOPES}, got {self.scope!r}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"refine.selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.remask not in REMASKS:
-            raise ConfigError(f"refine.remask must be one of {REMASKS}, got {self.remask!r}")
+        if self.proposal_holes not in REMASKS:
+            raise ConfigError(f"refine.proposal_holes must be one of {REMASKS}, got {self.proposal_holes!r}")
         if self.proposal_order not in PROPOSAL_ORDERS:
             raise ConfigError(f"refine.proposal_order must be one of {PROPOSAL_ORDERS}, got {self.proposal_order!r}")
         if not (isinstance(self.blame_floor, (int, float)) and 0 < self.blame_floor <= 1):
@@ -113,6 +127,7 @@ class RefineConfig:
         return cls().updated(**{**PRESETS[name], **overrides})
 
     def updated(self, **overrides) -> "RefineConfig":
+        overrides = renamed(overrides)
         if "at_steps" in overrides:
             overrides["at_steps"] = tuple(overrides["at_steps"])
         return updated_config(self, "refine", overrides)
@@ -142,5 +157,5 @@ class RefineConfig:
 # latter make the chain inexact (docs/method.md, "When the chain is exact").
 PRESETS = {
     "exact": {},
-    "middleware": {"remask": "targeted", "adaptive": True, "budget": 4.0},
+    "middleware": {"proposal_holes": "targeted", "adaptive": True, "budget": 4.0},
 }

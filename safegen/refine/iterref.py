@@ -5,7 +5,7 @@ Refinement", arXiv 2511.05562.
 
 Target: p*(x_t) ∝ p(x_t) · exp(r(x̂0(x_t)) / α). At a refined step the kernel
   1. draws a pool of N proposals from the current draft x_t: re-mask m = max(1, round(rho · n)) of its
-     n decoded generated tokens in scope (never the prompt), uniformly at random or (remask
+     n decoded generated tokens in scope (never the prompt), uniformly at random or (proposal_holes
      "targeted") towards the tokens a blame function holds responsible (safegen.refine.remask), then
      denoise them again with the base model, one per forward at the proposal temperature, in an
      order that depends on the logits only (RefineConfig.proposal_order): a draw from p(x_S | x_rest);
@@ -143,12 +143,12 @@ class _Chain:
 
 class IterRef:
     """The IterRef step hook. `IterRef(config, reward, blame=None)`, then `sampler.run(..., hook=iterref)`.
-    `blame` is needed by, and only used with, `RefineConfig(remask="targeted")`."""
+    `blame` is needed by, and only used with, `RefineConfig(proposal_holes="targeted")`."""
 
     def __init__(self, config: RefineConfig, reward: Reward, blame: Optional[Blame] = None):
         self.config = config.validate()
-        if self.config.remask == "targeted" and blame is None:
-            raise ConfigError("refine.remask='targeted' needs a blame callable: IterRef(config, reward, blame=...)")
+        if self.config.proposal_holes == "targeted" and blame is None:
+            raise ConfigError("refine.proposal_holes='targeted' needs a blame callable: IterRef(config, reward, blame=...)")
         self.reward = reward
         self.blame = blame
 
@@ -196,7 +196,7 @@ class IterRef:
         if cfg.adaptive:
             active &= toxic
         weights = None
-        if cfg.remask == "targeted":
+        if cfg.proposal_holes == "targeted":
             weights = torch.zeros((B, G), dtype=torch.float64, device=device)
             idx = active.nonzero().squeeze(1).to(device)
             if len(idx):
