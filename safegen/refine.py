@@ -320,7 +320,9 @@ class IterRef:
             has_holes = holes[idx].any(1)
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
-                p = sampler.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
+                # Usually every row still has holes: its logits as they are, not a vocabulary-wide copy.
+                p = sampler.predict(logits if len(f) == 0 else logits[has_holes], gen[d], holes[d],
+                                    rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
                                     self.config.proposal_temperature, ranking=PROPOSAL_ORDER,
                                     demote_stop=PROPOSAL_STOP_DEMOTION)
                 gen[d] = sampler.commit(gen[d], p, one[d])
