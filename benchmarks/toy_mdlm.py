@@ -26,7 +26,6 @@ if not __package__:  # run as a script: the repository root holds the `benchmark
 
 from benchmarks.toy_cells import SETUPS, Problem, run_method  # noqa: E402
 from safegen.refine import cost  # noqa: E402
-from safegen.research import planner  # noqa: E402
 from safegen.sampling.mdlm import MDLMSampler  # noqa: E402
 from safegen.sampling.sampler import SamplingConfig  # noqa: E402
 
