@@ -276,10 +276,22 @@ def test_a_queued_request_whose_client_left_never_runs(small, tiny_model_dir):
 def test_sigterm_drains_requests_in_flight_and_exits_0(small, tiny_model_dir):
     with cf.ThreadPoolExecutor(2) as pool:
         in_flight = [pool.submit(_long, small, tiny_model_dir), pool.submit(_long, small, tiny_model_dir)]
-        time.sleep(0.5)
+        # SIGTERM once both requests are in the server (the gauge counts this /metrics call too: 3),
+        # not after a fixed sleep: on an idle machine they may be answered before it; then watch
+        # /health turn to draining while they finish.
+        deadline = time.monotonic() + 30
+        while (small.metric("safegen_requests_in_flight") < 3 and time.monotonic() < deadline
+               and not any(f.done() for f in in_flight)):
+            time.sleep(0.01)
+        assert not any(f.done() for f in in_flight), "the requests finished before SIGTERM could be sent"
         small.process.send_signal(15)
-        time.sleep(0.3)
-        assert small.get("/health") == (503, {"status": "draining"})
+        health = None
+        while time.monotonic() < deadline and not all(f.done() for f in in_flight):
+            health = small.get("/health")
+            if health[0] == 503:
+                break
+            time.sleep(0.01)
+        assert health == (503, {"status": "draining"})
         status, _, body = _chat(small, tiny_model_dir)
         assert status == 503 and body["error"]["code"] == "draining"
         assert [f.result(60)[0] for f in in_flight] == [200, 200]
