@@ -239,9 +239,18 @@ def test_load_benchmark_quick_mode(server, small, capsys):
 
 
 def test_a_full_queue_answers_429_with_retry_after(small, tiny_model_dir):
-    # 6 requests at once, each 2 samples of 16 tokens: one runs, 3 wait, the others are refused.
+    # 6 requests sent while a long one keeps the model busy, each 2 samples of 16 tokens: 3 wait in the
+    # queue, the others are refused. Waiting for the long one's batch to run first keeps the test from
+    # depending on how fast the machine answers.
+    batches = small.metric("safegen_batch_rows_count")
+    long = threading.Thread(target=_long, args=(small, tiny_model_dir))
+    long.start()
+    deadline = time.monotonic() + 30
+    while small.metric("safegen_batch_rows_count") == batches and time.monotonic() < deadline:
+        time.sleep(0.02)
     with cf.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda i: _chat(small, tiny_model_dir, max_tokens=16, seed=i, n=2), range(6)))
+    long.join(60)
     statuses = sorted(r[0] for r in results)
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     for status, headers, body in results:
