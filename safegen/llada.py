@@ -287,6 +287,19 @@ class LLaDAModelLM(PreTrainedModel):
         """
         return MaskedLMOutput(logits=self.model(input_ids, attention_mask))
 
+    # Block-wise key/value cache (safegen.kvcache; Fast-dLLM's prefix and dual caches).
+    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
+        """(logits of positions logits_from.., KVCache): the full forward, keeping keys and values."""
+        from .kvcache import prefill
+
+        return prefill(self.model, input_ids, attention_mask, logits_from)
+
+    def forward_queries(self, query_ids, positions, cache):
+        """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
+        from .kvcache import forward_queries
+
+        return forward_queries(self.model, query_ids, positions, cache)
+
     def generate(self, *args, **kwargs):
         raise NotImplementedError(
             "a masked diffusion LM has no left-to-right generate(); use safegen's sampler instead")
