@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import rng
+from . import flops, rng
 from .errors import ArgumentError
 from .profile import ModelProfile
 
@@ -73,6 +73,11 @@ class DiffusionSampler:
         self.mask_id = profile.mask_id
         self._passes_mask = _accepts_attention_mask(model)
         self._stop = torch.tensor(profile.stop_ids, dtype=torch.long)
+        self._dims = flops.dims_of(model)  # for FLOP accounting (None: counted as 0)
+        if self.config.cache is not None:
+            from .fast import check_cacheable
+
+            check_cacheable(self)
 
     # ----------------------------------------------------------------- building blocks
     @property
@@ -101,6 +106,8 @@ class DiffusionSampler:
             ran = owner
         # Each row the model ran is charged to its owner: what safegen.cost.rows_per_forward predicts.
         state.rows.index_add_(0, ran.cpu(), torch.ones(len(ran), dtype=torch.float64))
+        per_row = flops.sequence_flops(self._dims, x, attn)  # the prompt-masked pass costs the same
+        state.flops.index_add_(0, ran.cpu(), per_row.repeat(len(ran) // len(x)))
         return logits[:, P:]
 
     def _call(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
@@ -220,12 +227,23 @@ class DiffusionSampler:
                                     gen.clone())
             return
         owner = torch.arange(gen.shape[0], device=gen.device)
-        state.logits = self.forward(state, state.x, owner)
+        if self.config.cache is not None:  # Fast-dLLM's block cache (safegen.fast)
+            from .fast import cached_logits
+
+            state.logits = cached_logits(self, state)
+        else:
+            state.logits = self.forward(state, state.x, owner)
         state.pred = self.predict(state.logits, gen, self.committable(gen, self.next_block(state)),
                                   self.step_keys(state), self.config.temperature)
 
     def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
         """One base step: commit from the current prediction. Baselines override this."""
+        if self.config.threshold is not None:  # Fast-dLLM's parallel decoding (safegen.fast)
+            from .fast import threshold_counts
+
+            n_commit = threshold_counts(self, state, n_commit)
+            if n_commit is None:
+                return
         self.refresh(state)
         state.x[:, state.prompt_length:] = self.commit(state.gen, state.pred, n_commit)
         state.pred = state.logits = None
@@ -290,13 +308,15 @@ class DiffusionSampler:
         out = SampleOutput(
             sequences=self.cut_at_stop(state.x, state.prompt_length),
             rows=state.rows, reward_calls=state.reward_calls, proposed=state.proposed,
-            accepted=state.accepted, seconds=time.perf_counter() - t0)
+            accepted=state.accepted, seconds=time.perf_counter() - t0, flops=state.flops)
         if fork_plain:
             out.plain_sequences = out.sequences.clone()
             out.plain_rows = torch.zeros_like(state.rows)
+            out.plain_flops = torch.zeros_like(state.flops)
             if plain is not None:
                 out.plain_sequences[plain_of] = self.cut_at_stop(plain.x, plain.prompt_length)
                 out.plain_rows.index_add_(0, plain_of.cpu(), plain.rows)
+                out.plain_flops.index_add_(0, plain_of.cpu(), plain.flops)
         return out
 
     def _fork_changed(self, state: SamplerState, x: torch.Tensor, pred: Prediction,
@@ -310,7 +330,8 @@ class DiffusionSampler:
             return plain, plain_of
         mask = None if state.attention_mask is None else state.attention_mask[new]
         rows = SamplerState(x=x[new], attention_mask=mask, prompt_length=state.prompt_length,
-                            keys=state.keys[new], block=state.block, step=state.step, pred=pred.select(new))
+                            keys=state.keys[new], block=state.block, step=state.step, pred=pred.select(new),
+                            kv=None if state.kv is None else state.kv.select(new))  # the rows' block cache
         if plain is None:
             return rows, new
         # The branch's own prediction at this point: the forward its next commit would make anyway.
@@ -322,7 +343,11 @@ class DiffusionSampler:
             keys=torch.cat([plain.keys, rows.keys]), block=state.block, step=state.step,
             pred=Prediction(*(torch.cat([a, b]) for a, b in
                               ((p.candidates, q.candidates), (p.confidence, q.confidence), (p.xhat0, q.xhat0)))),
-            rows=torch.cat([plain.rows, rows.rows]))
+            rows=torch.cat([plain.rows, rows.rows]), flops=torch.cat([plain.flops, rows.flops]))
+        if plain.kv is not None:
+            from .fast import merge
+
+            merged.kv = merge(plain.kv, rows.kv)
         return merged, torch.cat([plain_of, new])
 
     def cut_at_stop(self, x: torch.Tensor, prompt_length: int) -> torch.Tensor:

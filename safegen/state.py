@@ -47,9 +47,11 @@ class SamplerState:
     reward_calls: torch.Tensor = None
     proposed: torch.Tensor = None
     accepted: torch.Tensor = None
+    flops: torch.Tensor = None  # model FLOPs (safegen.flops; 0 for models of unknown shape)
+    kv: Optional[object] = None  # the block cache of the cached sampler (safegen.fast), if any
 
     def __post_init__(self):
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
+        for name in ("rows", "reward_calls", "proposed", "accepted", "flops"):
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(self.x.shape[0], dtype=torch.float64))
 
@@ -59,7 +61,7 @@ class SamplerState:
 
     def copy(self) -> "SamplerState":
         s = replace(self, x=self.x.clone())
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
+        for name in ("rows", "reward_calls", "proposed", "accepted", "flops"):
             setattr(s, name, torch.zeros_like(getattr(self, name)))
         return s
 
@@ -93,3 +95,5 @@ class SampleOutput:
     # Plain sampling of the same prompts and seeds, forked where refinement first applied.
     plain_sequences: Optional[torch.Tensor] = None
     plain_rows: Optional[torch.Tensor] = None  # extra denoiser rows the plain branch cost
+    flops: Optional[torch.Tensor] = None  # (B,) model FLOPs per sample (safegen.flops)
+    plain_flops: Optional[torch.Tensor] = None  # extra FLOPs of the plain branch
