@@ -92,6 +92,7 @@ def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = Fals
     s.add_argument("--cfg-scale", type=float, default=None,
                    help="classifier-free guidance (default 0); > 0 refines towards the guided model, not the model")
 
+    _fast_arguments(s)
     r = parser.add_argument_group("refinement (IterRef)")
     r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
     r.add_argument("--proposals", dest="n_proposals", type=int, default=None, help="N per pool (default 1)")
@@ -123,9 +124,13 @@ def _model_arguments(parser: argparse.ArgumentParser, many_policies: bool = Fals
                    help="do not compute the unrefined 'before' sample (saves its denoiser rows)")
 
 
+from .fast_options import add_arguments as _fast_arguments, options as _fast_options  # noqa: E402
+
+
 def _sampling_options(args) -> dict:
     options = {k: getattr(args, k) for k in ("max_new_tokens", "steps", "block_length", "temperature",
                                              "remasking", "cfg_scale", "sampler") if getattr(args, k) is not None}
+    options.update(_fast_options(args))
     if getattr(args, "model", None) is not None:
         from .loading import model_type_of
 
@@ -192,7 +197,8 @@ def generate(args) -> int:
         print(f"[{label}] toxicity {tox['aggregate']:.3f} ({verdict}): {text}")
     if report.action not in ("none", "flag"):
         print(f"[returned, {report.action}] {report.text}")
-    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), reward texts "
+    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), model GFLOPs "
+          f"{report.flops / 1e9:.2f} (+{report.flops_before / 1e9:.2f}), reward texts "
           f"{report.reward_calls:.0f}, {report.seconds:.2f} s")
     return 0
 

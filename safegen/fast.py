@@ -24,7 +24,6 @@ import torch
 
 from . import flops
 from .errors import ArgumentError
-from .kvcache import KVCache
 
 
 @dataclass
@@ -34,7 +33,7 @@ class BlockCache:
     block: int  # the block whose steps it serves
     x: torch.Tensor  # (n, P+G) the tokens of each row's last refresh
     logits: torch.Tensor  # (n, G, V) the generation region's logits at that refresh
-    cache: KVCache
+    cache: object  # safegen.kvcache.KVCache (imported on use: the command line reads this module)
 
     def select(self, index: torch.Tensor) -> "BlockCache":
         return BlockCache(self.block, self.x[index], self.logits[index], self.cache.select(index))
@@ -53,6 +52,8 @@ class BlockCache:
 
 def merge(a: Optional[BlockCache], b: Optional[BlockCache]) -> Optional[BlockCache]:
     """The caches of two row sets, concatenated (None unless both serve the same block)."""
+    from .kvcache import KVCache
+
     if a is None or b is None or a.block != b.block:
         return None
     ca, cb = a.cache, b.cache
@@ -138,3 +139,4 @@ def threshold_counts(sampler, state, n_commit: torch.Tensor) -> Optional[torch.T
     state.rows[done], state.flops[done] = rows, spent
     above = ((state.pred.confidence > sampler.config.threshold) & committable).sum(1)
     return torch.minimum(torch.maximum(n_commit.to(left.device), above), left)
+

@@ -126,3 +126,19 @@ def test_threshold_saves_forwards_where_the_model_is_confident_only():
     # A threshold no probability reaches changes nothing, token for token.
     flat, flat_t = toy_run(0.1, None), toy_run(0.1, 0.99)
     assert torch.equal(flat.sequences, flat_t.sequences) and torch.equal(flat.rows, flat_t.rows)
+
+
+def test_command_line_flags_reach_the_sampling_config():
+    from safegen.cli import _configure, build_parser
+
+    def sampling(*flags):
+        args = build_parser().parse_args(["generate", "hi", "--model", "x", *flags])
+        args.model = None  # no model lookup: only the flags are read
+        return _configure(args)[1]
+
+    assert (sampling().cache, sampling().threshold) == (None, None)
+    assert sampling("--fast").cache == "dual" and sampling("--fast").threshold is None
+    fast = sampling("--cache", "prefix", "--threshold", "0.9")
+    assert (fast.cache, fast.threshold) == ("prefix", 0.9)
+    with pytest.raises(ConfigError, match="sampling.threshold"):
+        sampling("--threshold", "2")
