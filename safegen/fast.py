@@ -140,3 +140,48 @@ def threshold_counts(sampler, state, n_commit: torch.Tensor) -> Optional[torch.T
     above = ((state.pred.confidence > sampler.config.threshold) & committable).sum(1)
     return torch.minimum(torch.maximum(n_commit.to(left.device), above), left)
 
+
+
+# ------------------------------------------------------------------------------ IterRef's proposals
+class ProposalCache:
+    """Keys and values of the refining rows' current drafts, computed once per pool (one full forward
+    per row, shared by its N proposals); a proposal's forwards then run only its holes as queries.
+
+    Every hole stays a query in every sub-step, filled or not, so that its keys and values are the
+    proposal's own (the draft's token there was re-masked); the scoring forward, after the last hole,
+    adds the positions still masked (their x̂0 is the reward's input). What is approximate: the
+    positions outside the queries keep the draft's keys and values, computed with the old tokens at
+    the holes (docs/method.md, "Fast sampling")."""
+
+    def __init__(self, sampler, state, parent: torch.Tensor):
+        self.rows, self.of = torch.unique(parent, return_inverse=True)  # refining rows; parent -> index
+        x, P = state.x[self.rows], state.prompt_length
+        attn = None if state.attention_mask is None else state.attention_mask[self.rows]
+        with torch.inference_mode():
+            _, self.cache = sampler.model.prefill(x, attn, logits_from=x.shape[1])  # no head: K/V only
+        state.rows.index_add_(0, self.rows.cpu(), torch.ones(len(self.rows), dtype=torch.float64))
+        state.flops.index_add_(0, self.rows.cpu(), flops.sequence_flops(sampler._dims, x, attn, heads=0))
+
+    def logits(self, sampler, state, gen: torch.Tensor, queries: torch.Tensor, proposals: torch.Tensor,
+               owner: torch.Tensor) -> torch.Tensor:
+        """Logits (n, G, V) of the proposals `gen` (n, G) at their `queries` (n, G bool; elsewhere 0,
+        never read), `proposals` (n,) their index in the pool (-> the cache of their parent)."""
+        P = state.prompt_length
+        n, G = gen.shape
+        counts = queries.sum(1)
+        out = None
+        x = torch.cat([state.x[owner, :P], gen], dim=1)
+        for q in counts.unique().tolist():  # rows with as many queries run together
+            sel = (counts == q).nonzero().squeeze(1)
+            order = torch.argsort(queries[sel].to(torch.int8), dim=1, descending=True, stable=True)[:, :q]
+            pos = P + order
+            cache = self.cache.select(self.of[proposals[sel]])
+            lg = sampler.model.forward_queries(x[sel].gather(1, pos), pos, cache)
+            if out is None:
+                out = torch.zeros((n, G, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
+            out[sel[:, None], order] = lg
+            attn = None if state.attention_mask is None else state.attention_mask[owner[sel]]
+            state.flops.index_add_(0, owner[sel].cpu(), flops.sequence_flops(sampler._dims, x[sel], attn,
+                                                                              queries=q))
+        state.rows.index_add_(0, owner.cpu(), torch.ones(n, dtype=torch.float64))
+        return out

@@ -287,7 +287,7 @@ class IterRef:
         chosen = holes.clone()
         gen[holes] = sampler.mask_id
 
-        pred = self.denoise(sampler, state, gen, holes, parent, keys)
+        pred = self.denoise(sampler, state, gen, holes, parent, keys, self.proposal_cache(sampler, state, parent))
         reward, toxic = self.score(state, pred.xhat0, parent)
         if chain.weights is None:
             return gen, pred, reward, toxic, torch.zeros(len(parent), dtype=torch.float64), None
@@ -298,7 +298,7 @@ class IterRef:
         return gen, pred, reward, toxic, (log_q_reverse - log_q_forward).cpu(), own
 
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
-                parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
+                parent: torch.Tensor, keys: torch.Tensor, cached=None) -> Prediction:
         """Re-commit the holes of the proposals `gen` in place, one per forward (whatever the base
         sampler's tokens_per_step) at the proposal temperature in PROPOSAL_ORDER: a draw from the
         model's joint conditional of the holes. Once a proposal has no hole left, one more forward
@@ -310,13 +310,18 @@ class IterRef:
                            torch.empty_like(gen))
         todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
         next_block = sampler.next_block(state)
+        chosen = holes.clone()  # a cached proposal keeps all its holes as queries (safegen.fast)
         sub = 0
         while bool(todo.any()):
             todo &= (gen == mask_id).any(1)  # fully decoded: x̂0 is the draft itself
             idx = todo.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            logits = sampler.forward(state, torch.cat([state.x[parent[idx], :P], gen[idx]], dim=1), parent[idx])
+            if cached is not None:
+                queries = chosen[idx] | (~holes[idx].any(1, keepdim=True) & (gen[idx] == mask_id))
+                logits = cached.logits(sampler, state, gen[idx], queries, idx, parent[idx])
+            else:
+                logits = sampler.forward(state, torch.cat([state.x[parent[idx], :P], gen[idx]], dim=1), parent[idx])
             has_holes = holes[idx].any(1)
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
@@ -335,6 +340,15 @@ class IterRef:
         preds.candidates[clean] = gen[clean]
         preds.xhat0[clean] = gen[clean]
         return preds
+
+    @staticmethod
+    def proposal_cache(sampler: DiffusionSampler, state: SamplerState, parent: torch.Tensor):
+        """With the sampler's cache on, the drafts' keys and values for the pool's proposals."""
+        if sampler.config.cache is None:
+            return None
+        from .fast import ProposalCache
+
+        return ProposalCache(sampler, state, parent)
 
     # ---------------------------------------------------------------- rewards, blame, scope
     def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

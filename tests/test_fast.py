@@ -142,3 +142,27 @@ def test_command_line_flags_reach_the_sampling_config():
     assert (fast.cache, fast.threshold) == ("prefix", 0.9)
     with pytest.raises(ConfigError, match="sampling.threshold"):
         sampling("--threshold", "2")
+
+
+def test_cached_iterref_proposals_cost_their_holes_and_match_the_cost_model(model):
+    from safegen import cost
+    from safegen.refine import IterRef, RefineConfig
+
+    ids, attn = prompts()
+    toxic = torch.tensor([5, 6, 7])
+    reward = lambda t: -torch.isin(t, toxic).sum(1).double()  # noqa: E731
+    rc = RefineConfig(n_proposals=1, iterations=2, rho=0.5, schedule="final")
+    G, bl = 16, 4
+    out = {}
+    for cache in (None, "dual"):
+        cfg = SamplingConfig(max_new_tokens=G, steps=G, block_length=bl, cache=cache, temperature=1.0)
+        out[cache] = run(model, cfg, ids, attn, seeds=[1, 2, 3], hook=IterRef(rc, reward))
+        # Every iteration draws a pool (N = 1, no budget): the rows are the cost model's worst case.
+        assert out[cache].rows.tolist() == [cost.worst_case_rows(cfg, rc)] * 3
+    plain = run(model, SamplingConfig(max_new_tokens=G, steps=G, block_length=bl), ids, attn)
+    dual = run(model, SamplingConfig(max_new_tokens=G, steps=G, block_length=bl, cache="dual"), ids, attn)
+    spent = {c: out[c].flops - (plain.flops if c is None else dual.flops) for c in out}
+    # A pool of 3 forwards costs 3 full ones uncached; cached, one full forward (the draft's keys and
+    # values), two of the m = 2 holes, and the score's of the holes and the masks left (at most 14 of
+    # 24 positions): about 0.55 of it here, less the longer the sequence.
+    assert (spent["dual"] < 0.62 * spent[None]).all()
