@@ -111,8 +111,8 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     G, block, prompt = 256, 32, 64
     if args.quick:
-        G, block, prompt, args.width, args.vocab, args.toy_samples = 32, 8, 8, 128, 256, 300
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+        G, block, prompt, args.width, args.vocab, args.toy_samples = 16, 4, 4, 64, 128, 200
+        torch.set_num_threads(1)  # tiny matrices: threads only contend
     model = build_model(args.width, args.layers, args.vocab)
     rows = [measure(model, name, ov, rc, G, block, prompt, args.samples) for name, ov, rc in settings()]
     base = rows[0]["flops_per_sample"]
