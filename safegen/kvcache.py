@@ -84,7 +84,7 @@ def _packing(attention_mask, shape, device):
     index i, slot its inverse; real (B, L) bool in packed order, None when nothing is padded."""
     B, L = shape
     if attention_mask is None or bool(attention_mask.bool().all()):
-        ar = torch.arange(L, device=device).expand(B, L)
+        ar = torch.arange(L, device=device).expand(B, L).clone()  # a tensor of its own: rows get replaced
         return ar, ar, None
     real = attention_mask.bool()
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)

@@ -166,3 +166,33 @@ def test_cached_iterref_proposals_cost_their_holes_and_match_the_cost_model(mode
     # values), two of the m = 2 holes, and the score's of the holes and the masks left (at most 14 of
     # 24 positions): about 0.55 of it here, less the longer the sequence.
     assert (spent["dual"] < 0.62 * spent[None]).all()
+
+
+class EditRowZero:
+    """A hook that changes row 0's first generated token once the second block has begun (or, with
+    edit=False, changes nothing but makes the next step's forward anew all the same)."""
+
+    def __init__(self, edit=True):
+        self.edit = edit
+
+    def applies(self, block, step, steps_in_block, t):
+        return block == 1 and step == 1
+
+    def __call__(self, sampler, state):
+        if self.edit:
+            state.x[0, state.prompt_length] = 11
+        state.pred = state.logits = None
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_row_whose_cached_tokens_change_is_refreshed_alone(model, padded):
+    ids, attn = prompts()
+    attn = attn if padded else None
+    cfg = SamplingConfig(max_new_tokens=12, steps=12, block_length=4, cache="dual", temperature=0.7)
+    both = run(model, cfg, ids, attn, seeds=[4, 5, 6], hook=EditRowZero())
+    plain = run(model, cfg, ids, attn, seeds=[4, 5, 6], hook=EditRowZero(edit=False))
+    # Rows 1 and 2 are untouched: they are what they are without the hook (their caches were kept).
+    assert torch.equal(both.sequences[1:], plain.sequences[1:])
+    assert torch.equal(both.flops[1:], plain.flops[1:])
+    # Row 0 paid one more full forward (its refresh) in place of one block step.
+    assert both.flops[0] > plain.flops[0] and both.rows[0] == plain.rows[0]
