@@ -75,7 +75,8 @@ def generate(args) -> int:
         print(f"[{label}] toxicity {tox['aggregate']:.3f} ({verdict}): {text}")
     if report.action not in ("none", "flag"):
         print(f"[returned, {report.action}] {report.text}")
-    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), reward texts "
+    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), model GFLOPs "
+          f"{report.flops / 1e9:.2f} (+{report.flops_before / 1e9:.2f}), reward texts "
           f"{report.reward_calls:.0f}, {report.seconds:.2f} s")
     return 0
 
