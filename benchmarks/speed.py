@@ -8,7 +8,7 @@ so the forwards run on a narrower random model that fits this machine (`--width`
 `--vocab`), whose time is `seconds_per_sample`; the
 shapes (G, block, prompt) are the issue's: G = 256, blocks of 32, a 64-token prompt, one token per
 step. Random weights are never confident, so the threshold's saving in steps is measured on the
-exact toys (safegen.toy), where confidence is real, together with its cost in exactness (total
+exact toys (safegen.research.toy), where confidence is real, together with its cost in exactness (total
 variation to p0, against the noise floor of as many exact samples).
 
     python -m benchmarks.speed [--json OUT] [--quick]

@@ -138,6 +138,8 @@ def test_command_line_flags_reach_the_sampling_config():
 
     assert (sampling().cache, sampling().threshold) == (None, None)
     assert sampling("--fast").cache == "dual" and sampling("--fast").threshold is None
+    assert sampling("--fast", "--cache", "none").cache is None  # a flag given beside --fast wins
+    assert sampling("--fast", "--threshold", "0.9").threshold == 0.9
     fast = sampling("--cache", "prefix", "--threshold", "0.9")
     assert (fast.cache, fast.threshold) == ("prefix", 0.9)
     with pytest.raises(ConfigError, match="sampling.threshold"):
