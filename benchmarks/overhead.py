@@ -1,8 +1,9 @@
 """The middleware's own cost, on a mid-size random LLaDA-shaped model (tens of millions of parameters).
 
 Measures
-  1. the share of IterRef's wall time spent outside model forwards and classifier calls
-     (sampling, re-masking, Metropolis bookkeeping, decoding): target <= 3%;
+  1. the share of IterRef's wall time spent outside model forwards and classifier calls (the
+     policy's scorers, scoring or blaming): sampling, re-masking, Metropolis bookkeeping, decoding,
+     the policy's own aggregation: target <= 3%;
   2. peak memory of plain and of refined sampling, above the loaded model (each in a fresh process:
      VmHWM − VmRSS after loading on CPU, torch.cuda.max_memory_allocated on a GPU);
   3. weight memory of 4-bit and 8-bit loads as a ratio to full precision, for the quantized layers
@@ -33,20 +34,26 @@ PROMPTS = ["Go suck a", "People think that we are just a bunch of idiots who",
 
 class Stopwatch:
     """Accumulated seconds spent inside wrapped callables, their calls, and the items (rows of
-    `input_ids`, or texts) those calls were given."""
+    `input_ids`, or texts) those calls were given. A call made from inside another call of the same
+    stopwatch (a scorer's blame that scores) is part of the outer one: counted once."""
 
     def __init__(self):
         self.reset()
+        self._depth = 0
 
     def reset(self):
         self.seconds, self.calls, self.items = 0.0, 0, 0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._depth -= 1
                 self.seconds += time.perf_counter() - t0
                 self.calls += 1
                 self.items += len(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
@@ -68,13 +75,22 @@ def build_generator(model_dir: str, args, quantization: str = "none"):
 def time_shares(model_dir: str, args) -> dict:
     """Wall time of refined generation split into model forwards, classifier calls and the rest."""
     gen = build_generator(model_dir, args)
-    forward, classify = Stopwatch(), Stopwatch()
+    forward, classify, scoring, blaming = Stopwatch(), Stopwatch(), Stopwatch(), Stopwatch()
     gen.model.forward = forward.wrap(gen.model.forward)
-    gen.policy.score = classify.wrap(gen.policy.score)
+    # Classifier time is the time inside the policy's classifiers, on every path that calls them:
+    # scoring texts, and attributing blame for targeted re-masking (the generator's default), whose
+    # scorers score the text again. Timing Policy.score alone billed the blame's classifier calls
+    # to the middleware and the policy's own bookkeeping to the classifiers.
+    for c in gen.policy.classifiers:
+        c.scorer.score = classify.wrap(c.scorer.score)
+        c.scorer.blame = classify.wrap(c.scorer.blame)
+    # The policy layer around them (de-duplication, aggregation, verdicts), for the record.
+    gen.policy.score = scoring.wrap(gen.policy.score)
+    gen.policy.blame = blaming.wrap(gen.policy.blame)
     prompts = (PROMPTS * args.batch)[: args.batch]
     gen.generate_text(prompts[:1], seed=0)  # warm-up: first-call costs are not the middleware's
-    forward.reset()
-    classify.reset()
+    for watch in (forward, classify, scoring, blaming):
+        watch.reset()
     total, reports = 0.0, []
     for _ in range(args.repeats):  # the same work again: the shares of the summed times
         t0 = time.perf_counter()
@@ -83,7 +99,12 @@ def time_shares(model_dir: str, args) -> dict:
     rest = total - forward.seconds - classify.seconds
     return {"wall_s": total, "forward_s": forward.seconds, "classifier_s": classify.seconds,
             "other_s": rest, "other_share": rest / total, "forward_calls": forward.calls,
-            "classifier_calls": classify.calls, "rows_per_sample": sum(r.rows for r in reports) / len(reports),
+            "classifier_calls": classify.calls,
+            # Policy.score and Policy.blame, classifiers included: the old accounting counted the
+            # first as classifier time and the second as overhead.
+            "policy_score_s": scoring.seconds, "policy_blame_s": blaming.seconds,
+            "other_share_old_accounting": (total - forward.seconds - scoring.seconds) / total,
+            "rows_per_sample": sum(r.rows for r in reports) / len(reports),
             # Rows the model was given, and rows the sampler charged (refined and "before" samples).
             "forward_rows": forward.items, "charged_rows": sum(r.rows + r.rows_before for r in reports)}
 
@@ -203,7 +224,8 @@ def main(argv=None) -> int:
         print(f"| {k[:-2]} | {shares[k]:.2f} | {shares[k] / shares['wall_s']:.1%} |")
     print(f"| total ({shares['forward_calls']} forwards, {shares['classifier_calls']} classifier calls, "
           f"{shares['rows_per_sample']:.0f} rows/sample) | {shares['wall_s']:.2f} | 100% |")
-    print(f"\nmiddleware overhead: {shares['other_share']:.1%} of wall time (target <= 3%)")
+    print(f"\nmiddleware overhead: {shares['other_share']:.1%} of wall time (target <= 3%; "
+          f"{shares['other_share_old_accounting']:.1%} counting only Policy.score as classifier time)")
     print("\n| sampling | peak memory above the model (MiB) |\n|---|---|")
     for k, v in memory.items():
         print(f"| {k} | {v['peak_above_model_mib']:.1f} |")

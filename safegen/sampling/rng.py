@@ -58,11 +58,23 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int(x: int) -> int:
+    """_mix32 of one Python int: the same bits, with no tensor ops (most tags are plain ints)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def derive(keys: torch.Tensor, *tags) -> torch.Tensor:
     """Child keys: one independent stream per (parent key, tag...). Tags are ints or int tensors
     broadcastable against `keys`."""
     k = keys.to(torch.int64) & _M32
     for tag in tags:
+        if isinstance(tag, int):  # an int tag's own mix is a constant: no tensor ops for it (hot path)
+            k = _mix32(k ^ _mix32_int(((int(tag) & _M32) + 0x9E3779B9) & _M32))
+            continue
         t = torch.as_tensor(tag, dtype=torch.int64, device=k.device) & _M32
         k = _mix32(k ^ _mix32((t + 0x9E3779B9) & _M32))
     return k
@@ -97,8 +109,8 @@ def _mix32_i32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _as_i32(x: torch.Tensor) -> torch.Tensor:
-    """int64 values in [0, 2^32) to the int32 with the same bits."""
-    return (((x & _M32) ^ 0x80000000) - 0x80000000).to(torch.int32)
+    """int64 values in [0, 2^32) to the int32 with the same bits (the conversion wraps mod 2^32)."""
+    return x.to(torch.int32)
 
 
 def _hash(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -117,9 +129,10 @@ def uniform(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def uniform52(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """U(0,1) float64 with 52 random bits, from the hashes of ids 2·index and 2·index + 1 (index
     below 2^31). Fine enough that a probability as small as 2^-40 is still drawn at its rate."""
-    index = index.to(torch.int64) * 2
-    hi = (_hash(keys, index) >> 6) & 0x3FFFFFF
-    lo = (_hash(keys, index + 1) >> 6) & 0x3FFFFFF
+    # Both ids of an element hashed in one pass (fewer, larger ops: this runs at every sampler step).
+    index = index.to(torch.int64)[..., None] * 2 + torch.tensor([0, 1], device=index.device)
+    bits = (_hash(keys, index) >> 6) & 0x3FFFFFF
+    hi, lo = bits[..., 0], bits[..., 1]
     # (m + 0.5) / 2^52 for m < 2^52 lies strictly inside (0, 1), and float64 holds it exactly.
     return (hi.to(torch.float64) * (1 << 26) + lo).add_(0.5).mul_(2.0 ** -52)
 

@@ -140,7 +140,8 @@ class DiffusionSampler:
             logits[..., self.profile.vocab_size:] = float("-inf")  # padding columns of the head
         if cfg.logits_eos_inf and self.profile.eos_id is not None:
             logits[..., self.profile.eos_id] = float("-inf")
-        xhat0 = torch.where(masked, logits.argmax(-1), x_gen)
+        best = logits.argmax(-1)  # also the most likely token of every committable position below
+        xhat0 = torch.where(masked, best, x_gen)
         candidates = xhat0.clone()
         confidence = torch.full(x_gen.shape, float("-inf"), device=x_gen.device)
         width = int(committable.sum(1).max()) if committable.numel() else 0
@@ -158,7 +159,7 @@ class DiffusionSampler:
             p_t = probs if temperature == 1 else torch.softmax(lg / temperature, -1)
             picked = rng.categorical(keys, order, p_t)
         else:
-            picked = lg.argmax(-1)
+            picked = best.gather(1, order)  # lg.argmax(-1): the same rows of the same logits
         if ranking == "low_confidence":
             score = probs.gather(-1, picked[..., None]).squeeze(-1)
         elif ranking == "max_prob":
@@ -167,7 +168,7 @@ class DiffusionSampler:
             score = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)
         if cfg.confidence_eos_eot_inf and len(self._stop):
             # Below every real score, above the -inf of non-committable positions.
-            stop_token = picked if demote_stop == "sampled" else lg.argmax(-1)
+            stop_token = picked if demote_stop == "sampled" else best.gather(1, order)
             score = torch.where(torch.isin(stop_token, self._stop.to(picked.device)),
                                 torch.full_like(score, -1.0), score)
         score = torch.where(valid, score, torch.full_like(score, float("-inf")))
@@ -266,8 +267,10 @@ class DiffusionSampler:
             has_holes = holes[idx].any(1)
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
-                p = self.predict(logits[has_holes], gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub),
-                                 temperature, ranking=order, demote_stop=demote_stop)
+                # Usually every row still has holes: its logits as they are, not a vocabulary-wide copy.
+                p = self.predict(logits if len(f) == 0 else logits[has_holes], gen[d], holes[d],
+                                 rng.derive(keys[d], rng.Sub.SUBSTEP, sub), temperature, ranking=order,
+                                 demote_stop=demote_stop)
                 gen[d] = self.commit(gen[d], p, one[d])
                 holes[d] &= gen[d] == mask_id
             if len(f):
