@@ -1,7 +1,7 @@
 """rng.derive takes an int tag on a path without tensor ops: it must give the bits of the tensor path."""
 import torch
 
-from safegen import rng
+from safegen.sampling import rng
 
 
 def test_int_tags_give_the_tensor_path_keys():
