@@ -114,7 +114,11 @@ def main(argv=None) -> list[dict]:
         G, block, prompt, args.width, args.vocab, args.toy_samples = 16, 4, 4, 64, 128, 200
         torch.set_num_threads(1)  # tiny matrices: threads only contend
     model = build_model(args.width, args.layers, args.vocab)
-    rows = [measure(model, name, ov, rc, G, block, prompt, args.samples) for name, ov, rc in settings()]
+    rows = []
+    for name, ov, rc in settings():
+        rows.append(measure(model, name, ov, rc, G, block, prompt, args.samples))
+        print(f"{name}: {rows[-1]['flops_per_sample'] / 1e9:,.0f} GFLOPs, {rows[-1]['rows_per_sample']:.0f} rows, "
+              f"{rows[-1]['seconds_per_sample']:.2f} s per sample", flush=True)
     base = rows[0]["flops_per_sample"]
     for r in rows:
         r["flops_ratio_to_plain"] = base / r["flops_per_sample"]

@@ -112,7 +112,9 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
         "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
         "report_before": not args.no_before,
         "draws": rng.DRAWS_VERSION,
-        "sampling": json.loads(json.dumps(vars(sampling))),
+        # Fast sampling's fields only when set: outputs written before they existed still resume.
+        "sampling": json.loads(json.dumps({k: v for k, v in vars(sampling).items()
+                                           if v is not None or k not in ("cache", "threshold")})),
         "refinement": json.loads(json.dumps(vars(refinement), default=list)),
     }
 

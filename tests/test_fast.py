@@ -198,3 +198,20 @@ def test_a_row_whose_cached_tokens_change_is_refreshed_alone(model, padded):
     assert torch.equal(both.flops[1:], plain.flops[1:])
     # Row 0 paid one more full forward (its refresh) in place of one block step.
     assert both.flops[0] > plain.flops[0] and both.rows[0] == plain.rows[0]
+
+
+def test_resume_fingerprint_names_the_fast_fields_only_when_set(tmp_path):
+    from types import SimpleNamespace
+
+    from safegen.cli import _fingerprint
+    from safegen.refine import RefineConfig
+
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_text("hello\n")
+    args = SimpleNamespace(model="some/hub-id", revision=None, input=str(prompts_file), field=None, skip_bad=False,
+                           quantization="none", samples=1, seed=0, no_refine=False, no_before=False, policy="offline")
+    policy = SimpleNamespace(source=None)
+    plain = _fingerprint(args, policy, SamplingConfig(), RefineConfig())["sampling"]
+    assert "cache" not in plain and "threshold" not in plain  # as written before fast sampling existed
+    fast = _fingerprint(args, policy, SamplingConfig(cache="dual", threshold=0.9), RefineConfig())["sampling"]
+    assert (fast["cache"], fast["threshold"]) == ("dual", 0.9)
