@@ -204,7 +204,7 @@ def test_resume_fingerprint_names_the_fast_fields_only_when_set(tmp_path):
     from types import SimpleNamespace
 
     from safegen.cli import _fingerprint
-    from safegen.refine import RefineConfig
+    from safegen.refine.config import RefineConfig
 
     prompts_file = tmp_path / "p.txt"
     prompts_file.write_text("hello\n")
