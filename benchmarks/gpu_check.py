@@ -85,6 +85,31 @@ def flagged_share_reward(flag_every: int = 7):
     return reward
 
 
+# Fast sampling (safegen.sampling.fast), as benchmarks/speed.py measures it on CPU: name -> (sampling
+# overrides, IterRef budget or None).
+FAST_SETTINGS = {
+    "prefix": (dict(cache="prefix"), None), "dual": (dict(cache="dual"), None),
+    "dual+threshold0.9": (dict(cache="dual", threshold=0.9), None),
+    "iterref_targeted_budget2": ({}, 2.0), "iterref_targeted_budget2+dual": (dict(cache="dual"), 2.0),
+    "iterref_targeted_budget4": ({}, 4.0), "iterref_targeted_budget4+dual": (dict(cache="dual"), 4.0),
+}
+
+
+def flagged_blame(flag_every: int = 7):
+    """The stand-in reward's blame: 1 at each flagged id (targeted re-masking)."""
+    return lambda gen: (gen % flag_every == 0).double()
+
+
+def fast_runs(model, profile, sampling, ids, mask, device) -> dict:
+    out = {}
+    for name, (overrides, budget) in FAST_SETTINGS.items():
+        sampler = DiffusionSampler(model, profile, sampling.updated(**overrides))
+        hook = None if budget is None else IterRef(RefineConfig(budget=budget, proposal_holes="targeted"),
+                                                   flagged_share_reward(), blame=flagged_blame())
+        out[name] = timed_run(sampler, ids, mask, hook, device)
+    return out
+
+
 def timed_run(sampler, ids, mask, hook, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -96,6 +121,8 @@ def timed_run(sampler, ids, mask, hook, device) -> dict:
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "wall_per_sample_s": wall / ids.shape[0],
             "denoiser_rows_per_sample": out.rows.float().mean().item(),
+            "model_flops_per_sample": out.flops.mean().item(),
+            "tokens_per_s": ids.shape[0] * sampler.config.max_new_tokens / wall,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
 
 
@@ -108,6 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gen", type=int, default=64, help="G, generation length (default 64)")
     parser.add_argument("--steps", type=int, default=64, help="T, denoising steps (default 64)")
     parser.add_argument("--budget", type=float, default=4.0, help="IterRef's row budget, x T (default 4)")
+    parser.add_argument("--no-fast", action="store_true", help="skip the fast-sampling settings")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,6 +168,8 @@ def main(argv=None) -> int:
         "plain": plain, "iterref": iterref,
         "iterref_over_plain_wall": iterref["wall_s"] / plain["wall_s"],
     }
+    if not args.no_fast:
+        result["fast"] = fast_runs(model, profile, sampling, ids, mask, device)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

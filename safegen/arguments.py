@@ -6,11 +6,12 @@ modules are torch-free), so `--help` and argument errors stay quick."""
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from dataclasses import MISSING, fields
 
 from .refine.config import PRESETS, PROPOSAL_ORDERS, REMASKS, SCHEDULES, SCOPES, SELECTIONS, RefineConfig
-from .sampling.config import REMASKING, SAMPLERS, SamplingConfig
+from .sampling.config import CACHES, FAST, REMASKING, SAMPLERS, SamplingConfig
 
 MAX_SEED = 2**32 - 1
 
@@ -26,6 +27,11 @@ FIELD_HELP = {
     "confidence_eos_eot_inf": "commit EOS/EOT only when nothing else is left",
     "sampler": "llada (blocks, fixed commits per step) or mdlm (MDLM's ancestral sampler, at temperature 1 "
                "unless --temperature); default: mdlm for MDLM models, else llada",
+    "cache": "Fast-dLLM's block-wise key/value cache: prefix (prompt and finished blocks) or dual (the "
+             "masked suffix too); approximate, and IterRef's proposals then run only their holes ('none': "
+             "exact, LLaDA's sampler)",
+    "threshold": "also commit every block position whose candidate's probability exceeds this (Fast-dLLM's "
+                 "parallel decoding, e.g. 0.9; 'none': off)",
     "n_proposals": "N, proposals per pool",
     "iterations": "k, kernel applications per refined step",
     "rho": "share of the decoded tokens a proposal re-masks",
@@ -46,7 +52,7 @@ FIELD_HELP = {
     "budget": "cap on denoiser rows per sample, x plain ('none': no cap); a cap that stops the chain early "
               "is not exact",
 }
-CHOICES = {"remasking": REMASKING, "sampler": SAMPLERS, "schedule": SCHEDULES, "scope": SCOPES,
+CHOICES = {"remasking": REMASKING, "sampler": SAMPLERS, "cache": tuple(c for c in CACHES if c is not None), "schedule": SCHEDULES, "scope": SCOPES,
            "selection": SELECTIONS, "proposal_holes": REMASKS, "proposal_order": PROPOSAL_ORDERS}
 # Older spellings kept working: --proposals, --remask (the field's former name) and --exact (adaptive off).
 ALIASES = {"n_proposals": ("--proposals",), "proposal_holes": ("--remask",)}
@@ -100,7 +106,7 @@ def add_config_flags(group, config_class, defaults: dict) -> None:
     hints = typing.get_type_hints(config_class)
     for f in fields(config_class):
         kind, optional = hints[f.name], False
-        if typing.get_origin(kind) is typing.Union:
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] or X | None
             kind, optional = next(a for a in typing.get_args(kind) if a is not type(None)), True
         default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
         help_text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
@@ -114,8 +120,10 @@ def add_config_flags(group, config_class, defaults: dict) -> None:
             group.add_argument(*names, dest=f.name, type=step_list, default=None, help=help_text)
         else:
             parse = _or_none(kind) if optional else kind
-            group.add_argument(*names, dest=f.name, type=parse, choices=CHOICES.get(f.name), default=None,
-                               help=help_text)
+            choices = CHOICES.get(f.name)
+            if choices is not None and optional:
+                choices = (*choices, NONE)  # listed as "none" in the usage
+            group.add_argument(*names, dest=f.name, type=parse, choices=choices, default=None, help=help_text)
 
 
 def options(args, config_class) -> dict:
@@ -143,7 +151,11 @@ def model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False
         g.add_argument("--policy", default="default",
                        help="a policy name in policies/ or a YAML path (default: default)")
 
-    add_config_flags(parser.add_argument_group("sampling (SamplingConfig)"), SamplingConfig, {})
+    s = parser.add_argument_group("sampling (SamplingConfig)")
+    add_config_flags(s, SamplingConfig, {})
+    s.add_argument("--fast", action="store_true",
+                   help="shorthand for --cache dual (about 7.8x fewer model FLOPs at 256 tokens; approximate); "
+                        "--cache and --threshold given beside it win")
     r = parser.add_argument_group("refinement (IterRef's RefineConfig; defaults: the 'middleware' preset)")
     r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
     r.add_argument("--preset", choices=sorted(PRESETS), default="middleware",
@@ -167,6 +179,8 @@ def revision(args):
 
 def sampling_options(args) -> dict:
     chosen = options(args, SamplingConfig)
+    if getattr(args, "fast", False):
+        chosen = {**FAST, **chosen}
     if getattr(args, "model", None) is not None:
         from .models.loading import model_type_of
 

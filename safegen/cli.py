@@ -75,7 +75,8 @@ def generate(args) -> int:
         print(f"[{label}] toxicity {tox['aggregate']:.3f} ({verdict}): {text}")
     if report.action not in ("none", "flag"):
         print(f"[returned, {report.action}] {report.text}")
-    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), reward texts "
+    print(f"denoiser rows {report.rows:.0f} (+{report.rows_before:.0f} for 'before'), model GFLOPs "
+          f"{report.flops / 1e9:.2f} (+{report.flops_before / 1e9:.2f}), reward texts "
           f"{report.reward_calls:.0f}, {report.seconds:.2f} s")
     return 0
 
@@ -111,7 +112,9 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
         "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
         "report_before": not args.no_before,
         "draws": rng.DRAWS_VERSION,
-        "sampling": json.loads(json.dumps(vars(sampling))),
+        # Fast sampling's fields only when set: outputs written before they existed still resume.
+        "sampling": json.loads(json.dumps({k: v for k, v in vars(sampling).items()
+                                           if v is not None or k not in ("cache", "threshold")})),
         "refinement": json.loads(json.dumps(vars(refinement), default=list)),
     }
 

@@ -59,6 +59,8 @@ class SampleReport:
     acceptance_rate: Optional[float]  # accepted / proposed (None when nothing was proposed)
     seconds: float  # the batch's wall time divided by its size
     seed: int
+    flops: float = 0.0  # model FLOPs spent on this sample (safegen.models.flops; 0 for models of unknown shape)
+    flops_before: float = 0.0  # extra FLOPs of the "before" sample
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,7 +245,9 @@ class SafeGenerator:
                 rows_before=float(result.plain_rows[i]) if fork else 0.0,
                 reward_calls=float(result.reward_calls[i]),
                 acceptance_rate=float(result.accepted[i]) / proposed if proposed else None,
-                seconds=seconds, seed=int(seeds[i])))
+                seconds=seconds, seed=int(seeds[i]),
+                flops=float(result.flops[i]) if result.flops is not None else 0.0,
+                flops_before=float(result.plain_flops[i]) if fork and result.plain_flops is not None else 0.0))
         return GenerateOutput(sequences=sequences, reports=reports)
 
     def _encode_answer(self, text: str, length: int, device, profile: ModelProfile) -> torch.Tensor:

@@ -16,6 +16,8 @@ class RunningSummary:
         "rows_per_sample": lambda r: r["rows"],
         "rows_before_per_sample": lambda r: r["rows_before"],
         "reward_calls_per_sample": lambda r: r["reward_calls"],
+        "flops_per_sample": lambda r: r.get("flops", 0.0),  # absent from reports written before FLOPs
+        "flops_before_per_sample": lambda r: r.get("flops_before", 0.0),
     }
 
     def __init__(self):
@@ -71,6 +73,8 @@ def format_summary(summary: dict) -> str:
         ("mean toxicity", f"{s['mean_toxicity_before']:.4f} -> {s['mean_toxicity_after']:.4f}"),
         ("refined samples", f"{s['refined']}"),
         ("denoiser rows / sample", f"{s['rows_per_sample']:.1f} (+{s['rows_before_per_sample']:.1f} for 'before')"),
+        ("model GFLOPs / sample", f"{s.get('flops_per_sample', 0.0) / 1e9:.2f} "
+                                  f"(+{s.get('flops_before_per_sample', 0.0) / 1e9:.2f} for 'before')"),
         ("reward texts / sample", f"{s['reward_calls_per_sample']:.1f}"),
         ("time", f"{s['seconds']:.1f} s"),
     ]

@@ -30,6 +30,13 @@ def test_small_run_writes_the_json(gpu_check, tmp_path):
     assert result["iterref"]["denoiser_rows_per_sample"] == 24
     assert result["G"] == 8 and result["T"] == 8 and result["batch"] == 2
     assert result["plain"]["wall_s"] > 0 and result["iterref"]["wall_s"] > 0
+    fast = result["fast"]
+    assert set(fast) == {"prefix", "dual", "dual+threshold0.9", "iterref_targeted_budget2",
+                         "iterref_targeted_budget2+dual", "iterref_targeted_budget4", "iterref_targeted_budget4+dual"}
+    # One block of 8 here: prefix and dual both run the block (8 of 8 + prompt positions) as queries.
+    assert fast["dual"]["model_flops_per_sample"] <= fast["prefix"]["model_flops_per_sample"] \
+        < result["plain"]["model_flops_per_sample"]
+    assert fast["dual"]["denoiser_rows_per_sample"] == 8 and fast["dual"]["tokens_per_s"] > 0
 
 
 def test_random_model_is_4bit_except_head_embedding_and_norms(gpu_check):

@@ -22,6 +22,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
+from .rope import rotary_angles, rotate
+
 __all__ = ["LLaDAConfig", "LLaDAModelLM"]
 
 # Fields whose value is fixed by this implementation: LLaDA's published value -> why nothing else works.
@@ -132,25 +134,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return self.weight * h
-
-
-def rotary_angles(length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's angles for positions 0..length-1, shape (length, head_dim), float32.
-
-    Computed per call rather than cached in a buffer: buffers are created on the meta device when
-    from_pretrained places a model with device_map, and this is negligible next to a forward pass.
-    """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in float32 (LLaDA's rope_full_precision), pairing dimension i with i + head_dim/2."""
-    h = x.float()
-    first, second = h.chunk(2, dim=-1)
-    return (h * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
 
 
 class LLaDABlock(nn.Module):
@@ -286,6 +269,19 @@ class LLaDAModelLM(PreTrainedModel):
         attention_mask (B, L): 1 for real tokens, 0 for padding, which no position attends to.
         """
         return MaskedLMOutput(logits=self.model(input_ids, attention_mask))
+
+    # Block-wise key/value cache (safegen.models.kvcache; Fast-dLLM's prefix and dual caches).
+    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
+        """(logits of positions logits_from.., KVCache): the full forward, keeping keys and values."""
+        from .kvcache import prefill
+
+        return prefill(self.model, input_ids, attention_mask, logits_from)
+
+    def forward_queries(self, query_ids, positions, cache):
+        """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
+        from .kvcache import forward_queries
+
+        return forward_queries(self.model, query_ids, positions, cache)
 
     def generate(self, *args, **kwargs):
         raise NotImplementedError(

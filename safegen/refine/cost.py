@@ -78,7 +78,10 @@ def pool_rows(sampling: SamplingConfig, n_proposals: int, m: torch.Tensor,
     where a mask is left after them) · rows_per_forward. float64. Proposals re-commit one hole per
     forward whatever the base sampler's tokens_per_step: only then are they draws from the model's
     joint conditional (RefineConfig.proposal_order)."""
-    return n_proposals * (m + mask_left.long()).double() * rows_per_forward(sampling)
+    # With the block cache (sampling/fast.py), a pool first makes one full forward per row for its
+    # drafts' keys and values; its proposals' forwards are then short ones (their holes), each still a row.
+    prefill = 1.0 if sampling.cache else 0.0
+    return n_proposals * (m + mask_left.long()).double() * rows_per_forward(sampling) + prefill
 
 
 def allowance(sampling: SamplingConfig, budget: float, spent: torch.Tensor, t: int,

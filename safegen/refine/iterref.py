@@ -312,7 +312,9 @@ class IterRef:
                 parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
         """Re-commit the holes of the proposals `gen` in place: the sampler's kernel (redenoise) at the
         proposal temperature, in the configured proposal_order, stop tokens demoted by the most
-        likely token (see "How a proposal re-commits its holes" above)."""
+        likely token (see "How a proposal re-commits its holes" above). With the sampler's block cache
+        on, redenoise runs only the holes against keys and values of the current drafts, computed once
+        per pool: no longer the model's own conditional (docs/method.md, "Fast sampling")."""
         return sampler.redenoise(state, gen, holes, parent, keys, self.config.proposal_temperature,
                                  self.config.proposal_order, PROPOSAL_STOP_DEMOTION)
 

@@ -45,7 +45,8 @@ def _keep_best(sampler, reward: Reward, out: SampleOutput, n: int, P: int, t0: f
     return SampleOutput(sequences=out.sequences[best.to(out.sequences.device)],
                         rows=_group_sum(out.rows, n), reward_calls=_group_sum(out.reward_calls, n),
                         proposed=_group_sum(out.proposed, n), accepted=_group_sum(out.accepted, n),
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0,
+                        flops=None if out.flops is None else _group_sum(out.flops, n))
 
 
 def best_of_n(sampler: DiffusionSampler, input_ids, reward: Reward, n: int,

@@ -15,6 +15,8 @@ from enum import IntEnum
 
 import torch
 
+from ..errors import ArgumentError
+
 _M32 = 0xFFFFFFFF
 
 # Which random draws a seed gives. Bump it whenever the same (seed, configuration) starts giving other
@@ -82,6 +84,18 @@ def seed_keys(seeds, device=None) -> torch.Tensor:
     """Keys for a list/tensor of non-negative integer seeds (one per row)."""
     s = torch.as_tensor(seeds, dtype=torch.int64, device=device)
     return derive(s & _M32, s >> 32)
+
+
+def row_keys(seeds, batch: int, device) -> torch.Tensor:
+    """Per-row keys from one int (row i gets seed + i) or a sequence of `batch` ints."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds + i for i in range(batch)]
+    seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    if seeds.shape != (batch,):
+        raise ArgumentError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
+    if (seeds < 0).any():
+        raise ArgumentError("seeds must be non-negative")
+    return seed_keys(seeds, device=device)
 
 
 def _mix32_i32(x: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,12 @@ from typing import Optional
 
 import torch
 
-from . import rng
+from . import fast, rng
 from ..errors import ArgumentError
+from ..models import flops
 from ..models.family import ModelProfile
 
+from .rng import row_keys  # noqa: F401 (re-exported)
 from .config import REMASKING, ConfigError, SamplingConfig, global_step, updated_config  # noqa: F401 (re-exported)
 from .state import Prediction, SampleOutput, SamplerState, StepHook  # noqa: F401 (re-exported)
 
@@ -67,6 +69,9 @@ class DiffusionSampler:
         self.mask_id = profile.mask_id
         self._passes_mask = _accepts_attention_mask(model)
         self._stop = torch.tensor(profile.stop_ids, dtype=torch.long)
+        self._dims = flops.dims_of(model)  # for FLOP accounting (None: counted as 0)
+        if self.config.cache is not None:
+            fast.check_cacheable(self)  # the cache needs LLaDAModelLM's prefill and forward_queries
 
     # ----------------------------------------------------------------- building blocks
     @property
@@ -95,6 +100,8 @@ class DiffusionSampler:
             ran = owner
         # Each row the model ran is charged to its owner: what safegen.refine.cost.rows_per_forward predicts.
         state.rows.index_add_(0, ran.cpu(), torch.ones(len(ran), dtype=torch.float64))
+        per_row = flops.sequence_flops(self._dims, x, attn)  # the prompt-masked pass costs the same
+        state.flops.index_add_(0, ran.cpu(), per_row.repeat(len(ran) // len(x)))
         return logits[:, P:]
 
     def _call(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
@@ -215,7 +222,8 @@ class DiffusionSampler:
                                     gen.clone())
             return
         owner = torch.arange(gen.shape[0], device=gen.device)
-        state.logits = self.forward(state, state.x, owner)
+        # With Fast-dLLM's block cache (sampling/fast.py), from the keys and values of the block's start.
+        state.logits = fast.cached_logits(self, state) if self.config.cache else self.forward(state, state.x, owner)
         state.pred = self.next_prediction(state, state.logits, gen, owner)
 
     def next_prediction(self, state: SamplerState, logits: torch.Tensor, gen: torch.Tensor, owner: torch.Tensor,
@@ -236,8 +244,11 @@ class DiffusionSampler:
         conditional of the holes when the order reads the logits alone (refine/iterref.py). Once a
         draft has no hole left, one more forward gives its x̂0 and the next base step's prediction
         (next_prediction), which an accepted draft reuses instead of a new forward; with no mask
-        left, x̂0 is the draft."""
+        left, x̂0 is the draft. With the block cache on, the forwards run only the holes (and, for
+        x̂0, the masks left) against keys and values of the drafts' parents (fast.ProposalCache)."""
         mask_id, P = self.mask_id, state.prompt_length
+        cached = None if self.config.cache is None else fast.ProposalCache(self, state, owner)
+        queries = holes.clone()  # a cached draft keeps all its holes as queries, filled or not
         one = torch.ones(gen.shape[0], dtype=torch.long, device=gen.device)
         preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
                            torch.empty_like(gen))
@@ -248,7 +259,11 @@ class DiffusionSampler:
             idx = todo.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            logits = self.forward(state, torch.cat([state.x[owner[idx], :P], gen[idx]], dim=1), owner[idx])
+            if cached is None:
+                logits = self.forward(state, torch.cat([state.x[owner[idx], :P], gen[idx]], dim=1), owner[idx])
+            else:
+                run = queries[idx] | (~holes[idx].any(1, keepdim=True) & (gen[idx] == mask_id))
+                logits = cached.logits(self, state, gen[idx], run, idx, owner[idx])
             has_holes = holes[idx].any(1)
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
@@ -270,6 +285,10 @@ class DiffusionSampler:
 
     def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
         """One base step: commit from the current prediction. Baselines override this."""
+        if self.config.threshold is not None:  # Fast-dLLM's parallel decoding (sampling/fast.py)
+            n_commit = fast.threshold_counts(self, state, n_commit)
+            if n_commit is None:
+                return
         self.refresh(state)
         state.x[:, state.prompt_length:] = self.commit(state.gen, state.pred, n_commit)
         state.pred = state.logits = None
@@ -334,13 +353,15 @@ class DiffusionSampler:
         out = SampleOutput(
             sequences=self.cut_at_stop(state.x, state.prompt_length),
             rows=state.rows, reward_calls=state.reward_calls, proposed=state.proposed,
-            accepted=state.accepted, seconds=time.perf_counter() - t0)
+            accepted=state.accepted, seconds=time.perf_counter() - t0, flops=state.flops)
         if fork_plain:
             out.plain_sequences = out.sequences.clone()
             out.plain_rows = torch.zeros_like(state.rows)
+            out.plain_flops = torch.zeros_like(state.flops)
             if plain is not None:
                 out.plain_sequences[plain_of] = self.cut_at_stop(plain.x, plain.prompt_length)
                 out.plain_rows.index_add_(0, plain_of.cpu(), plain.rows)
+                out.plain_flops.index_add_(0, plain_of.cpu(), plain.flops)
         return out
 
     def _fork_changed(self, state: SamplerState, x: torch.Tensor, pred: Prediction,
@@ -354,20 +375,13 @@ class DiffusionSampler:
             return plain, plain_of
         mask = None if state.attention_mask is None else state.attention_mask[new]
         rows = SamplerState(x=x[new], attention_mask=mask, prompt_length=state.prompt_length,
-                            keys=state.keys[new], block=state.block, step=state.step, pred=pred.select(new))
+                            keys=state.keys[new], block=state.block, step=state.step, pred=pred.select(new),
+                            kv=None if state.kv is None else state.kv.select(new))  # the rows' block cache
         if plain is None:
             return rows, new
         # The branch's own prediction at this point: the forward its next commit would make anyway.
         self.refresh(plain)
-        p, q = plain.pred, rows.pred
-        merged = SamplerState(
-            x=torch.cat([plain.x, rows.x]), prompt_length=state.prompt_length,
-            attention_mask=None if mask is None else torch.cat([plain.attention_mask, mask]),
-            keys=torch.cat([plain.keys, rows.keys]), block=state.block, step=state.step,
-            pred=Prediction(*(torch.cat([a, b]) for a, b in
-                              ((p.candidates, q.candidates), (p.confidence, q.confidence), (p.xhat0, q.xhat0)))),
-            rows=torch.cat([plain.rows, rows.rows]))
-        return merged, torch.cat([plain_of, new])
+        return plain.concat(rows), torch.cat([plain_of, new])
 
     def cut_at_stop(self, x: torch.Tensor, prompt_length: int) -> torch.Tensor:
         """Everything after the first EOS/EOT of the generation becomes padding."""
@@ -381,14 +395,3 @@ class DiffusionSampler:
         out[:, prompt_length:] = torch.where(after, torch.full_like(gen, pad), gen)
         return out
 
-
-def row_keys(seeds, batch: int, device) -> torch.Tensor:
-    """Per-row keys from one int (row i gets seed + i) or a sequence of `batch` ints."""
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds + i for i in range(batch)]
-    seeds = torch.as_tensor(seeds, dtype=torch.int64)
-    if seeds.shape != (batch,):
-        raise ArgumentError(f"seeds must be one int or {batch} ints (one per row), got shape {tuple(seeds.shape)}")
-    if (seeds < 0).any():
-        raise ArgumentError("seeds must be non-negative")
-    return rng.seed_keys(seeds, device=device)

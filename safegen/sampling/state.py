@@ -44,9 +44,11 @@ class SamplerState:
     reward_calls: torch.Tensor = None
     proposed: torch.Tensor = None
     accepted: torch.Tensor = None
+    flops: torch.Tensor = None  # model FLOPs (safegen.models.flops; 0 for models of unknown shape)
+    kv: Optional[Any] = None  # the cached sampler's block cache (sampling/fast.py BlockCache), if any
 
     def __post_init__(self):
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
+        for name in ("rows", "reward_calls", "proposed", "accepted", "flops"):
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(self.x.shape[0], dtype=torch.float64))
 
@@ -56,9 +58,21 @@ class SamplerState:
 
     def copy(self) -> "SamplerState":
         s = replace(self, x=self.x.clone())
-        for name in ("rows", "reward_calls", "proposed", "accepted"):
+        for name in ("rows", "reward_calls", "proposed", "accepted", "flops"):
             setattr(s, name, torch.zeros_like(getattr(self, name)))
         return s
+
+    def concat(self, other: "SamplerState") -> "SamplerState":
+        """This state's rows, then `other`'s (at the same point): tokens, keys, predictions, the rows and
+        FLOPs spent, and the block cache where both hold one of the same block (sampling/fast.py)."""
+        cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        p, q = self.pred, other.pred
+        return SamplerState(
+            x=cat(self.x, other.x), attention_mask=cat(self.attention_mask, other.attention_mask),
+            prompt_length=self.prompt_length, keys=cat(self.keys, other.keys), block=self.block, step=self.step,
+            pred=Prediction(*(cat(getattr(p, f), getattr(q, f)) for f in ("candidates", "confidence", "xhat0"))),
+            rows=cat(self.rows, other.rows), flops=cat(self.flops, other.flops),
+            kv=None if self.kv is None or other.kv is None else self.kv.concat(other.kv))
 
 
 class StepHook(Protocol):
@@ -92,3 +106,5 @@ class SampleOutput:
     # Plain sampling of the same prompts and seeds, forked where refinement first applied.
     plain_sequences: Optional[torch.Tensor] = None
     plain_rows: Optional[torch.Tensor] = None  # extra denoiser rows the plain branch cost
+    flops: Optional[torch.Tensor] = None  # (B,) model FLOPs per sample (safegen.models.flops)
+    plain_flops: Optional[torch.Tensor] = None  # extra FLOPs of the plain branch

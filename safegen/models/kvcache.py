@@ -1,0 +1,124 @@
+"""Keys and values of LLaDA's attention kept between forwards, and forwards that run only some positions.
+
+LLaDA attends bidirectionally, so no position's key or value is exact once any token changes. Fast-dLLM
+(Wu et al. 2025) observes that outside the block being denoised they change little across the block's
+steps, and reuses them: `prefill` runs every position once and keeps each layer's (rotated) keys and
+values; `forward_queries` then runs only the query positions, each layer attending from them to the
+kept keys and values of every other position and to the queries' own fresh ones. With the cache made
+from the very tokens the queries then run on, a query's logits are the full forward's (up to float
+rounding of a matmul over fewer rows): that is the test that the plumbing is right.
+
+Positions follow LLaDABackbone.forward: a padded row's real tokens are packed to positions 0..n-1 (in
+order), the cache is held in that packed order, and queries are named by their unpacked position, so
+a row's result does not depend on its neighbours' padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .rope import rotary_angles, rotate
+
+__all__ = ["KVCache", "prefill", "forward_queries"]
+
+
+@dataclass
+class KVCache:
+    """Per layer, keys and values (B, n_kv_heads, L, head_dim) after RoPE, in packed order."""
+
+    keys: list
+    values: list
+    slot: torch.Tensor  # (B, L) long: packed index of each (unpacked) position
+    key_mask: Optional[torch.Tensor]  # (B, 1, 1, L) bool over packed keys; None: all attended
+    cos: torch.Tensor  # (L, head_dim) float32, RoPE angles of packed positions 0..L-1
+    sin: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.slot.shape[1]
+
+    def select(self, index: torch.Tensor) -> "KVCache":
+        """The cache of rows `index` (a row may appear several times: IterRef's proposals)."""
+        return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.slot[index],
+                       None if self.key_mask is None else self.key_mask[index], self.cos, self.sin)
+
+
+def _attend(q, k, v, key_mask, n_rep):
+    if n_rep != 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    if q.device.type == "cpu":  # the math kernel, as LLaDABlock uses on CPU (batch invariance)
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+
+
+def _block(block, x, cos, sin, key_mask, cached=None, slots=None):
+    """LLaDABlock's computation for the positions in x (B, Q, d), whose RoPE angles are cos/sin
+    (broadcastable to (B, 1, Q, head_dim)). cached: (keys, values) of all L positions, of which the
+    `slots` (B, Q) are replaced by the queries' own; None: x is the whole sequence. Returns the
+    block's output and the queries' keys and values (n_kv heads)."""
+    batch, length, _ = x.shape
+    h = block.attn_norm(x)
+    q = block.q_proj(h).view(batch, length, block.n_heads, block.head_dim).transpose(1, 2)
+    k = block.k_proj(h).view(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
+    v = block.v_proj(h).view(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    keys, values = k, v
+    if cached is not None:
+        index = slots[:, None, :, None].expand(-1, block.n_kv_heads, -1, block.head_dim)
+        keys = cached[0].scatter(2, index, k)
+        values = cached[1].scatter(2, index, v)
+    att = _attend(q, keys, values, key_mask, block.n_heads // block.n_kv_heads)
+    x = x + block.attn_out(att.transpose(1, 2).reshape(batch, length, -1))
+    h = block.ff_norm(x)
+    return x + block.ff_out(F.silu(block.ff_proj(h)) * block.up_proj(h)), k, v
+
+
+def _packing(attention_mask, shape, device):
+    """(order, slot, real) of LLaDABackbone's packing: order[b, i] is the unpacked position at packed
+    index i, slot its inverse; real (B, L) bool in packed order, None when nothing is padded."""
+    B, L = shape
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        ar = torch.arange(L, device=device).expand(B, L).clone()  # a tensor of its own: rows get replaced
+        return ar, ar, None
+    real = attention_mask.bool()
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    slot = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=device).expand(B, L))
+    return order, slot, real.gather(1, order)
+
+
+def prefill(backbone, input_ids, attention_mask=None, logits_from: int = 0):
+    """The full forward of LLaDABackbone (every position a query) that also keeps each layer's keys
+    and values. Returns (logits of positions logits_from.. (B, L - logits_from, V), KVCache)."""
+    B, L = input_ids.shape
+    order, slot, real = _packing(attention_mask, input_ids.shape, input_ids.device)
+    cfg = backbone.config
+    cos, sin = rotary_angles(L, cfg.head_dim, cfg.rope_theta, input_ids.device)
+    key_mask = None if real is None else (real | ~real.any(-1, keepdim=True))[:, None, None, :]
+    t = backbone.transformer
+    x = t.wte(input_ids.gather(1, order))
+    keys, values = [], []
+    for block in t.blocks:
+        x, k, v = _block(block, x, cos, sin, key_mask)
+        keys.append(k)
+        values.append(v)
+    # Back to unpacked order, then the head on the positions asked for only (d_model wide until then).
+    x = torch.empty_like(x).scatter_(1, order[..., None].expand_as(x), x)[:, logits_from:]
+    return t.ff_out(t.ln_f(x)), KVCache(keys, values, slot, key_mask, cos, sin)
+
+
+def forward_queries(backbone, query_ids, positions, cache: KVCache):
+    """Logits (B, Q, V) of the tokens query_ids (B, Q) at the unpacked positions `positions` (B, Q),
+    attending to the cache's keys and values of every other position and to their own."""
+    slots = cache.slot.gather(1, positions)
+    cos, sin = cache.cos[slots][:, None], cache.sin[slots][:, None]
+    t = backbone.transformer
+    x = t.wte(query_ids)
+    for block, k, v in zip(t.blocks, cache.keys, cache.values):
+        x, _, _ = _block(block, x, cos, sin, cache.key_mask, (k, v), slots)
+    return t.ff_out(t.ln_f(x))

@@ -1,0 +1,185 @@
+"""Fast sampling (Fast-dLLM, Wu et al. 2025), training-free: the sampler's block-wise key/value cache
+and confidence-threshold parallel decoding. Both are off by default (SamplingConfig cache=None,
+threshold=None), which is LLaDA's reference sampler, unchanged.
+
+* cache "prefix": at a block's first forward, one full forward (safegen.models.kvcache.prefill) keeps every
+  position's keys and values; the block's later steps run the block and everything after it as
+  queries against the kept keys and values of the prompt and the finished blocks.
+* cache "dual": the masked suffix is kept too; a step runs only the block's positions.
+  Positions that are not queries keep the logits of the block's full forward (x̂0 there is only read
+  by refinement's reward, and is a mask's argmax either way).
+* A row's cache is refreshed, alone, whenever one of its cached (non-query) tokens differs from the
+  tokens it was made from (a refinement hook changed them), so that a row's output depends only on its
+  own history, never on its neighbours'.
+* threshold: a step commits every committable position whose candidate's probability exceeds the
+  threshold, and at least the step's scheduled count; once a block has nothing left to commit, its
+  remaining steps make no forward. The schedule's count keeps the block finishing within its steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import ArgumentError
+from ..models import flops
+from ..models.kvcache import KVCache
+
+
+@dataclass
+class BlockCache:
+    """SamplerState.kv of the cached sampler: per row, the cache and what it was made from."""
+
+    block: int  # the block whose steps it serves
+    x: torch.Tensor  # (n, P+G) the tokens of each row's last refresh
+    logits: torch.Tensor  # (n, G, V) the generation region's logits at that refresh
+    cache: KVCache
+
+    def select(self, index: torch.Tensor) -> "BlockCache":
+        return BlockCache(self.block, self.x[index], self.logits[index], self.cache.select(index))
+
+    def assign(self, index: torch.Tensor, other: "BlockCache") -> None:
+        """Rows `index` replaced by `other`'s (a refresh of those rows only)."""
+        self.x[index], self.logits[index] = other.x, other.logits
+        c, o = self.cache, other.cache
+        for mine, theirs in ((c.keys, o.keys), (c.values, o.values)):
+            for layer in range(len(mine)):
+                mine[layer][index] = theirs[layer]
+        c.slot[index] = o.slot
+        if c.key_mask is not None:
+            c.key_mask[index] = o.key_mask if o.key_mask is not None else True
+
+    def concat(self, other: "BlockCache") -> Optional["BlockCache"]:
+        """The caches of two row sets, this one's first (None unless both serve the same block)."""
+        if self.block != other.block:
+            return None
+        ca, cb = self.cache, other.cache
+        mask = None
+        if ca.key_mask is not None or cb.key_mask is not None:
+            full = lambda c, n: c.key_mask if c.key_mask is not None else torch.ones(  # noqa: E731
+                n, 1, 1, c.length, dtype=torch.bool, device=c.slot.device)
+            mask = torch.cat([full(ca, len(self.x)), full(cb, len(other.x))])
+        cache = KVCache([torch.cat(p) for p in zip(ca.keys, cb.keys)], [torch.cat(p) for p in zip(ca.values, cb.values)],
+                        torch.cat([ca.slot, cb.slot]), mask, ca.cos, ca.sin)
+        return BlockCache(self.block, torch.cat([self.x, other.x]), torch.cat([self.logits, other.logits]), cache)
+
+
+def check_cacheable(sampler) -> None:
+    """The cache needs LLaDAModelLM's prefill/forward_queries and logits without a shift."""
+    if not (hasattr(sampler.model, "prefill") and hasattr(sampler.model, "forward_queries")):
+        raise ArgumentError(f"sampling.cache={sampler.config.cache!r} needs a model with prefill() and "
+                            f"forward_queries() (safegen.models.llada.LLaDAModelLM); {type(sampler.model).__name__} "
+                            "has none: use cache=None")
+    if sampler.profile.shift_logits:
+        raise ArgumentError("sampling.cache is not implemented for shifted-logit (Dream-style) models")
+
+
+def query_positions(sampler, block: int, P: int) -> slice:
+    """The generation-region slice a cached step runs: the block (dual) or the block onwards (prefix)."""
+    sl = sampler.block_slice(block)
+    return slice(sl.start, sl.stop if sampler.config.cache == "dual" else sampler.config.max_new_tokens)
+
+
+def cached_logits(sampler, state) -> torch.Tensor:
+    """Logits (n, G, V) of the generation region for the next commit, from the block cache; charges
+    the state's rows (one forward each) and FLOPs (what the forward computed)."""
+    x, P, attn = state.x, state.prompt_length, state.attention_mask
+    n = x.shape[0]
+    block = sampler.next_block(state)
+    if block >= sampler.config.n_blocks:  # the finished answer (a hook's last point): a plain forward
+        return sampler.forward(state, x, torch.arange(n, device=x.device))
+    q = query_positions(sampler, block, P)
+    kv: Optional[BlockCache] = state.kv
+    outside = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    outside[P + q.start:P + q.stop] = False
+    if kv is None or kv.block != block or kv.x.shape != x.shape:
+        stale = torch.ones(n, dtype=torch.bool, device=x.device)
+    else:
+        stale = (x[:, outside] != kv.x[:, outside]).any(1)
+    G = sampler.config.max_new_tokens
+    if stale.any():
+        idx = stale.nonzero().squeeze(1)
+        sub_attn = None if attn is None else attn[idx]
+        logits, cache = sampler.model.prefill(x[idx], sub_attn, logits_from=P)
+        fresh = BlockCache(block, x[idx].clone(), logits, cache)
+        if bool(stale.all()):
+            state.kv = kv = fresh
+        else:
+            kv.assign(idx, fresh)
+        state.flops.index_add_(0, idx.cpu(), flops.sequence_flops(sampler._dims, x[idx], sub_attn, heads=G))
+    out = kv.logits.clone()
+    run = (~stale).nonzero().squeeze(1)
+    if len(run):
+        pos = torch.arange(P + q.start, P + q.stop, device=x.device).expand(len(run), -1)
+        cache = kv.cache if len(run) == n else kv.cache.select(run)
+        out[run, q] = sampler.model.forward_queries(x[run][:, P + q.start:P + q.stop], pos, cache).to(out.dtype)
+        sub_attn = None if attn is None else attn[run]
+        state.flops.index_add_(0, run.cpu(), flops.sequence_flops(
+            sampler._dims, x[run], sub_attn, queries=q.stop - q.start))
+    state.rows += 1.0
+    return out
+
+
+def threshold_counts(sampler, state, n_commit: torch.Tensor) -> Optional[torch.Tensor]:
+    """Commits per row this step under the threshold: the scheduled count or every committable
+    position above the threshold, whichever is more, at most what is left in the block. None when no
+    row has anything left in the block (the step makes no forward)."""
+    committable = sampler.committable(state.gen, sampler.next_block(state))
+    left = committable.sum(1)
+    if not bool(left.any()):
+        return None
+    # A row with nothing left is not charged for the forward its neighbours still need (the batch's
+    # waste, like padding): its cost, as its output, depends only on its own prompt and seed.
+    done = (left == 0).cpu()
+    rows, spent = state.rows[done].clone(), state.flops[done].clone()
+    sampler.refresh(state)
+    state.rows[done], state.flops[done] = rows, spent
+    above = ((state.pred.confidence > sampler.config.threshold) & committable).sum(1)
+    return torch.minimum(torch.maximum(n_commit.to(left.device), above), left)
+
+
+
+# ------------------------------------------------------------------------------ IterRef's proposals
+class ProposalCache:
+    """Keys and values of the refining rows' current drafts, computed once per pool (one full forward
+    per row, shared by its N proposals); a proposal's forwards then run only its holes as queries.
+
+    Every hole stays a query in every sub-step, filled or not, so that its keys and values are the
+    proposal's own (the draft's token there was re-masked); the scoring forward, after the last hole,
+    adds the positions still masked (their x̂0 is the reward's input). What is approximate: the
+    positions outside the queries keep the draft's keys and values, computed with the old tokens at
+    the holes (docs/method.md, "Fast sampling")."""
+
+    def __init__(self, sampler, state, parent: torch.Tensor):
+        self.rows, self.of = torch.unique(parent, return_inverse=True)  # refining rows; parent -> index
+        x, P = state.x[self.rows], state.prompt_length
+        attn = None if state.attention_mask is None else state.attention_mask[self.rows]
+        with torch.inference_mode():
+            _, self.cache = sampler.model.prefill(x, attn, logits_from=x.shape[1])  # no head: K/V only
+        state.rows.index_add_(0, self.rows.cpu(), torch.ones(len(self.rows), dtype=torch.float64))
+        state.flops.index_add_(0, self.rows.cpu(), flops.sequence_flops(sampler._dims, x, attn, heads=0))
+
+    def logits(self, sampler, state, gen: torch.Tensor, queries: torch.Tensor, proposals: torch.Tensor,
+               owner: torch.Tensor) -> torch.Tensor:
+        """Logits (n, G, V) of the proposals `gen` (n, G) at their `queries` (n, G bool; elsewhere 0,
+        never read), `proposals` (n,) their index in the pool (-> the cache of their parent)."""
+        P = state.prompt_length
+        n, G = gen.shape
+        counts = queries.sum(1)
+        out = None
+        x = torch.cat([state.x[owner, :P], gen], dim=1)
+        for q in counts.unique().tolist():  # rows with as many queries run together
+            sel = (counts == q).nonzero().squeeze(1)
+            order = torch.argsort(queries[sel].to(torch.int8), dim=1, descending=True, stable=True)[:, :q]
+            pos = P + order
+            cache = self.cache.select(self.of[proposals[sel]])
+            lg = sampler.model.forward_queries(x[sel].gather(1, pos), pos, cache)
+            if out is None:
+                out = torch.zeros((n, G, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
+            out[sel[:, None], order] = lg
+            attn = None if state.attention_mask is None else state.attention_mask[owner[sel]]
+            state.flops.index_add_(0, owner[sel].cpu(), flops.sequence_flops(sampler._dims, x[sel], attn,
+                                                                              queries=q))
+        state.rows.index_add_(0, owner.cpu(), torch.ones(n, dtype=torch.float64))
+        return out
