@@ -73,8 +73,10 @@ def format_summary(summary: dict) -> str:
         ("mean toxicity", f"{s['mean_toxicity_before']:.4f} -> {s['mean_toxicity_after']:.4f}"),
         ("refined samples", f"{s['refined']}"),
         ("denoiser rows / sample", f"{s['rows_per_sample']:.1f} (+{s['rows_before_per_sample']:.1f} for 'before')"),
-        ("model GFLOPs / sample", f"{s.get('flops_per_sample', 0.0) / 1e9:.2f} "
-                                  f"(+{s.get('flops_before_per_sample', 0.0) / 1e9:.2f} for 'before')"),
+        # FLOPs are counted for LLaDA's architecture only (models/flops.py): say so rather than print 0.
+        ("model GFLOPs / sample", f"{s['flops_per_sample'] / 1e9:.2f} "
+                                  f"(+{s.get('flops_before_per_sample', 0.0) / 1e9:.2f} for 'before')"
+         if s.get("flops_per_sample") else "not counted for this model (LLaDA only)"),
         ("reward texts / sample", f"{s['reward_calls_per_sample']:.1f}"),
         ("time", f"{s['seconds']:.1f} s"),
     ]
