@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .rope import rotary_angles, rotate
+from .attention import attend
+from .rope import rotary_angles
 
 __all__ = ["KVCache", "prefill", "forward_queries"]
 
@@ -47,36 +46,19 @@ class KVCache:
                        None if self.key_mask is None else self.key_mask[index], self.cos, self.sin)
 
 
-def _attend(q, k, v, key_mask, n_rep):
-    if n_rep != 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    if q.device.type == "cpu":  # the math kernel, as LLaDABlock uses on CPU (batch invariance)
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-
-
 def _block(block, x, cos, sin, key_mask, cached=None, slots=None):
     """LLaDABlock's computation for the positions in x (B, Q, d), whose RoPE angles are cos/sin
     (broadcastable to (B, 1, Q, head_dim)). cached: (keys, values) of all L positions, of which the
     `slots` (B, Q) are replaced by the queries' own; None: x is the whole sequence. Returns the
     block's output and the queries' keys and values (n_kv heads)."""
-    batch, length, _ = x.shape
-    h = block.attn_norm(x)
-    q = block.q_proj(h).view(batch, length, block.n_heads, block.head_dim).transpose(1, 2)
-    k = block.k_proj(h).view(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
-    v = block.v_proj(h).view(batch, length, block.n_kv_heads, block.head_dim).transpose(1, 2)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    q, k, v = block.project(x, cos, sin)
     keys, values = k, v
     if cached is not None:
         index = slots[:, None, :, None].expand(-1, block.n_kv_heads, -1, block.head_dim)
         keys = cached[0].scatter(2, index, k)
         values = cached[1].scatter(2, index, v)
-    att = _attend(q, keys, values, key_mask, block.n_heads // block.n_kv_heads)
-    x = x + block.attn_out(att.transpose(1, 2).reshape(batch, length, -1))
-    h = block.ff_norm(x)
-    return x + block.ff_out(F.silu(block.ff_proj(h)) * block.up_proj(h)), k, v
+    att = attend(q, keys, values, key_mask, block.n_heads // block.n_kv_heads)
+    return block.finish(x, att), k, v
 
 
 def _packing(attention_mask, shape, device):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
+from .attention import attend
 from .rope import rotary_angles, rotate
 
 __all__ = ["LLaDAConfig", "LLaDAModelLM"]
@@ -153,28 +153,27 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, key_mask):
+    def project(self, x, cos, sin):
+        """Queries (n_heads), keys and values (n_kv_heads) of x (B, L, d), (B, heads, L, head_dim),
+        queries and keys rotated by the angles cos/sin."""
         batch, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        # Bidirectional: every position sees every unpadded position.
-        if x.device.type == "cpu":
-            # PyTorch's fused CPU kernel groups its float32 sums over keys by the key count, so a row
-            # padded to a longer neighbour's length got other bf16 roundings (up to 0.002 on the tiny
-            # model) than alone; the math kernel sums a row's keys alike whatever follows them.
-            with sdpa_kernel(SDPBackend.MATH):
-                att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-        else:
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def finish(self, x, att):
+        """The block's output from its input x and its attention `att` (B, n_heads, L, head_dim):
+        the attention residual, then the SwiGLU MLP's."""
+        batch, length, _ = x.shape
         x = x + self.attn_out(att.transpose(1, 2).reshape(batch, length, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    def forward(self, x, cos, sin, key_mask):
+        q, k, v = self.project(x, cos, sin)
+        return self.finish(x, attend(q, k, v, key_mask, self.n_heads // self.n_kv_heads))
 
 
 class LLaDABackbone(nn.Module):

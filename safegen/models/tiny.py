@@ -119,12 +119,7 @@ def write_tiny_model(directory: str | Path, seed: int = 0, **config_overrides) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LLaDAModelLM(config).eval()
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _save(model, tokenizer, directory)
 
 
 # ----------------------------------------------------------------------------- a tiny MDLM
@@ -163,12 +158,17 @@ def write_tiny_mdlm(directory: str | Path, seed: int = 0, **config_overrides) ->
 
     fixed = sorted(set(config_overrides) & {"vocab_size", "mask_token_id"})
     if fixed:
-        raise ValueError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
+        raise ConfigError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
     tokenizer = build_tiny_mdlm_tokenizer()
     config = MDLMConfig(vocab_size=len(tokenizer), **{**TINY_MDLM_ARCHITECTURE, **config_overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MDLMModel(config).eval()
+    return _save(model, tokenizer, directory)
+
+
+def _save(model, tokenizer, directory: str | Path) -> Path:
+    """Write a tiny model and its tokenizer as from_pretrained reads them; returns the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
