@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from safegen.models import flops
+from safegen.refine import cost
 from safegen.models.llada import LLaDAConfig, LLaDAModelLM
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
@@ -31,14 +33,27 @@ LLADA_8B = flops.dims_of(LLaDAConfig())  # the defaults are LLaDA-8B-Instruct's
 TOXIC = (5, 6, 7)  # the reward's "toxic" tokens: IterRef's reward is minus their count
 
 
-def settings(budgets=(2.0, 4.0)):
-    """(name, sampling overrides, refine config or None)."""
+def equal_flops_budget(budget: float, G: int, block: int, prompt: int, cache: str = "dual") -> float:
+    """The cached budget that buys the FLOPs of `budget` uncached: IterRef's budget is a multiple of
+    plain sampling's cost in its own sampling settings (safegen.refine.cost.Meter), and uncached plain
+    sampling costs T = G units of one uncached forward."""
+    sampling = SamplingConfig(max_new_tokens=G, steps=G, block_length=block, cache=cache)
+    cached_plain = float(cost.Meter(sampling, LLADA_8B, torch.tensor([float(prompt + G)])).plain()[0])
+    return budget * G / cached_plain
+
+
+def settings(G: int, block: int, prompt: int, budgets=(2.0, 4.0)):
+    """(name, sampling overrides, refine config or None). IterRef's budget b: b times plain sampling in
+    the same settings; "+dual" at b is b times the dual-cached plain run, and "+dual_equal_flops" is
+    given the FLOPs of b times the uncached plain run."""
     out = [("plain", {}, None), ("prefix", dict(cache="prefix"), None), ("dual", dict(cache="dual"), None),
            ("dual+threshold0.9", dict(cache="dual", threshold=0.9), None)]
     for b in budgets:
         rc = RefineConfig(proposal_holes="targeted", budget=b, iterations=64)
         out.append((f"iterref_targeted_budget{b:g}", {}, rc))
         out.append((f"iterref_targeted_budget{b:g}+dual", dict(cache="dual"), rc))
+        out.append((f"iterref_targeted_budget{b:g}+dual_equal_flops", dict(cache="dual"),
+                    replace(rc, budget=equal_flops_budget(b, G, block, prompt))))
     return out
 
 
@@ -61,7 +76,7 @@ def measure(model, name, overrides, rc, G, block, prompt, samples):
                        blame=lambda ids: torch.isin(ids.cpu(), toxic).double())
     ids = torch.randint(0, vocab - 3, (samples, prompt), generator=torch.Generator().manual_seed(1))
     # The forwards are counted for LLaDA-8B's shapes: counting reads only the config, not the weights.
-    sampler._dims = LLADA_8B
+    sampler.dims = LLADA_8B
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = sampler.run(ids, seeds=0, hook=hook)
@@ -90,12 +105,12 @@ def toy_threshold(samples: int, thresholds=(None, 0.9, 0.7, 0.5)) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     base = next(r for r in rows if r["setting"] == "plain")
-    lines = ["| setting | GFLOPs/sample (LLaDA-8B shapes) | x fewer than plain | rows/sample | s/sample (run model) |",
-             "|---|---|---|---|---|"]
+    lines = ["| setting | GFLOPs/sample (LLaDA-8B shapes) | x fewer than plain | rows/sample | proposals/sample "
+             "| s/sample (run model) |", "|---|---|---|---|---|---|"]
     for r in rows:
         f = r["flops_per_sample"]
         lines.append(f"| {r['setting']} | {f / 1e9:,.0f} | {base['flops_per_sample'] / f:.2f} | "
-                     f"{r['rows_per_sample']:.0f} | {r['seconds_per_sample']:.2f} |")
+                     f"{r['rows_per_sample']:.0f} | {r['proposed_per_sample']:.0f} | {r['seconds_per_sample']:.2f} |")
     return "\n".join(lines)
 
 
@@ -115,7 +130,7 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(1)  # tiny matrices: threads only contend
     model = build_model(args.width, args.layers, args.vocab)
     rows = []
-    for name, ov, rc in settings():
+    for name, ov, rc in settings(G, block, prompt):
         rows.append(measure(model, name, ov, rc, G, block, prompt, args.samples))
         print(f"{name}: {rows[-1]['flops_per_sample'] / 1e9:,.0f} GFLOPs, {rows[-1]['rows_per_sample']:.0f} rows, "
               f"{rows[-1]['seconds_per_sample']:.2f} s per sample", flush=True)

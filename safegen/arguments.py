@@ -49,7 +49,7 @@ FIELD_HELP = {
                       "low_confidence (LLaDA's rule on the sampled token: not exact)",
     "adaptive": "refine only samples the policy rejects (not exact); --exact is --no-adaptive",
     "accept_reward": "adaptive: the bar for a reward that gives no verdict ('none': no bar)",
-    "budget": "cap on denoiser rows per sample, x plain ('none': no cap); a cap that stops the chain early "
+    "budget": "cap on the cost per sample, x plain sampling in the same sampling settings: model FLOPs where counted (LLaDA), else denoiser rows ('none': no cap); a cap that stops the chain early "
               "is not exact",
 }
 CHOICES = {"remasking": REMASKING, "sampler": SAMPLERS, "cache": tuple(c for c in CACHES if c is not None), "schedule": SCHEDULES, "scope": SCOPES,

@@ -25,7 +25,14 @@ def test_quick_run_writes_one_object_per_setting(tmp_path):
     assert rows["dual"]["flops_ratio_to_plain"] > rows["prefix"]["flops_ratio_to_plain"] > 1.3
     for b in ("2", "4"):
         cached, plain = rows[f"iterref_targeted_budget{b}+dual"], rows[f"iterref_targeted_budget{b}"]
+        # Budgets are in FLOPs, x plain sampling in the same settings: each within its own cap.
+        assert plain["flops_per_sample"] <= float(b) * rows["plain"]["flops_per_sample"] * (1 + 1e-12)
+        assert cached["flops_per_sample"] <= float(b) * rows["dual"]["flops_per_sample"] * (1 + 1e-12)
         assert cached["flops_per_sample"] < 0.75 * plain["flops_per_sample"]  # at G = 16; less at 256
+        # At the uncached run's FLOPs, the cache buys more proposals, within the same cap.
+        equal = rows[f"iterref_targeted_budget{b}+dual_equal_flops"]
+        assert equal["flops_per_sample"] <= float(b) * rows["plain"]["flops_per_sample"] * (1 + 1e-12)
+        assert equal["proposed_per_sample"] > plain["proposed_per_sample"]
     toys = {k: v for k, v in rows.items() if k.startswith("toy_")}
     assert toys["toy_peaked_threshold0.5"]["forwards_per_sample"] < toys["toy_peaked_thresholdNone"]["forwards_per_sample"]
     assert toys["toy_flat_threshold0.9"]["forwards_per_sample"] == toys["toy_flat_thresholdNone"]["forwards_per_sample"]

@@ -35,7 +35,7 @@ DEFAULT_ALPHA = 0.1
 class RefineConfig:
     """IterRef's settings. The chain at the last point targets p · exp(r/α) exactly (in the limit of
     many iterations) only with selection "mh", proposal_temperature 1, adaptive off and a budget
-    that does not cut it short (None, or at least research/planner.py's worst_case_rows): the defaults here, not
+    that does not cut it short (None, or at least research/planner.py's worst_case_cost): the defaults here, not
     SafeGenerator's (adaptive, budget 4). Every condition:
     docs/method.md, "5. Exactness: when it holds"."""
 
@@ -116,7 +116,7 @@ class RefineConfig:
                                                    and not isinstance(self.accept_reward, bool)):
             raise ConfigError(f"refine.accept_reward must be a number, got {self.accept_reward!r}")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget >= 1):
-            raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling), got {self.budget!r}")
+            raise ConfigError(f"refine.budget must be >= 1 (a multiple of plain sampling's cost), got {self.budget!r}")
         return self
 
     @classmethod

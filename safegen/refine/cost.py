@@ -17,13 +17,21 @@ pool: always so for N = 1 and for remask-only), T · rows_per_forward + k · Σ_
 
 The sampler counts the rows it really runs (SampleOutput.rows); this module predicts them, and the
 tests check one against the other.
+
+Rows stop measuring cost once forwards differ in length (the block cache runs a block's 32 positions
+where the uncached forward runs 320), so the budget is kept in FLOPs (safegen.models.flops) wherever
+the model's FLOPs are counted (LLaDA): `Meter` expresses a row's FLOPs in units of one uncached
+forward of that row, which is one row for the uncached sampler, so that uncached budgets cut exactly
+where the rows did, and a cached forward counts for the share of one that it computes. For models
+whose FLOPs are not counted (MDLM, the exact toys) the unit is the row, as before.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from ..models import flops
 from ..sampling.sampler import SamplingConfig, global_step
 
 
@@ -86,16 +94,117 @@ def pool_rows(sampling: SamplingConfig, n_proposals: int, m: torch.Tensor,
 
 def allowance(sampling: SamplingConfig, budget: float, spent: torch.Tensor, t: int,
               points_left: int) -> torch.Tensor:
-    """Rows each sample may spend at refinement point t under `budget` (a multiple of plain_rows),
-    having spent `spent` (per row): what is left after the base steps still to come, shared equally
-    by this and the later refinement points (`points_left`, this one included), so that an early
-    point cannot starve the later ones, the last of which scores the exact reward. What a point
-    leaves unspent carries over."""
-    T, per_row = sampling.steps, rows_per_forward(sampling)
-    # The next base step's forward is already made and charged (refresh, or the scoring forward of
-    # an accepted proposal) unless the answer is complete.
-    base_left = T - t - (1 if t < T else 0)
-    if sampling.sampler == "mdlm":  # a forward only after a step that unmasked one of the G positions
-        base_left = min(base_left, sampling.max_new_tokens)
-    left = budget * plain_rows(sampling) - spent - base_left * per_row
-    return left / max(points_left, 1)
+    """Rows each sample may spend at refinement point t under `budget`, counted in rows (the models
+    whose FLOPs are not counted): Meter(sampling).allowance."""
+    return Meter(sampling).allowance(budget, spent, t, points_left)
+
+
+def real_lengths(state) -> torch.Tensor:
+    """(B,) float64 on the CPU: each row's real positions (prompt without its padding, plus G)."""
+    if state.attention_mask is None:
+        return torch.full((state.x.shape[0],), float(state.x.shape[1]), dtype=torch.float64)
+    return state.attention_mask.sum(1).double().cpu()
+
+
+class Meter:
+    """The budget's cost model for rows of known real lengths: costs in units of one uncached forward
+    of the row (one row without CFG), from the FLOPs the sampler counts for each forward kind
+    (safegen.sampling.fast: a block's prefill, a block step's queries, a pool's prefill and its
+    proposals' queries). Without `dims` (FLOPs not counted) a forward costs its rows whatever its length.
+
+    The budget is a multiple of plain sampling's cost with the same SamplingConfig: with the cache, of
+    the cached plain sampler's FLOPs; with a threshold, of the schedule's forwards (an upper bound: the
+    forwards the threshold saves are left to refinement)."""
+
+    def __init__(self, sampling: SamplingConfig, dims: Optional[flops.Dims] = None,
+                 lengths: Optional[torch.Tensor] = None):
+        self.sampling = sampling
+        self.counted = dims is not None and lengths is not None
+        self.dims = dims
+        self.n = None if lengths is None else lengths.double()
+        if self.counted:
+            self.unit = flops.forward_flops(dims, self.n, self.n * self.n, self.n)
+
+    @classmethod
+    def of(cls, sampler, state) -> "Meter":
+        return cls(sampler.config, sampler.dims, real_lengths(state))
+
+    def _queries(self, queries, heads=None) -> torch.Tensor:
+        """A forward of `queries` positions against the row's real keys, the head on `heads` (default:
+        the queries), in units."""
+        q = queries * torch.ones_like(self.n)
+        h = q if heads is None else heads * torch.ones_like(self.n)
+        return flops.forward_flops(self.dims, q, q * self.n, h) / self.unit
+
+    def spent(self, state) -> torch.Tensor:
+        """What each row of `state` has spent so far, in units."""
+        return state.flops / self.unit if self.counted else state.rows
+
+    def _one(self, value: float) -> torch.Tensor:
+        return torch.full_like(self.n, value) if self.n is not None else torch.tensor(value, dtype=torch.float64)
+
+    def prefill(self) -> torch.Tensor:
+        """A block's first cached forward: every position, the head on the generation region."""
+        return self._queries(self.n, self.sampling.max_new_tokens)
+
+    def steps(self) -> list[torch.Tensor]:
+        """The cost of base step s's forward, s = 1..T, as the schedule runs them (MDLM: see plain)."""
+        sampling = self.sampling
+        if not (self.counted and sampling.cache):
+            return [self._one(rows_per_forward(sampling))] * sampling.steps
+        out, G, start = [], sampling.max_new_tokens, 0
+        for b, length in enumerate(sampling.block_lengths):
+            width = length if sampling.cache == "dual" else G - start
+            out += [self.prefill()] + [self._queries(width)] * (sampling.steps_in_block(b) - 1)
+            start += length
+        return out
+
+    def plain(self) -> torch.Tensor:
+        """Plain sampling's cost per sample: the budget's unit."""
+        if not self.counted:
+            return self._one(plain_rows(self.sampling))
+        return torch.stack(self.steps()).sum(0)
+
+    def pool(self, n_proposals: int, m: torch.Tensor, masks_left: torch.Tensor) -> torch.Tensor:
+        """One pool of N proposals re-masking m tokens each, with `masks_left` masked positions in the
+        draft (0 after the last step). Uncached: pool_rows. Cached (fast.ProposalCache): one forward of
+        the draft's keys and values (no head), then per proposal m forwards of its m holes and, where a
+        mask is left, a scoring forward of the holes and the masks."""
+        if not (self.counted and self.sampling.cache):
+            return pool_rows(self.sampling, n_proposals, m, masks_left > 0)
+        m, masks_left = m.double(), masks_left.double()
+        keys_values = self._queries(self.n, 0)
+        proposal = m * self._queries(m) + (masks_left > 0).double() * self._queries(m + masks_left)
+        return keys_values + n_proposals * proposal
+
+    def refresh(self, t: int, scope: str) -> torch.Tensor:
+        """What a move at point t may add to the base steps: with the cache, a draft changed outside the
+        window of step t+2 (an earlier block: scope "all", or any point at a block's end) makes that
+        step a prefill rather than a short forward (fast.cached_logits); step t+1's forward is made."""
+        if not (self.counted and self.sampling.cache) or t + 2 > self.sampling.steps:
+            return self._one(0.0)
+        points = block_points(self.sampling)
+        _, s, S_b, _ = points[t - 1]
+        if scope != "all" and s != S_b:
+            return self._one(0.0)
+        return torch.clamp(self.prefill() - self.steps()[t + 1], min=0.0)
+
+    def allowance(self, budget: float, spent: torch.Tensor, t: int, points_left: int) -> torch.Tensor:
+        """What each sample may spend at refinement point t under `budget` (a multiple of plain()),
+        having spent `spent`: what is left after the base steps still to come, shared equally by this
+        and the later refinement points (`points_left`, this one included), so that an early point
+        cannot starve the later ones, the last of which scores the exact reward. What a point leaves
+        unspent carries over."""
+        sampling = self.sampling
+        T = sampling.steps
+        # The next base step's forward is already made and charged (refresh, or the scoring forward
+        # of an accepted proposal) unless the answer is complete: steps t+2..T are still to come.
+        if self.counted:
+            base_left = sum(self.steps()[t + 1:], self._one(0.0))
+        else:
+            count = T - t - (1 if t < T else 0)
+            if sampling.sampler == "mdlm":  # a forward only after a step that unmasked one of the G positions
+                count = min(count, sampling.max_new_tokens)
+            base_left = count * rows_per_forward(sampling)
+        left = budget * self.plain() - spent - base_left
+        return left / max(points_left, 1)

@@ -137,8 +137,9 @@ class _Chain:
     weights: Optional[torch.Tensor]  # (B, G) the current drafts' re-mask weights (targeted only)
     pool: _Pool
     draws: torch.Tensor  # (B,) pools drawn so far: part of each proposal's random stream
-    pool_rows: Optional[torch.Tensor] = None  # (B,) rows of one pool (budget only)
-    budget_left: Optional[torch.Tensor] = None  # (B,) rows each row may still spend here
+    meter: Optional[cost.Meter] = None  # the budget's cost model (budget only)
+    pool_cost: Optional[torch.Tensor] = None  # (B,) cost of one pool, in the meter's units
+    budget_left: Optional[torch.Tensor] = None  # (B,) what each row may still spend here
 
 
 class IterRef:
@@ -179,15 +180,18 @@ class IterRef:
         eligible = (state.gen != sampler.mask_id) & self.scope(sampler, state)
         active = (eligible.sum(1) > 0).cpu()
         t = sampler.global_step(state)
-        pool_rows = budget_left = None
+        meter = pool_cost = budget_left = None
         if cfg.budget is not None:
-            # A pool costs the same all through this point: re-masking keeps the decoded count.
+            # In FLOPs where they are counted, else rows (cost.Meter). A pool costs the same all
+            # through this point: re-masking keeps the decoded and the masked counts.
+            meter = cost.Meter.of(sampler, state)
             m = cost.remask_sizes(cfg.rho, eligible.sum(1))
-            pool_rows = cost.pool_rows(sampler.config, cfg.n_proposals, m.cpu(),
-                                       (state.gen == sampler.mask_id).any(1).cpu())
+            pool_cost = meter.pool(cfg.n_proposals, m.cpu(), (state.gen == sampler.mask_id).sum(1).cpu())
             points_left = sum(p >= t for p in cost.refinement_points(sampler.config, self.applies))
-            budget_left = cost.allowance(sampler.config, cfg.budget, state.rows, t, points_left)
-            active &= pool_rows <= budget_left + cost.EPS
+            # A move may turn a later cached step into a full one: kept back from the start.
+            budget_left = (meter.allowance(cfg.budget, meter.spent(state), t, points_left)
+                           - meter.refresh(t, cfg.scope))
+            active &= pool_cost <= budget_left + cost.EPS
         current = torch.full((B,), float("nan"), dtype=torch.float64)
         toxic = torch.zeros(B, dtype=torch.bool)
         idx = active.nonzero().squeeze(1)
@@ -203,22 +207,22 @@ class IterRef:
                 weights[idx] = self.remask_weights(state, state.pred.xhat0[idx], idx, eligible[idx])
         pool = _Pool.empty(B, cfg.n_proposals, G, device, targeted=weights is not None)
         return _Chain(t, eligible, active, current, toxic, weights, pool, torch.zeros(B, dtype=torch.long, device=device),
-                      pool_rows, budget_left)
+                      meter, pool_cost, budget_left)
 
     def refill(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain) -> None:
         """A new pool for every active row whose pool is empty; a row that cannot afford one stops."""
         need = chain.active & (chain.pool.next >= self.config.n_proposals)
         if chain.budget_left is not None and bool(need.any()):
-            affordable = chain.pool_rows <= chain.budget_left + cost.EPS
+            affordable = chain.pool_cost <= chain.budget_left + cost.EPS
             chain.active &= ~need | affordable
             need &= affordable
         idx = need.nonzero().squeeze(1)
         if len(idx):
-            spent = state.rows.clone()
+            spent = None if chain.meter is None else chain.meter.spent(state).clone()
             dev = idx.to(state.x.device)
             chain.pool.store(idx, *self.draw_pool(sampler, state, chain, dev))
             if chain.budget_left is not None:
-                chain.budget_left -= state.rows - spent
+                chain.budget_left -= chain.meter.spent(state) - spent
             chain.draws[dev] += 1
 
     def propose(self, chain: _Chain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,16 +1,20 @@
 """Planning a refinement for the benchmarks: how many decoded tokens a point re-masks from, the rows
 of a pool at a point, the worst case of a whole refinement, and the iterations k (and points) that
 fit a budget. On the run-time cost model (safegen/refine/cost.py); nothing at run time needs it.
+
+The budget is fitted in the units of a cost.Meter: rows by default; FLOPs, in units of one uncached
+forward, for a meter made with the model's dims and a prompt's real length (what IterRef's run-time
+budget counts for LLaDA, so that a plan with the cache fits what the cut allows).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from ..refine.config import RefineConfig
-from ..refine.cost import EPS, block_points, is_last, plain_rows, pool_rows, refinement_points, remask_sizes
+from ..refine.cost import EPS, Meter, block_points, is_last, plain_rows, pool_rows, refinement_points, remask_sizes
 from ..sampling.sampler import SamplingConfig, transfer_counts
 
 
@@ -44,11 +48,21 @@ def worst_case_rows(sampling: SamplingConfig, refine: RefineConfig,
     return plain_rows(sampling) + refine.iterations * sum(point_pool_rows(sampling, refine, t) for t in points)
 
 
+
+def worst_case_cost(meter: Meter, refine: RefineConfig, points: Optional[Sequence[int]] = None) -> float:
+    """worst_case_rows in the meter's units, with a move's refresh at each point (Meter.refresh)."""
+    sampling = meter.sampling
+    if points is None:
+        points = refinement_points(sampling, refine.applies)
+    return float(meter.plain().reshape(-1)[0]) + sum(
+        refine.iterations * point_pool_cost(meter, refine, t) + point_refresh_cost(meter, refine, t) for t in points)
+
 @dataclass(frozen=True)
 class Plan:
     points: tuple  # global steps t where the kernel runs; () when nothing fits
     iterations: int  # k
     rows: float  # worst-case rows per sample: plain_rows + k · Σ pool rows at the points
+    cost: float  # worst-case cost per sample in the plan's meter units (rows by default)
 
 
 POINTS = {"final": (1.0,), "late": (0.75, 1.0), "spread": (0.0, 0.25, 0.5, 0.75, 1.0)}
@@ -68,33 +82,57 @@ def candidate_point_sets(sampling: SamplingConfig, points: str = "spread") -> li
     return sorted(sets)
 
 
+def masks_at(sampling: SamplingConfig, t: int) -> int:
+    """Masked positions left at point t: none after the last step; by the block schedule otherwise
+    (MDLM's count is random: 1 stands for "some", all that its row count needs)."""
+    if is_last(sampling, t):
+        return 0
+    if sampling.sampler == "mdlm":
+        return 1
+    return sampling.max_new_tokens - decoded_at(sampling, t, "all")
+
+
+def point_pool_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
+    """The meter's cost of one pool at point t with the refine config's N, rho and scope."""
+    m = remask_sizes(refine.rho, torch.tensor([decoded_at(meter.sampling, t, refine.scope)]))
+    return float(meter.pool(refine.n_proposals, m, torch.tensor([masks_at(meter.sampling, t)])).reshape(-1)[0])
+
+
+def point_refresh_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
+    return float(meter.refresh(t, refine.scope).reshape(-1)[0])
+
+
 def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
          point_sets: Optional[Iterable[Sequence[int]]] = None, max_iterations: Optional[int] = None,
-         use: float = 1.0) -> Plan:
+         use: float = 1.0, meter: Optional[Meter] = None) -> Plan:
     """The iterations k (and points) of a refinement whose worst case (every iteration draws a new
-    pool) fits `budget` · plain_rows.
+    pool and moves) fits `budget` times plain sampling's cost under `meter` (default: rows).
 
     point_sets: the candidate sets of global steps; None: the refine config's own schedule. For each
     set, k is the largest that fits (at most max_iterations). Among the sets whose k >= 1, keeps those
-    within `use` of the most rows any of them spends, and of those takes the most points (spreading a
-    budget is best for toxicity in the paper), then the later points, then the most rows. With one
+    within `use` of the most any of them spends, and of those takes the most points (spreading a
+    budget is best for toxicity in the paper), then the later points, then the most spent. With one
     set (use = 1), this is just the largest k that fits.
     """
+    meter = meter or Meter(sampling)
     if point_sets is None:
         point_sets = [refinement_points(sampling, refine.applies)]
-    extra = (budget - 1) * plain_rows(sampling)
+    plain = float(meter.plain().reshape(-1)[0])
+    extra = (budget - 1) * plain
     options = []
     for points in point_sets:
-        per_iteration = sum(point_pool_rows(sampling, refine, t) for t in points)
+        per_iteration = sum(point_pool_cost(meter, refine, t) for t in points)
+        fixed = sum(point_refresh_cost(meter, refine, t) for t in points)  # a move's refresh, once a point
         if per_iteration <= 0:
             continue
-        k = int((extra + EPS) // per_iteration)
+        k = int((extra - fixed + EPS) // per_iteration)
         if max_iterations is not None:
             k = min(k, max_iterations)
         if k >= 1:
-            options.append((k * per_iteration, len(points), sum(points) / len(points), k, tuple(points)))
+            options.append((k * per_iteration + fixed, len(points), sum(points) / len(points), k, tuple(points)))
     if not options:
-        return Plan((), 0, plain_rows(sampling))
+        return Plan((), 0, plain_rows(sampling), plain)
     best = max(o[0] for o in options)
     spent, _, _, k, points = max((o for o in options if o[0] >= use * best), key=lambda o: (o[1], o[2], o[0]))
-    return Plan(points, k, plain_rows(sampling) + spent)
+    rows = worst_case_rows(sampling, replace(refine, iterations=k), points)
+    return Plan(points, k, rows, plain + spent)

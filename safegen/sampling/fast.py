@@ -107,7 +107,7 @@ def cached_logits(sampler, state) -> torch.Tensor:
             state.kv = kv = fresh
         else:
             kv.assign(idx, fresh)
-        state.flops.index_add_(0, idx.cpu(), flops.sequence_flops(sampler._dims, x[idx], sub_attn, heads=G))
+        state.flops.index_add_(0, idx.cpu(), flops.sequence_flops(sampler.dims, x[idx], sub_attn, heads=G))
     out = kv.logits.clone()
     run = (~stale).nonzero().squeeze(1)
     if len(run):
@@ -116,7 +116,7 @@ def cached_logits(sampler, state) -> torch.Tensor:
         out[run, q] = sampler.model.forward_queries(x[run][:, P + q.start:P + q.stop], pos, cache).to(out.dtype)
         sub_attn = None if attn is None else attn[run]
         state.flops.index_add_(0, run.cpu(), flops.sequence_flops(
-            sampler._dims, x[run], sub_attn, queries=q.stop - q.start))
+            sampler.dims, x[run], sub_attn, queries=q.stop - q.start))
     state.rows += 1.0
     return out
 
@@ -158,7 +158,7 @@ class ProposalCache:
         with torch.inference_mode():
             _, self.cache = sampler.model.prefill(x, attn, logits_from=x.shape[1])  # no head: K/V only
         state.rows.index_add_(0, self.rows.cpu(), torch.ones(len(self.rows), dtype=torch.float64))
-        state.flops.index_add_(0, self.rows.cpu(), flops.sequence_flops(sampler._dims, x, attn, heads=0))
+        state.flops.index_add_(0, self.rows.cpu(), flops.sequence_flops(sampler.dims, x, attn, heads=0))
 
     def logits(self, sampler, state, gen: torch.Tensor, queries: torch.Tensor, proposals: torch.Tensor,
                owner: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ class ProposalCache:
                 out = torch.zeros((n, G, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
             out[sel[:, None], order] = lg
             attn = None if state.attention_mask is None else state.attention_mask[owner[sel]]
-            state.flops.index_add_(0, owner[sel].cpu(), flops.sequence_flops(sampler._dims, x[sel], attn,
+            state.flops.index_add_(0, owner[sel].cpu(), flops.sequence_flops(sampler.dims, x[sel], attn,
                                                                               queries=q))
         state.rows.index_add_(0, owner.cpu(), torch.ones(n, dtype=torch.float64))
         return out

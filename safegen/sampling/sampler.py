@@ -69,7 +69,7 @@ class DiffusionSampler:
         self.mask_id = profile.mask_id
         self._passes_mask = _accepts_attention_mask(model)
         self._stop = torch.tensor(profile.stop_ids, dtype=torch.long)
-        self._dims = flops.dims_of(model)  # for FLOP accounting (None: counted as 0)
+        self.dims = flops.dims_of(model)  # for FLOP accounting (None: counted as 0)
         if self.config.cache is not None:
             fast.check_cacheable(self)  # the cache needs LLaDAModelLM's prefill and forward_queries
 
@@ -100,7 +100,7 @@ class DiffusionSampler:
             ran = owner
         # Each row the model ran is charged to its owner: what safegen.refine.cost.rows_per_forward predicts.
         state.rows.index_add_(0, ran.cpu(), torch.ones(len(ran), dtype=torch.float64))
-        per_row = flops.sequence_flops(self._dims, x, attn)  # the prompt-masked pass costs the same
+        per_row = flops.sequence_flops(self.dims, x, attn)  # the prompt-masked pass costs the same
         state.flops.index_add_(0, ran.cpu(), per_row.repeat(len(ran) // len(x)))
         return logits[:, P:]
 
