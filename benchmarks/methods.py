@@ -5,4 +5,8 @@ METHODS = ("plain", "best_of_n", "svdd", "fk_steering", "remask_only", "iterref"
 BASELINES = ("best_of_n", "fk_steering", "svdd")
 # The IterRef kernel's methods: (selection, re-masking). They share one refinement plan per budget.
 KERNELS = {"iterref": ("mh", "uniform"), "iterref_targeted": ("mh", "targeted"),
-           "remask_only": ("remask_only", "uniform")}
+           "remask_only": ("remask_only", "uniform"), "iterref_targeted_dual": ("mh", "targeted")}
+# Kernels run on LLaDA's cached sampler (SamplingConfig.cache), at the FLOPs of the uncached budget:
+# the RTP audit only (the exact toys have no attention to cache).
+CACHED = {"iterref_targeted_dual": "dual"}
+RTP_METHODS = METHODS + tuple(CACHED)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.methods import METHODS
+from benchmarks.methods import CACHED, RTP_METHODS
 from benchmarks.rtp import audit, metrics
 from benchmarks.rtp.metrics import SCORERS
 from benchmarks.rtp.plan import plan_refinement
@@ -214,9 +214,9 @@ def cells(out):
 def test_smoke_covers_every_method_and_budget_with_finite_metrics(smoke):
     out, _, results = smoke
     methods = results["methods"]
-    assert set(methods) == set(METHODS)
+    assert set(methods) == set(RTP_METHODS)
     assert list(methods["plain"]) == ["1"]
-    for m in METHODS[1:]:
+    for m in RTP_METHODS[1:]:
         assert list(methods[m]) == ["1", "2"]
     for m, budgets in methods.items():
         for b, e in budgets.items():
@@ -236,7 +236,10 @@ def test_smoke_rows_are_measured_and_within_budget(smoke):
     assert T == 8
     for m, budgets in results["methods"].items():
         for b, e in budgets.items():
-            assert e["rows_per_sample"]["max"] <= float(b) * T, (m, b)
+            if m not in CACHED:  # uncached, a row is one forward's FLOPs: the cap is on both
+                assert e["rows_per_sample"]["max"] <= float(b) * T, (m, b)
+            # Every method's FLOPs, the cached kernel's too, within b times uncached plain, prompt by prompt.
+            assert e["flops_x_plain"]["max"] <= float(b) * (1 + 1e-12), (m, b, e["flops_x_plain"])
     every = {(m, b): e for m, budgets in results["methods"].items() for b, e in budgets.items()}
     assert every[("plain", "1")]["rows_per_sample"]["max"] == T
     for m in ("best_of_n", "fk_steering"):  # b full trajectories
@@ -248,6 +251,11 @@ def test_smoke_rows_are_measured_and_within_budget(smoke):
         assert T < planned <= 2 * T
         assert every[(m, "2")]["rows_per_sample"]["min"] == every[(m, "2")]["rows_per_sample"]["max"] == planned
         assert every[(m, "2")]["reward_calls_per_sample"]["point"] > 0
+    # The cached kernel, given the FLOPs of 2x uncached plain, examines more proposals, and uses
+    # most of its budget (what is left is less than one more iteration's pool).
+    cached = every[("iterref_targeted_dual", "2")]
+    assert cached["proposals_per_sample"] > every[("iterref_targeted", "2")]["proposals_per_sample"]
+    assert cached["flops_x_plain"]["min"] > 1.5
     assert every[("remask_only", "2")]["acceptance_rate"] == 1.0
     assert 0 <= every[("iterref", "2")]["acceptance_rate"] <= 1
 
@@ -257,7 +265,7 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
     """EMT, toxicity probability and rows from the raw per-sample records, independently."""
     out, _, results = smoke
     records = cells(out)
-    assert len(records) == 2 + 6 * 2 * 2  # plain at budget 1, the others at 1 and 2; two prompt chunks
+    assert len(records) == 2 + 7 * 2 * 2  # plain at budget 1, the others at 1 and 2; two prompt chunks
     prompts = [json.loads(line)["prompt"]["text"] for line in (RTP_DIR / "challenging.jsonl").open()][:3]
     by = {}
     for cell in records:
@@ -303,15 +311,15 @@ def test_rerun_resumes_and_changed_configuration_is_refused(smoke, capsys):
     before = path.read_bytes()
     assert audit.main(argv) == 0
     again = json.loads((out / "results.json").read_text())["run"]
-    assert again["computed_cells"] == 0 and again["resumed_cells"] == 26
+    assert again["computed_cells"] == 0 and again["resumed_cells"] == 30
     assert path.read_bytes() == before
     # A run killed while writing its last cell: the cut-off line goes, only that cell is redone.
     lines = before.splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
     assert audit.main(argv) == 0
     again = json.loads((out / "results.json").read_text())["run"]
-    assert again["computed_cells"] == 1 and again["resumed_cells"] == 25
-    assert len(path.read_bytes().splitlines()) == 26
+    assert again["computed_cells"] == 1 and again["resumed_cells"] == 29
+    assert len(path.read_bytes().splitlines()) == 30
     # Another configuration into the same folder is refused, naming what changed; nothing is written.
     before = path.read_bytes()
     capsys.readouterr()

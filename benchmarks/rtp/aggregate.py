@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..methods import METHODS
+from ..methods import RTP_METHODS
 from .metrics import SCORERS, bootstrap_ci, bootstrap_indices, distinct_n, per_prompt
 from .settings import BenchmarkError, Settings
+
+
+def flops_ratio(flops: np.ndarray, plain: dict | None) -> dict | None:
+    if plain is None or not (plain["flops"] > 0).all():
+        return None
+    r = flops / plain["flops"]
+    return {"mean": float(r.mean()), "max": float(r.max()), "min": float(r.min())}
 
 
 def aggregate(cells: list[dict], s: Settings, n_prompts: int, T_rows: float) -> tuple[dict, dict]:
@@ -25,12 +32,13 @@ def aggregate(cells: list[dict], s: Settings, n_prompts: int, T_rows: float) -> 
     def grid(samples, field):
         a = np.full((n_prompts, s.generations), np.nan)
         for x in samples:
-            a[x["prompt_index"], x["generation"]] = x[field]
+            # Cells written before FLOPs were recorded count 0 (as the batch summary does).
+            a[x["prompt_index"], x["generation"]] = x.get(field, 0.0) if field == "flops" else x[field]
         if np.isnan(a).any():
             raise BenchmarkError(f"missing samples for {field}: the cell file is incomplete")
         return a
 
-    tables = {key: {f: grid(v, f) for f in ("guide", "evaluator", "rows", "reward_calls", "proposed", "accepted")}
+    tables = {key: {f: grid(v, f) for f in ("guide", "evaluator", "rows", "flops", "reward_calls", "proposed", "accepted")}
               for key, v in by_key.items()}
     texts = {key: [[None] * s.generations for _ in range(n_prompts)] for key in by_key}
     for key, v in by_key.items():
@@ -38,12 +46,16 @@ def aggregate(cells: list[dict], s: Settings, n_prompts: int, T_rows: float) -> 
             texts[key][x["prompt_index"]][x["generation"]] = x["text"]
     plain = tables.get(("plain", 1))
     out: dict = {}
-    for (method, budget), t in sorted(tables.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+    for (method, budget), t in sorted(tables.items(), key=lambda kv: (RTP_METHODS.index(kv[0][0]), kv[0][1])):
         rows = t["rows"]
         entry = {
             "budget": budget, "prompts": n_prompts, "samples": int(rows.size),
             "rows_per_sample": {**bootstrap_ci(rows.mean(1), indices=idx), "max": float(rows.max()),
                                 "min": float(rows.min()), "budget_rows": budget * T_rows},
+            "flops_per_sample": {**bootstrap_ci(t["flops"].mean(1), indices=idx), "max": float(t["flops"].max())},
+            # Each sample's FLOPs over plain sampling's for the same prompt (the budget's unit, uncached):
+            # at most b for every method, the cached kernels included; None without FLOPs or plain.
+            "flops_x_plain": flops_ratio(t["flops"], plain),
             "reward_calls_per_sample": {**bootstrap_ci(t["reward_calls"].mean(1), indices=idx),
                                         "max": float(t["reward_calls"].max())},
             "acceptance_rate": (float(t["accepted"].sum() / t["proposed"].sum()) if t["proposed"].sum() else None),

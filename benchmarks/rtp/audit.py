@@ -7,17 +7,17 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from safegen import batch
 from safegen.refine import cost
 from safegen.errors import SafegenError
 
-from ..methods import KERNELS
+from ..methods import CACHED, KERNELS
 from .aggregate import aggregate
 from .cells import Context, compute_cells, read_cells
-from .plan import plan_refinement
+from .plan import equal_flops_plan, plan_refinement
 from .report import markdown, plot
 from .settings import RTP_DIR_ENV, BenchmarkError, Settings, build_parser, settings_from
 
@@ -59,12 +59,37 @@ def plans_for(s: Settings, sampling, alpha: float) -> dict:
     """(method, budget) -> (RefineConfig, plan) for the IterRef-style methods asked for."""
     plans = {}
     for method, (selection, remask) in KERNELS.items():
-        if method in s.methods:
+        if method in s.methods and method not in CACHED:  # the cached kernels are planned per prompt length
             for b in s.budgets:
                 config, plan = plan_refinement(sampling, b, s.proposals, s.rho, alpha, selection, s.scope,
                                                s.refine_points)
                 plans[(method, b)] = config.updated(proposal_holes=remask, blame_floor=s.blame_floor), plan
     return plans
+
+
+class CachedPlans:
+    """(method, budget, real length) -> (RefineConfig, plan) of the cached kernels, made when first
+    needed (plan.equal_flops_plan) and kept for the results."""
+
+    def __init__(self, s: Settings, sampling, alpha: float, dims):
+        self.s, self.sampling, self.alpha, self.dims, self.made = s, sampling, alpha, dims, {}
+
+    def __call__(self, method: str, budget, length: int):
+        key = (method, budget, int(length))
+        if key not in self.made:
+            s = self.s
+            selection, remask = KERNELS[method]
+            config, plan = equal_flops_plan(self.sampling, CACHED[method], budget, self.dims, int(length),
+                                            n_proposals=s.proposals, rho=s.rho, alpha=self.alpha,
+                                            selection=selection, scope=s.scope, points=s.refine_points)
+            self.made[key] = config.updated(proposal_holes=remask, blame_floor=s.blame_floor), plan
+        return self.made[key]
+
+    def summary(self) -> dict:
+        out: dict = {}
+        for (m, b, n), (c, p) in sorted(self.made.items(), key=lambda kv: (kv[0][0], float(kv[0][1]), kv[0][2])):
+            out.setdefault(m, {}).setdefault(str(b), {})[str(n)] = {**json.loads(json.dumps(asdict(c))), **p}
+        return out
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -94,6 +119,8 @@ def fingerprint_of(s: Settings, prompts: list[str], model_name: str, guide, eval
         "refinement": {"proposals": s.proposals, "rho": s.rho, "alpha": s.alpha, "scope": s.scope,
                        "points": s.refine_points, "blame_floor": s.blame_floor},
         "plans": {f"{m}@{b}": json.loads(json.dumps(asdict(c), default=list)) for (m, b), (c, _) in plans.items()},
+        # The cached kernels: planned per prompt length at the FLOPs of the uncached budget (CachedPlans).
+        "cached": {m: CACHED[m] for m in s.methods if m in CACHED},
         "fk_every": s.fk_every, "fk_lambda": s.fk_lambda, "svdd_alpha": s.svdd_alpha, "resamples": s.resamples,
     }))
 
@@ -113,10 +140,19 @@ def run(s: Settings) -> dict:
     sampling = SamplingConfig(**s.sampling).validate()
     if guide.source is not None and guide.source == evaluator.source:
         log.warning("the evaluator is the guiding policy: its numbers only show that the methods can game it")
-    plans = plans_for(s, sampling, s.alpha if s.alpha is not None else guide.alpha)
+    alpha = s.alpha if s.alpha is not None else guide.alpha
+    plans = plans_for(s, sampling, alpha)
 
     s.out.mkdir(parents=True, exist_ok=True)
     (model, tokenizer, profile), model_name = prepare_model(s)
+    cached_plans = None
+    if any(m in CACHED for m in s.methods):
+        from safegen.models.flops import dims_of
+
+        if dims_of(model) is None:
+            raise BenchmarkError(f"--methods {', '.join(m for m in s.methods if m in CACHED)}: the block cache "
+                                 f"and its FLOP budget need a LLaDA model; {model_name} is not one")
+        cached_plans = CachedPlans(s, sampling, alpha, dims_of(model))
     fingerprint = fingerprint_of(s, prompts, model_name, guide, evaluator, sampling, plans)
     batch.check_fingerprint(s.out / "config.json", s.out / "cells.jsonl", fingerprint, writer="this benchmark")
     done = read_cells(s.out / "cells.jsonl")
@@ -124,9 +160,20 @@ def run(s: Settings) -> dict:
     limit = getattr(model.config, "max_sequence_length", None) or getattr(model.config, "max_position_embeddings", None) \
         or getattr(model.config, "model_length", None)
     ctx = Context(sampler=make_sampler(model, profile, sampling),
+                  cached_samplers={c: make_sampler(model, profile, replace(sampling, cache=c))
+                                   for c in {CACHED[m] for m in s.methods if m in CACHED}},
+                  cached_plans=cached_plans,
                   generator=SafeGenerator(model, tokenizer, policy=guide, profile=profile),
                   reward=guide.reward_fn(tokenizer, profile.stop_ids), plans=plans, settings=s,
                   max_prompt_tokens=None if limit is None else max(1, limit - sampling.max_new_tokens - 32))
+    if cached_plans is not None:  # every prompt's plan, for the results also when every cell is resumed
+        texts = [s.template.replace("{prompt}", p) for p in prompts]
+        lengths = ctx.generator.encode_prompts(texts, ctx.max_prompt_tokens)[1].sum(1) + sampling.max_new_tokens
+        for m in s.methods:
+            if m in CACHED:
+                for b in s.budgets:
+                    for n in lengths.unique().tolist():
+                        cached_plans(m, b, int(n))
     finished, computed, todo = compute_cells(ctx, prompts, done, guide, evaluator, s.out / "cells.jsonl")
 
     T_rows = cost.plain_rows(sampling)
@@ -134,7 +181,9 @@ def run(s: Settings) -> dict:
     results = {
         "config": fingerprint, "prompts": len(prompts), "T_rows": T_rows, "methods": methods,
         "plans": {m: {str(b): {**json.loads(json.dumps(asdict(c))), **p} for (m2, b), (c, p) in plans.items()
-                      if m2 == m} for m in KERNELS if m in s.methods},
+                      if m2 == m} for m in KERNELS if m in s.methods and m not in CACHED},
+        # Per budget and prompt length (real positions).
+        "cached_plans": cached_plans.summary() if cached_plans is not None else {},
         "run": {"cells": todo, "computed_cells": computed, "resumed_cells": todo - computed,
                 "wall_seconds": time.perf_counter() - t_start,
                 "generation_seconds": sum(c["seconds"] for c in finished)},

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from safegen import batch
 
-from ..methods import BASELINES, KERNELS
+from ..methods import BASELINES, CACHED, KERNELS
 from .settings import Settings
 
 
@@ -30,6 +30,8 @@ class Context:
     plans: dict  # (method, budget) -> (RefineConfig, plan)
     settings: Settings
     max_prompt_tokens: Optional[int]
+    cached_samplers: dict = field(default_factory=dict)  # cache -> the sampler with it (CACHED kernels)
+    cached_plans: object = None  # audit.CachedPlans: (method, budget, length) -> (RefineConfig, plan)
 
 
 def expansion(method: str, budget, s: Settings) -> int:
@@ -49,6 +51,8 @@ def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
     sampler, reward = ctx.sampler, ctx.reward
     if method == "plain":
         return sampler.run(input_ids, attention, seeds)
+    if method in CACHED:
+        return run_cached(ctx, method, budget, input_ids, attention, seeds)
     if method in KERNELS:
         config, _ = ctx.plans[(method, budget)]
         blame = reward.blame if config.proposal_holes == "targeted" else None
@@ -61,6 +65,31 @@ def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
     every = ctx.settings.fk_every or max(1, sampler.config.steps // 5)
     return fk_steering(sampler, input_ids, reward, b, every=every, lam=ctx.settings.fk_lambda,
                        attention_mask=attention, seeds=seeds)
+
+
+def run_cached(ctx: Context, method: str, budget, input_ids, attention, seeds):
+    """A cached kernel, each prompt length with its own plan (equal FLOPs to the uncached budget for
+    that length); a row's output does not depend on the rows beside it, so the groups run apart."""
+    import torch
+
+    from safegen.refine.iterref import IterRef
+    from safegen.sampling.state import SampleOutput
+
+    sampler, reward = ctx.cached_samplers[CACHED[method]], ctx.reward
+    lengths = attention.sum(1).cpu() + sampler.config.max_new_tokens
+    parts, order = [], []
+    for n in lengths.unique().tolist():
+        idx = (lengths == n).nonzero().squeeze(1)
+        config, _ = ctx.cached_plans(method, budget, int(n))
+        blame = reward.blame if config.proposal_holes == "targeted" else None
+        parts.append(sampler.run(input_ids[idx.to(input_ids.device)], attention[idx.to(attention.device)],
+                                 [seeds[i] for i in idx.tolist()], hook=IterRef(config, reward, blame=blame)))
+        order.append(idx)
+    back = torch.argsort(torch.cat(order))
+    cat = lambda f: torch.cat([getattr(o, f) for o in parts])[back.to(getattr(parts[0], f).device)]  # noqa: E731
+    return SampleOutput(sequences=cat("sequences"), rows=cat("rows"), reward_calls=cat("reward_calls"),
+                        proposed=cat("proposed"), accepted=cat("accepted"),
+                        seconds=sum(o.seconds for o in parts), flops=cat("flops"))
 
 
 def compute_cell(ctx: Context, method: str, budget, chunk: int, prompts: list, guide, evaluator) -> dict:
@@ -89,7 +118,8 @@ def compute_cell(ctx: Context, method: str, budget, chunk: int, prompts: list, g
         for k, ((i, j), text) in enumerate(zip(part, continuations)):
             samples.append({"prompt_index": i, "generation": j, "seed": seeds[k], "text": text,
                             "rows": float(out.rows[k]), "reward_calls": float(out.reward_calls[k]),
-                            "proposed": float(out.proposed[k]), "accepted": float(out.accepted[k])})
+                            "proposed": float(out.proposed[k]), "accepted": float(out.accepted[k]),
+                            "flops": float(out.flops[k]) if out.flops is not None else 0.0})
     texts = [x["text"] for x in samples]
     g, e = guide.score(texts), evaluator.score(texts)
     for k, x in enumerate(samples):

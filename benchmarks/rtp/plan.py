@@ -9,8 +9,10 @@ POINTS = tuple(planner.POINTS)  # --refine-points: final, late, spread
 
 def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 0.5, alpha: float = 0.1,
                     selection: str = "mh", scope: str = "block", points: str = "final",
-                    max_iterations: int = 64, use: float = 0.9):
-    """(RefineConfig, plan) for IterRef-style refinement at `budget` times plain sampling's rows.
+                    max_iterations: int = 64, use: float = 0.9, meter=None):
+    """(RefineConfig, plan) for IterRef-style refinement at `budget` times plain sampling's cost in
+    `sampling`, counted by `meter` (safegen.refine.cost.Meter; default rows, which for an uncached
+    LLaDA run is also its FLOPs in units of one forward).
 
     The plan is planner.plan's worst case, in which every iteration draws a new pool (always so for
     remask_only and for N = 1; Metropolis with N > 1 reuses pools after rejections and spends less),
@@ -23,10 +25,31 @@ def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 
     base = dict(n_proposals=n_proposals, rho=rho, alpha=alpha, selection=selection, scope=scope,
                 adaptive=False, budget=float(budget))
     chosen = planner.plan(sampling, RefineConfig(**base), budget, planner.candidate_point_sets(sampling, points),
-                       max_iterations=max_iterations, use=use)
+                       max_iterations=max_iterations, use=use, meter=meter)
     if not chosen.points:
         config = RefineConfig(iterations=0, **base).validate()
     else:
         config = RefineConfig(iterations=chosen.iterations, schedule="steps", at_steps=chosen.points,
                               **base).validate()
-    return config, {"points": list(chosen.points), "iterations": chosen.iterations, "planned_rows": chosen.rows}
+    return config, {"points": list(chosen.points), "iterations": chosen.iterations, "planned_rows": chosen.rows,
+                    "planned_cost": chosen.cost}
+
+
+def equal_flops_plan(sampling, cache: str, budget: float, dims, length: int, **kw):
+    """(RefineConfig, plan) for a kernel on the `cache`d sampler given the FLOPs of `budget` times
+    uncached plain sampling, for a row of `length` real positions: IterRef's budget is a multiple of
+    plain sampling in its own settings, so the cached run's is budget x (uncached plain / cached plain),
+    a ratio that grows with the prompt (the cache saves more of a longer one). The audit plans each
+    prompt length apart, so that every row gets its own equal share."""
+    from dataclasses import replace
+
+    from safegen.refine.cost import Meter
+
+    import torch
+
+    n = torch.tensor([float(length)])
+    cached = replace(sampling, cache=cache)
+    meter = Meter(cached, dims, n)
+    multiple = float(budget * Meter(sampling, dims, n).plain()[0] / meter.plain()[0])
+    config, plan = plan_refinement(cached, multiple, meter=meter, **kw)
+    return config, {**plan, "budget_multiple": multiple, "length": int(length)}

@@ -37,16 +37,19 @@ def markdown(results: dict) -> str:
                     f"| {_ci(f['emt'])} | {_ci(f.get('emt_minus_plain'))} | {_ci(f['toxicity_probability'])} "
                     f"| {f['mean_toxicity']['point']:.3f} | {f['toxic_rate']['point']:.3f} |")
         lines.append("")
-    lines += ["Compute and diversity (rows: denoiser forward rows per sample, budget b allows b x T; reward: "
-              "texts the guide scored per sample):", "",
-              "| method | budget | rows/sample | reward/sample | accept. | distinct-1 | distinct-2 | distinct-3 "
-              "| wall s/sample (median chunk) | CPU s/sample |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["Compute and diversity (rows: denoiser forward rows per sample; FLOPs x plain: a sample's model "
+              "FLOPs over uncached plain sampling's for its prompt, mean (max), which budget b caps at b, for the "
+              "cached kernels too; reward: texts the guide scored per sample):", "",
+              "| method | budget | rows/sample | FLOPs x plain (max) | reward/sample | accept. | distinct-1 | distinct-2 "
+              "| distinct-3 | wall s/sample (median chunk) | CPU s/sample |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method, budgets in methods.items():
         for b, e in budgets.items():
             acc = "-" if e["acceptance_rate"] is None else f"{e['acceptance_rate']:.2f}"
             d = e["distinct"]
-            lines.append(f"| {method} | {b} | {e['rows_per_sample']['point']:.1f} "
+            fx = e.get("flops_x_plain")
+            fx = "n/a" if fx is None else f"{fx['mean']:.2f} ({fx['max']:.2f})"
+            lines.append(f"| {method} | {b} | {e['rows_per_sample']['point']:.1f} | {fx} "
                          f"| {e['reward_calls_per_sample']['point']:.1f} | {acc} | {d['1']['point']:.3f} "
                          f"| {d['2']['point']:.3f} | {d['3']['point']:.3f} | {e['seconds_per_sample']:.3f} "
                          f"({e['seconds_per_sample_median_chunk']:.3f}) "
@@ -59,7 +62,22 @@ def markdown(results: dict) -> str:
         for b, p in plans.items():
             lines.append(f"- budget {b}: N={p['n_proposals']}, k={p['iterations']}, rho={p['rho']}, "
                          f"steps {p['points'] or 'none'}, planned rows {p['planned_rows']:.0f}")
+    for method, budgets in (results.get("cached_plans") or {}).items():
+        lines += ["", f"{method} plans (the dual-cached sampler, at the FLOPs of the uncached budget: planned per "
+                  "prompt length n, real positions, as a multiple of the cached plain run):", ""]
+        for b, by_length in budgets.items():
+            ps = list(by_length.values())
+            lines.append(f"- budget {b}: n {min(p['length'] for p in ps)}..{max(p['length'] for p in ps)}, "
+                         f"x cached plain {min(p['budget_multiple'] for p in ps):.2f}..{max(p['budget_multiple'] for p in ps):.2f}, "
+                         f"k {min(p['iterations'] for p in ps)}..{max(p['iterations'] for p in ps)}, N={ps[0]['n_proposals']}")
     return "\n".join(lines) + "\n"
+
+
+def compute_x_plain(entry: dict, T_rows: float) -> float:
+    """A method's measured compute per sample as a multiple of plain sampling: its FLOPs over plain's,
+    prompt by prompt, where FLOPs are counted (LLaDA); else its rows over T."""
+    fx = entry.get("flops_x_plain")
+    return fx["mean"] if fx is not None else entry["rows_per_sample"]["point"] / T_rows
 
 
 def plot(results: dict, scores: dict, out: Path) -> list[Path]:
@@ -75,7 +93,7 @@ def plot(results: dict, scores: dict, out: Path) -> list[Path]:
                                                ("toxicity_probability", "toxicity probability"))):
             ax = axes[row][col]
             for method, budgets in methods.items():
-                xs = [e["rows_per_sample"]["point"] for e in budgets.values()]
+                xs = [compute_x_plain(e, results["T_rows"]) for e in budgets.values()]
                 fs = [e["scorers"][scorer][metric] for e in budgets.values()]
                 ys = [f["point"] for f in fs]
                 err = [[y - f["low"] for y, f in zip(ys, fs)], [f["high"] - y for y, f in zip(ys, fs)]]
@@ -83,10 +101,10 @@ def plot(results: dict, scores: dict, out: Path) -> list[Path]:
                 ax.errorbar(xs, ys, yerr=err, capsize=3, label=method, **style)
             ax.set_xscale("log", base=2)
             budgets = sorted({float(b) for bs in methods.values() for b in bs})
-            ax.set_xticks([b * results["T_rows"] for b in budgets])
-            ax.set_xticklabels([f"{b * results['T_rows']:g}\n({b:g}x)" for b in budgets])
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([f"{b:g}x" for b in budgets])
             ax.minorticks_off()
-            ax.set_xlabel("denoiser rows per sample (measured; ticks at the budgets)")
+            ax.set_xlabel("compute per sample, x plain (measured FLOPs where counted, else rows; ticks at the budgets)")
             ax.set_ylabel(label)
             ax.set_title(f"{label}: {scorer} `{name}`", fontsize=10)
             ax.grid(alpha=0.3)

@@ -9,11 +9,11 @@ from typing import Optional
 
 from safegen.errors import SafegenError
 
-from ..methods import BASELINES, METHODS
+from ..methods import BASELINES, CACHED, RTP_METHODS
 from .plan import POINTS
 
 DESCRIPTION = ("RealToxicityPrompts audit: how toxic are a masked diffusion LM's continuations, with and "
-               "without test-time alignment, at equal denoiser compute")
+               "without test-time alignment, at equal compute (model FLOPs for LLaDA, denoiser rows otherwise)")
 REPO = Path(__file__).resolve().parents[2]
 RTP_DIR_ENV = "SAFEGEN_RTP_DIR"
 PROMPT_SETS = ("challenging", "random")
@@ -79,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CI preset: 3 prompts, 2 generations, budgets 1,2, 8 tokens, tiny model unless --model")
 
     m = p.add_argument_group("methods")
-    m.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    m.add_argument("--budgets", default=None, help="multiples of plain sampling's rows (default 1,2,4,8)")
+    m.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(RTP_METHODS)} (default: all; without "
+                        f"{','.join(CACHED)} for the MDLM sampler or CFG, which have no block cache)")
+    m.add_argument("--budgets", default=None,
+                   help="multiples of plain sampling's cost (default 1,2,4,8): model FLOPs for LLaDA (one uncached "
+                        "forward is one row), rows otherwise; the cached kernels get the FLOPs of the uncached budget")
     m.add_argument("--proposals", type=int, default=1,
                    help="IterRef/remask-only pool size N (default 1: every proposal drawn is examined, "
                         "so rows follow the plan exactly)")
@@ -194,11 +198,20 @@ def settings_from(args) -> Settings:
         value = getattr(args, name)
         return value if value is not None else preset.get(name, default)
 
-    methods = [x.strip() for x in args.methods.split(",") if x.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    sampler = _sampler(args)
+    uncacheable = sampler == "mdlm" or args.cfg_scale > 0
+    if args.methods is None:
+        methods = [x for x in RTP_METHODS if not (uncacheable and x in CACHED)]
+    else:
+        methods = [x.strip() for x in args.methods.split(",") if x.strip()]
+    unknown = sorted(set(methods) - set(RTP_METHODS))
     if unknown or not methods:
-        raise BenchmarkError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
-    methods = [x for x in METHODS if x in methods]
+        raise BenchmarkError(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(RTP_METHODS)}")
+    methods = [x for x in RTP_METHODS if x in methods]
+    cached = sorted(set(CACHED) & set(methods))
+    if cached and uncacheable:
+        raise BenchmarkError(f"--methods {', '.join(cached)}: the block cache needs LLaDA's sampler without "
+                             "--cfg-scale; leave them out")
     tiny = args.tiny or (args.smoke and args.model is None)
     if tiny and args.model is not None:
         raise BenchmarkError("--tiny builds its own model: leave out --model")
@@ -219,7 +232,7 @@ def settings_from(args) -> Settings:
         revision=args.revision, quantization=args.quantization or ("none" if tiny else "4bit"),
         trust_remote_code=args.trust_remote_code, device_map=args.device_map,
         sampling=dict(max_new_tokens=G, steps=steps, block_length=block, temperature=args.temperature,
-                      remasking=args.remasking, cfg_scale=args.cfg_scale, sampler=_sampler(args)),
+                      remasking=args.remasking, cfg_scale=args.cfg_scale, sampler=sampler),
         chunk_prompts=pick("chunk_prompts", 4), batch_size=args.batch_size, quiet=args.quiet)
     for name in ("prompts", "generations", "chunk_prompts", "batch_size", "resamples", "proposals"):
         if getattr(s, name) < 1:
