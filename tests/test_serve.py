@@ -101,7 +101,8 @@ def test_chat_gives_generate_texts_answer_for_its_seed(client, offline, tiny_mod
     report = choice.model_extra["safegen"]
     assert report["seed"] == 5 and report["policy"] == "offline" and report["action"] == expected.action
     assert report["toxicity_after"] == expected.toxicity_after and report["rows"] == expected.rows
-    assert report["verdict"] == ("toxic" if expected.toxic_after else "not_toxic") and report["flops"] > 0
+    assert report["verdict"] == ("toxic" if expected.toxic_after else "not_toxic")
+    assert report["flops_counted"] and report["flops"] == expected.flops + expected.flops_before > 0
     assert 0 < out.usage.completion_tokens <= G and out.usage.prompt_tokens > 5
 
 

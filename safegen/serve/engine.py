@@ -149,8 +149,10 @@ class Engine:
             "toxicity_before": report.toxicity_before, "toxicity_after": report.toxicity_after,
             **({"toxicity_returned": returned} if returned is not None else {}),
             "rows": report.rows, "rows_before": report.rows_before,
-            # A forward costs about 2 FLOPs per parameter per position (attention's L^2 term left out).
-            "flops": 2.0 * self.parameters * length * (report.rows + report.rows_before),
+            # Counted at the model where it can be (LLaDA, safegen.models.flops: a cached forward costs
+            # what it computes); else about 2 FLOPs per parameter per position and row (an estimate).
+            **({"flops": report.flops + report.flops_before, "flops_counted": True} if report.flops > 0 else
+               {"flops": 2.0 * self.parameters * length * (report.rows + report.rows_before), "flops_counted": False}),
             "reward_calls": report.reward_calls, "acceptance_rate": report.acceptance_rate,
         })
 
