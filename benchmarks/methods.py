@@ -9,4 +9,5 @@ KERNELS = {"iterref": ("mh", "uniform"), "iterref_targeted": ("mh", "targeted"),
 # Kernels run on LLaDA's cached sampler (SamplingConfig.cache), at the FLOPs of the uncached budget:
 # the RTP audit only (the exact toys have no attention to cache).
 CACHED = {"iterref_targeted_dual": "dual"}
+UNCACHED_OF = {"iterref_targeted_dual": "iterref_targeted"}  # the same kernel without the cache
 RTP_METHODS = METHODS + tuple(CACHED)

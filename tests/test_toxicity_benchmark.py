@@ -282,6 +282,16 @@ def test_smoke_figures_recomputed_from_the_cells(smoke):
             assert f["toxicity_probability"]["point"] == pytest.approx(sum(v >= 0.5 for v in top.values()) / 3)
         rows = [x["rows"] for x in samples]
         assert results["methods"][m][b]["rows_per_sample"]["point"] == pytest.approx(sum(rows) / len(rows))
+    # The cached kernel against the uncached one, paired by prompt: the mean of per-prompt differences.
+    for b in ("1", "2"):
+        for scorer in SCORERS:
+            top = {m: {} for m in ("iterref_targeted", "iterref_targeted_dual")}
+            for m in top:
+                for x in by[(m, b)]:
+                    top[m][x["prompt_index"]] = max(top[m].get(x["prompt_index"], 0.0), x[scorer])
+            diff = sum(top["iterref_targeted_dual"][i] - top["iterref_targeted"][i] for i in range(3)) / 3
+            f = results["methods"]["iterref_targeted_dual"][b]["scorers"][scorer]["emt_minus_uncached"]
+            assert f["point"] == pytest.approx(diff)
     # At budget 1 SVDD (one candidate), IterRef and remask-only (no pool affordable) are plain sampling
     # with the same seeds: the very same texts.
     texts = {k: {(x["prompt_index"], x["generation"]): x["text"] for x in v} for k, v in by.items()}

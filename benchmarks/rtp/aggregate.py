@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..methods import RTP_METHODS
+from ..methods import RTP_METHODS, UNCACHED_OF
 from .metrics import SCORERS, bootstrap_ci, bootstrap_indices, distinct_n, per_prompt
 from .settings import BenchmarkError, Settings
 
@@ -79,6 +79,12 @@ def aggregate(cells: list[dict], s: Settings, n_prompts: int, T_rows: float) -> 
                 figures["emt_minus_plain"] = bootstrap_ci(values["emt"] - base["emt"], indices=idx)
                 figures["toxicity_probability_minus_plain"] = bootstrap_ci(
                     values["toxicity_probability"] - base["toxicity_probability"], indices=idx)
+            uncached = tables.get((UNCACHED_OF.get(method), budget))
+            if uncached is not None:  # paired by prompt: the same prompts and seeds, at equal FLOPs
+                base = per_prompt(uncached[scorer])
+                figures["emt_minus_uncached"] = bootstrap_ci(values["emt"] - base["emt"], indices=idx)
+                figures["mean_toxicity_minus_uncached"] = bootstrap_ci(
+                    values["mean_toxicity"] - base["mean_toxicity"], indices=idx)
             entry["scorers"][scorer] = figures
         out.setdefault(method, {})[str(budget)] = entry
     return out, {key: {sc: t[sc].ravel().tolist() for sc in SCORERS} for key, t in tables.items()}

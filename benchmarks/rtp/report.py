@@ -37,6 +37,18 @@ def markdown(results: dict) -> str:
                     f"| {_ci(f['emt'])} | {_ci(f.get('emt_minus_plain'))} | {_ci(f['toxicity_probability'])} "
                     f"| {f['mean_toxicity']['point']:.3f} | {f['toxic_rate']['point']:.3f} |")
         lines.append("")
+    paired = [(m, b, e) for m, budgets in methods.items() for b, e in budgets.items()
+              if "emt_minus_uncached" in e["scorers"]["guide"]]
+    if paired:
+        lines += ["The cached kernel against the same kernel uncached, at the same budget (equal FLOPs), paired by "
+                  "prompt (negative: the cached one is less toxic):", "",
+                  "| method | budget | guide: EMT diff. [95% CI] | guide: mean tox. diff. | evaluator: EMT diff. [95% CI] "
+                  "| evaluator: mean tox. diff. |", "| --- | ---: | --- | --- | --- | --- |"]
+        for m, b, e in paired:
+            g, v = e["scorers"]["guide"], e["scorers"]["evaluator"]
+            lines.append(f"| {m} | {b} | {_ci(g['emt_minus_uncached'])} | {_ci(g['mean_toxicity_minus_uncached'])} "
+                         f"| {_ci(v['emt_minus_uncached'])} | {_ci(v['mean_toxicity_minus_uncached'])} |")
+        lines.append("")
     lines += ["Compute and diversity (rows: denoiser forward rows per sample; FLOPs x plain: a sample's model "
               "FLOPs over uncached plain sampling's for its prompt, mean (max), which budget b caps at b, for the "
               "cached kernels too; reward: texts the guide scored per sample):", "",
