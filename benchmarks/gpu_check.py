@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32, help="longest prompt, tokens (default 32)")
     parser.add_argument("--gen", type=int, default=64, help="G, generation length (default 64)")
     parser.add_argument("--steps", type=int, default=64, help="T, denoising steps (default 64)")
-    parser.add_argument("--budget", type=float, default=4.0, help="IterRef's row budget, x T (default 4)")
+    parser.add_argument("--budget", type=float, default=4.0, help="IterRef's budget, x plain sampling's model FLOPs (default 4)")
     parser.add_argument("--no-fast", action="store_true", help="skip the fast-sampling settings")
     args = parser.parse_args(argv)
 

@@ -106,6 +106,8 @@ BOUND_CASES = [
     (dict(), "block", "uniform"), (dict(cache="dual"), "block", "uniform"),
     (dict(cache="dual"), "all", "targeted"), (dict(cache="prefix"), "all", "uniform"),
     (dict(cache="dual", threshold=0.5), "block", "targeted"), (dict(cfg_scale=1.0), "all", "uniform"),
+    # A threshold every candidate passes: each block commits all at its first step, the rest make no forward.
+    (dict(cache="dual", threshold=1e-6), "all", "targeted"), (dict(cache="prefix", threshold=1e-6), "block", "uniform"),
 ]
 
 
