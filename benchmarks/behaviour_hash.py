@@ -2,7 +2,8 @@
 baselines on the tiny model, and on an exact toy.
 
 A refactor that must not change behaviour keeps every line of this script's output the same; run it
-before and after and diff (`--json` writes the hashes to a file). It hashes the sequences and the
+before and after and diff (`--json` writes the hashes to a file). The fast-sampling cases (`fast/...`)
+also hash the counted FLOPs. It hashes the sequences and the
 counted cost (rows, reward calls, proposals, acceptances), so a change in what a sample costs shows
 too. Only public names of `safegen` are imported, plus the baselines and the toy, found where they
 live.
@@ -35,9 +36,12 @@ _HOLES = ("proposal_holes" if "proposal_holes" in importlib.import_module("safeg
           else "remask")
 
 
-def digest(out) -> str:
+FIELDS = ("sequences", "rows", "reward_calls", "proposed", "accepted")
+
+
+def digest(out, fields=FIELDS) -> str:
     h = hashlib.sha256()
-    for field in ("sequences", "rows", "reward_calls", "proposed", "accepted"):
+    for field in fields:
         value = getattr(out, field, None)
         if value is None:
             continue
@@ -101,6 +105,18 @@ def tiny_cases(model_dir: str) -> dict[str, str]:
             hook = IterRef(rc, token_reward, **kw)
             res = DiffusionSampler(model, profile, sampling[sname]).run(ids, attn, seeds=5, hook=hook)
             out[f"iterref/{name}/{sname}"] = digest(res)
+    # Fast sampling (the block cache, the threshold), FLOPs hashed too: the FLOP budget decides there.
+    if "cache" in SamplingConfig.__dataclass_fields__:
+        fast = {"dual": base.updated(cache="dual"), "prefix": base.updated(cache="prefix"),
+                "dual_threshold": base.updated(cache="dual", threshold=0.001)}
+        for name, cfg in fast.items():
+            res = DiffusionSampler(model, profile, cfg).run(ids, attn, seeds=11)
+            out[f"fast/sampler/{name}"] = digest(res, FIELDS + ("flops",))
+        for name in ("targeted_final", "targeted_scope_all", "budget2"):
+            for sname in ("dual", "prefix"):
+                hook = IterRef(refine[name], token_reward, blame=token_blame)
+                res = DiffusionSampler(model, profile, fast[sname]).run(ids, attn, seeds=5, hook=hook)
+                out[f"fast/iterref/{name}/{sname}"] = digest(res, FIELDS + ("flops",))
     sampler = DiffusionSampler(model, profile, base)
     out["baseline/best_of_n3"] = digest(best_of_n(sampler, ids, token_reward, 3, attention_mask=attn, seeds=3))
     out["baseline/svdd3"] = digest(svdd(sampler, ids, token_reward, 3, alpha=0.5, attention_mask=attn, seeds=3))
