@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Optional, Sequence
 # Re-exported: a batch run starts from a prompt file, and raises InputError for its own files too.
 from .prompts import InputError, PromptLine, read_prompts  # noqa: F401
 from .records import DoneSet, append_records, iter_records, write_records  # noqa: F401
-from .shards import OutputLock, Shard, merge_parts, part_files
+from .shards import OutputLock, Shard, live_writers, merge_lock, merge_parts, part_files, sign_part
 from .summary import RunningSummary, format_summary, summarize  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,20 @@ def read_records(path: Path, key: Callable[[dict], tuple], what: str = "safegen 
 
 
 def check_fingerprint(meta: Path, data: Path, fingerprint: dict, writer: str = "`safegen detoxify`",
-                      others: Sequence[Path] = ()) -> None:
+                      others: Sequence[Path] = (), live: Sequence[str] = ()) -> None:
     """Resume only into the same configuration: compare with the fingerprint saved in `meta` (or
     save it, for a new run). `data` is the file the run appends to; `others` hold records of the
     same run too (shard parts). With no record written yet there is nothing to protect, and a new
-    configuration replaces the old one."""
+    configuration replaces the old one, unless a run is still writing there (`live`: ranks holding
+    their part locks), whose records would then be merged under the new configuration."""
     if meta.exists():
         old = json.loads(meta.read_text())
         changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if changed and live:
+            details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+            raise InputError(f"{data} is being written by another run with another configuration "
+                             f"({details}), whose ranks still write {', '.join(live)}; wait for it to "
+                             "finish, rerun with its options, or write elsewhere")
         if changed and not any(p.exists() and p.stat().st_size > 0 for p in (data, *others)):
             log.info("%s: no record written yet; starting over with the new configuration", data)
             _save_fingerprint(meta, fingerprint)
@@ -72,8 +78,18 @@ def _save_fingerprint(meta: Path, fingerprint: dict) -> None:
 
 
 def _check_meta(output: Path, fingerprint: dict, shard: "Shard") -> None:
-    parts = part_files(output)
-    check_fingerprint(output.with_name(output.name + ".meta.json"), output, fingerprint, others=parts)
+    meta = output.with_name(output.name + ".meta.json")
+    if shard.world == 1:  # its exclusive output lock keeps every other run out
+        check_fingerprint(meta, output, fingerprint, others=part_files(output))
+        return
+    # Ranks of two runs can hold the shared output lock together: the check and the write of the
+    # configuration happen under the merge lock, one rank at a time, and a configuration is never
+    # replaced while a rank of another run (signed with another configuration) holds its part lock.
+    configuration = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    with merge_lock(output):
+        sign_part(output, shard, configuration)
+        check_fingerprint(meta, output, fingerprint, others=part_files(output),
+                          live=live_writers(output, shard, configuration))
 
 
 def file_digest(path: Path) -> str:

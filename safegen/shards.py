@@ -6,9 +6,11 @@ included), so a crash never leaves a lock that blocks a rerun; the files named `
 
 - `OUT.lock`: a world-1 run holds it exclusively; every rank of a sharded run holds it shared. So a
   world-1 run and any rank never write at once, and the output has one writer whatever the world size.
-- `OUT.partR-of-W.lock`: rank R of a world-W run holds it exclusively while it writes its part.
-- `OUT.merge-lock`: taken by a merge, and briefly by a rank taking its part lock, so that a merge
-  sees a fixed set of writers.
+- `OUT.partR-of-W.lock`: rank R of a world-W run holds it exclusively while it writes its part, and
+  signs it with a digest of its configuration once it has checked it (sign_part), so that a rank of a
+  run with another configuration can tell it is still writing (live_writers: batch._check_meta).
+- `OUT.merge-lock`: taken by a merge, and briefly by a rank taking its part lock or checking the
+  configuration, so that a merge sees a fixed set of writers and ranks check one at a time.
 
 A merge runs when a rank (or a world-1 run) finishes: under the merge lock it takes the lock of
 every part on disk, of any world size, and gives up if one is held (that rank is still writing and
@@ -94,7 +96,8 @@ class Flock:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                # The holder's PID, first in the file (a rank's part lock adds its configuration).
+                holder = (os.pread(fd, 64, 0).decode("ascii", "replace").split() or ["unknown"])[0]
                 os.close(fd)
                 if time.monotonic() < deadline:
                     time.sleep(0.02)
@@ -179,6 +182,46 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         self.release_part()
         self.main.release()
+
+
+def sign_part(output: Path, shard: Shard, configuration: str) -> None:
+    """Write the digest of this rank's configuration into its part lock, which it holds (the file
+    otherwise carries only its PID): ranks of one run know each other by it (live_writers)."""
+    path = _with_suffix(shard.part(output), ".lock")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {configuration}\n".encode(), 0)
+    finally:
+        os.close(fd)
+
+
+def live_writers(output: Path, own: Shard, configuration: str) -> list[str]:
+    """The shard parts of `output` (any world size) whose lock another live process holds and has
+    signed with another configuration than `configuration` (sign_part), as "partR-of-W (process
+    PID)": ranks of another run still writing. A rank that has not signed yet has not checked the
+    configuration yet; it will, after this one, and find this one signed."""
+    busy = []
+    for part in part_files(output):
+        if part == own.part(output):
+            continue
+        path = _with_suffix(part, ".lock")
+        lock = Flock(path)
+        if lock.acquire(patience=0.0) is None:
+            lock.release()
+            continue
+        try:
+            pid, _, signed = path.read_text().strip().partition(" ")
+        except FileNotFoundError:  # released meanwhile: no longer writing
+            continue
+        if signed and signed != configuration:
+            busy.append(f"{part.name} (process {pid})")
+    return busy
+
+
+def merge_lock(output: Path) -> "_Held":
+    """The merge lock, held (blocking) for a `with` block."""
+    return _Held(Flock(_with_suffix(output, ".merge-lock")), blocking=True)
 
 
 def merge_parts(output: Path, prompts: int, samples: int) -> tuple[Optional[RunningSummary], str]:

@@ -10,14 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from safegen import batch
 
 REPO = Path(__file__).resolve().parents[1]
 
 RANK = """
-import sys, time
+import json, sys, time
 from safegen import batch
 out, rank, world, n, delay = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+fingerprint = json.loads(sys.argv[6])
 
 def generate(lines, seeds):
     time.sleep(delay * len(lines))
@@ -27,7 +30,7 @@ def generate(lines, seeds):
 
 prompts = [batch.PromptLine(i, i + 1, f"p{i}") for i in range(n)]
 try:
-    batch.run_batch(prompts, out, generate, samples=1, seed=0, batch_size=1, fingerprint={"x": 1},
+    batch.run_batch(prompts, out, generate, samples=1, seed=0, batch_size=1, fingerprint=fingerprint,
                     shard=batch.Shard(rank, world), progress=False)
 except batch.InputError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -35,8 +38,9 @@ except batch.InputError as e:
 """
 
 
-def rank(out, r, world, n=6, delay=0.0, env=None):
-    return subprocess.Popen([sys.executable, "-c", RANK, str(out), str(r), str(world), str(n), str(delay)],
+def rank(out, r, world, n=6, delay=0.0, env=None, fingerprint=None):
+    fp = json.dumps(fingerprint or {"x": 1})
+    return subprocess.Popen([sys.executable, "-c", RANK, str(out), str(r), str(world), str(n), str(delay), fp],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -220,3 +224,64 @@ def test_rank_killed_mid_write_then_rerun(tmp_path):
     assert code == 0, err
     assert keys(out) == [(i, 0) for i in range(10)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "o.jsonl.meta.json"]
+
+
+def test_ranks_of_two_configurations_never_write_one_output(tmp_path):
+    """Rank 0 of one run and rank 1 of a run with another configuration, before either has written a
+    record: the second may not replace the first's configuration while the first still writes (its
+    records would be merged under the second's), and may once the first is gone."""
+    out = tmp_path / "o.jsonl"
+    first = rank(out, 0, 2, delay=30.0)
+    assert wait_for(lambda: Path(f"{out}.meta.json").exists())
+    code, err = finish(rank(out, 1, 2, fingerprint={"x": 2}))
+    assert code == 2 and "another configuration" in err and "part0-of-2" in err, err
+    assert line_count(tmp_path / "o.jsonl.part1-of-2") == 0
+    assert json.loads(Path(f"{out}.meta.json").read_text()) == {"x": 1}
+    first.kill()
+    first.wait()
+    # The first run is gone with no record written: the new configuration replaces it.
+    codes = [finish(p) for p in [rank(out, r, 2, fingerprint={"x": 2}) for r in range(2)]]
+    assert [c for c, _ in codes] == [0, 0], codes
+    assert json.loads(Path(f"{out}.meta.json").read_text()) == {"x": 2}
+    assert sorted(keys(out)) == [(i, 0) for i in range(6)]
+
+
+def test_ranks_of_one_run_replace_a_stale_configuration_together(tmp_path):
+    """A new configuration over an earlier one that wrote nothing: the ranks of the new run, started
+    together, know each other by their signed part locks and neither refuses the other."""
+    out = tmp_path / "o.jsonl"
+    earlier_run(out)  # {"x": 1}, no record
+    procs = [rank(out, r, 2, delay=0.3, fingerprint={"x": 3}) for r in range(2)]
+    codes = [finish(p) for p in procs]
+    assert [c for c, _ in codes] == [0, 0], codes
+    assert json.loads(Path(f"{out}.meta.json").read_text()) == {"x": 3}
+    assert sorted(keys(out)) == [(i, 0) for i in range(6)]
+
+
+def test_a_configuration_is_replaced_only_past_ranks_of_its_own_run(tmp_path):
+    """The rule itself, deterministically, with the part locks held here (flocks of separate opens
+    conflict within one process too): a held part lock not yet signed is a rank that will check
+    after this one; one signed with this configuration is a sibling; one signed with another is a
+    run still writing, which blocks replacing the configuration."""
+    import hashlib
+
+    from safegen.shards import Flock, Shard, sign_part
+
+    out = tmp_path / "o.jsonl"
+    earlier_run(out)  # {"x": 1}, no record
+    locks = [Flock(Path(f"{out}.part{r}-of-2.lock")) for r in range(2)]
+    assert all(lock.acquire() is None for lock in locks)
+    try:
+        batch.check_resume(out, {"x": 3}, Shard(1, 2))  # rank 0 holds its lock, unsigned: no refusal
+        assert json.loads(Path(f"{out}.meta.json").read_text()) == {"x": 3}
+        sign_part(out, Shard(0, 2), "0123456789abcdef")  # rank 0 of another configuration
+        with pytest.raises(batch.InputError, match="another configuration.*part0-of-2"):
+            batch.check_resume(out, {"x": 4}, Shard(1, 2))
+        assert json.loads(Path(f"{out}.meta.json").read_text()) == {"x": 3}
+        mine = hashlib.sha256(json.dumps({"x": 4}, sort_keys=True).encode()).hexdigest()[:16]
+        sign_part(out, Shard(0, 2), mine)  # now a sibling: rank 0 of this very configuration
+        batch.check_resume(out, {"x": 4}, Shard(1, 2))
+        assert json.loads(Path(f"{out}.meta.json").read_text()) == {"x": 4}
+    finally:
+        for lock in locks:
+            lock.release()
