@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from safegen.models import flops
-from safegen.refine import cost
+from safegen.research import planner
 from safegen.models.llada import LLaDAConfig, LLaDAModelLM
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
@@ -33,27 +33,20 @@ LLADA_8B = flops.dims_of(LLaDAConfig())  # the defaults are LLaDA-8B-Instruct's
 TOXIC = (5, 6, 7)  # the reward's "toxic" tokens: IterRef's reward is minus their count
 
 
-def equal_flops_budget(budget: float, G: int, block: int, prompt: int, cache: str = "dual") -> float:
-    """The cached budget that buys the FLOPs of `budget` uncached: IterRef's budget is a multiple of
-    plain sampling's cost in its own sampling settings (safegen.refine.cost.Meter), and uncached plain
-    sampling costs T = G units of one uncached forward."""
-    sampling = SamplingConfig(max_new_tokens=G, steps=G, block_length=block, cache=cache)
-    cached_plain = float(cost.Meter(sampling, LLADA_8B, torch.tensor([float(prompt + G)])).plain()[0])
-    return budget * G / cached_plain
-
-
 def settings(G: int, block: int, prompt: int, budgets=(2.0, 4.0)):
     """(name, sampling overrides, refine config or None). IterRef's budget b: b times plain sampling in
     the same settings; "+dual" at b is b times the dual-cached plain run, and "+dual_equal_flops" is
     given the FLOPs of b times the uncached plain run."""
     out = [("plain", {}, None), ("prefix", dict(cache="prefix"), None), ("dual", dict(cache="dual"), None),
            ("dual+threshold0.9", dict(cache="dual", threshold=0.9), None)]
+    uncached = SamplingConfig(max_new_tokens=G, steps=G, block_length=block)
     for b in budgets:
         rc = RefineConfig(proposal_holes="targeted", budget=b, iterations=64)
+        equal, _ = planner.equal_flops_budget(uncached, "dual", b, LLADA_8B, prompt + G)
         out.append((f"iterref_targeted_budget{b:g}", {}, rc))
         out.append((f"iterref_targeted_budget{b:g}+dual", dict(cache="dual"), rc))
         out.append((f"iterref_targeted_budget{b:g}+dual_equal_flops", dict(cache="dual"),
-                    replace(rc, budget=equal_flops_budget(b, G, block, prompt))))
+                    replace(rc, budget=equal)))
     return out
 
 

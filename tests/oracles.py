@@ -1,5 +1,33 @@
-"""Scripted mask predictors with known logits, for testing the sampler from outside."""
+"""Scripted mask predictors with known logits, for testing the sampler from outside; and the small
+exact toy the IterRef exactness suites share."""
+from typing import NamedTuple
+
 import torch
+
+
+class SmallToy(NamedTuple):
+    V: int
+    L: int
+    ALPHA: float
+    N_SAMPLES: int
+    P0: torch.Tensor
+    REWARD: object
+    BLAME: object
+    P_STAR: torch.Tensor
+    FLOOR: float  # expected TV of N_SAMPLES exact draws from P_STAR: about 0.035
+    DENOISER: object
+
+
+def small_toy() -> SmallToy:
+    """V = 3, L = 4, alpha 0.5, 3000 samples; token 0 is "toxic" (reward: minus its count)."""
+    from safegen.research import toy
+
+    V, L, alpha, n = 3, 4, 0.5, 3000
+    p0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)
+    reward = toy.toxic_count_reward(V, L, toxic=[0])
+    p_star = toy.target(p0, reward.values, alpha)
+    return SmallToy(V, L, alpha, n, p0, reward, toy.toxic_blame([0]), p_star, toy.expected_tv_noise(p_star, n),
+                    toy.TableDenoiser(p0, V, L))
 
 
 class ScriptedModel(torch.nn.Module):

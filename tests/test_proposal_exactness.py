@@ -14,15 +14,10 @@ from safegen.models.family import ModelProfile
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 
-from oracles import ScriptedModel
+from oracles import ScriptedModel, small_toy
 
-V, L, ALPHA, N_SAMPLES, K = 3, 4, 0.5, 3000, 24
-P0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)
-REWARD = toy.toxic_count_reward(V, L, toxic=[0])
-BLAME = toy.toxic_blame([0])
-P_STAR = toy.target(P0, REWARD.values, ALPHA)
-FLOOR = toy.expected_tv_noise(P_STAR, N_SAMPLES)  # about 0.035
-DENOISER = toy.TableDenoiser(P0, V, L)
+V, L, ALPHA, N_SAMPLES, P0, REWARD, BLAME, P_STAR, FLOOR, DENOISER = small_toy()
+K = 24
 
 
 def refined(sampling: SamplingConfig, profile, **refinement) -> torch.Tensor:

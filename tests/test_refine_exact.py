@@ -13,13 +13,9 @@ from safegen.research import toy
 from safegen.refine.iterref import BlameResult, IterRef, RefineConfig
 from safegen.sampling.sampler import ConfigError, DiffusionSampler, SamplingConfig
 
-V, L, ALPHA, N_SAMPLES = 3, 4, 0.5, 3000
-P0 = toy.random_distribution(V, L, seed=1, sharpness=1.0)
-REWARD = toy.toxic_count_reward(V, L, toxic=[0])
-BLAME = toy.toxic_blame([0])
-P_STAR = toy.target(P0, REWARD.values, ALPHA)
-FLOOR = toy.expected_tv_noise(P_STAR, N_SAMPLES)  # about 0.035
-DENOISER = toy.TableDenoiser(P0, V, L)
+from oracles import small_toy
+
+V, L, ALPHA, N_SAMPLES, P0, REWARD, BLAME, P_STAR, FLOOR, DENOISER = small_toy()
 
 
 def sampler(block_length=L, prompt_aware=False, **sampling):

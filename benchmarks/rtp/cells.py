@@ -46,7 +46,6 @@ def expansion(method: str, budget, s: Settings) -> int:
 def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
     """One SampleOutput for the rows (each a prompt and a seed): rows/reward_calls per sample."""
     from safegen.research.baselines import best_of_n, fk_steering, svdd
-    from safegen.refine.iterref import IterRef
 
     sampler, reward = ctx.sampler, ctx.reward
     if method == "plain":
@@ -54,9 +53,7 @@ def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
     if method in CACHED:
         return run_cached(ctx, method, budget, input_ids, attention, seeds)
     if method in KERNELS:
-        config, _ = ctx.plans[(method, budget)]
-        blame = reward.blame if config.proposal_holes == "targeted" else None
-        return sampler.run(input_ids, attention, seeds, hook=IterRef(config, reward, blame=blame))
+        return run_kernel(sampler, reward, ctx.plans[(method, budget)][0], input_ids, attention, seeds)
     b = int(budget)  # a count: settings_from admits whole budgets only for the baselines
     if method == "best_of_n":
         return best_of_n(sampler, input_ids, reward, b, attention_mask=attention, seeds=seeds)
@@ -67,12 +64,19 @@ def run_method(ctx: Context, method: str, budget, input_ids, attention, seeds):
                        attention_mask=attention, seeds=seeds)
 
 
+def run_kernel(sampler, reward, config, input_ids, attention, seeds):
+    """The IterRef kernel with `config` (blame from the guide where its holes are targeted)."""
+    from safegen.refine.iterref import IterRef
+
+    blame = reward.blame if config.proposal_holes == "targeted" else None
+    return sampler.run(input_ids, attention, seeds, hook=IterRef(config, reward, blame=blame))
+
+
 def run_cached(ctx: Context, method: str, budget, input_ids, attention, seeds):
     """A cached kernel, each prompt length with its own plan (equal FLOPs to the uncached budget for
     that length); a row's output does not depend on the rows beside it, so the groups run apart."""
     import torch
 
-    from safegen.refine.iterref import IterRef
     from safegen.sampling.state import SampleOutput
 
     sampler, reward = ctx.cached_samplers[CACHED[method]], ctx.reward
@@ -81,9 +85,8 @@ def run_cached(ctx: Context, method: str, budget, input_ids, attention, seeds):
     for n in lengths.unique().tolist():
         idx = (lengths == n).nonzero().squeeze(1)
         config, _ = ctx.cached_plans(method, budget, int(n))
-        blame = reward.blame if config.proposal_holes == "targeted" else None
-        parts.append(sampler.run(input_ids[idx.to(input_ids.device)], attention[idx.to(attention.device)],
-                                 [seeds[i] for i in idx.tolist()], hook=IterRef(config, reward, blame=blame)))
+        parts.append(run_kernel(sampler, reward, config, input_ids[idx.to(input_ids.device)],
+                                attention[idx.to(attention.device)], [seeds[i] for i in idx.tolist()]))
         order.append(idx)
     back = torch.argsort(torch.cat(order))
     cat = lambda f: torch.cat([getattr(o, f) for o in parts])[back.to(getattr(parts[0], f).device)]  # noqa: E731

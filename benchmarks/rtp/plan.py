@@ -37,19 +37,8 @@ def plan_refinement(sampling, budget: float, n_proposals: int = 1, rho: float = 
 
 def equal_flops_plan(sampling, cache: str, budget: float, dims, length: int, **kw):
     """(RefineConfig, plan) for a kernel on the `cache`d sampler given the FLOPs of `budget` times
-    uncached plain sampling, for a row of `length` real positions: IterRef's budget is a multiple of
-    plain sampling in its own settings, so the cached run's is budget x (uncached plain / cached plain),
-    a ratio that grows with the prompt (the cache saves more of a longer one). The audit plans each
-    prompt length apart, so that every row gets its own equal share."""
-    from dataclasses import replace
-
-    from safegen.refine.cost import Meter
-
-    import torch
-
-    n = torch.tensor([float(length)])
-    cached = replace(sampling, cache=cache)
-    meter = Meter(cached, dims, n)
-    multiple = float(budget * Meter(sampling, dims, n).plain()[0] / meter.plain()[0])
-    config, plan = plan_refinement(cached, multiple, meter=meter, **kw)
+    uncached plain sampling, for a row of `length` real positions (planner.equal_flops_budget). The
+    ratio depends on the length, so the audit plans each prompt length apart."""
+    multiple, meter = planner.equal_flops_budget(sampling, cache, budget, dims, length)
+    config, plan = plan_refinement(meter.sampling, multiple, meter=meter, **kw)
     return config, {**plan, "budget_multiple": multiple, "length": int(length)}

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Dims", "dims_of", "forward_flops", "sequence_flops"]
+__all__ = ["Dims", "dims_of", "forward_flops", "real_positions", "sequence_flops"]
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,19 @@ def forward_flops(dims: Optional[Dims], queries, pairs, heads):
     return dims.n_layers * (queries * dims.per_query + pairs * dims.per_pair) + heads * 2.0 * dims.d_model * dims.head_width
 
 
+def real_positions(x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(n,) float64 on the CPU: each row's real positions, its keys (padding is not the row's cost)."""
+    if attention_mask is None:
+        return torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64)
+    return attention_mask.sum(1).double().cpu()
+
+
 def sequence_flops(dims: Optional[Dims], x: torch.Tensor, attention_mask: Optional[torch.Tensor],
                    queries: Optional[int] = None, heads: Optional[int] = None) -> torch.Tensor:
     """(n,) float64 FLOPs of one forward per row of x (n, L): `queries` query positions (None: every
     real position, the uncached forward) against the row's real keys, the head on `heads` positions
     (None: as many as queries)."""
-    L = x.shape[1]
-    keys = (torch.full((x.shape[0],), float(L), dtype=torch.float64) if attention_mask is None
-            else attention_mask.sum(1).double().cpu())
+    keys = real_positions(x, attention_mask)
     q = keys if queries is None else torch.full_like(keys, float(queries))
     h = q if heads is None else torch.full_like(keys, float(heads))
     return forward_flops(dims, q, q * keys, h)

@@ -27,6 +27,7 @@ whose FLOPs are not counted (MDLM, the exact toys) the unit is the row, as befor
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -99,13 +100,6 @@ def allowance(sampling: SamplingConfig, budget: float, spent: torch.Tensor, t: i
     return Meter(sampling).allowance(budget, spent, t, points_left)
 
 
-def real_lengths(state) -> torch.Tensor:
-    """(B,) float64 on the CPU: each row's real positions (prompt without its padding, plus G)."""
-    if state.attention_mask is None:
-        return torch.full((state.x.shape[0],), float(state.x.shape[1]), dtype=torch.float64)
-    return state.attention_mask.sum(1).double().cpu()
-
-
 class Meter:
     """The budget's cost model for rows of known real lengths: costs in units of one uncached forward
     of the row (one row without CFG), from the FLOPs the sampler counts for each forward kind
@@ -127,7 +121,7 @@ class Meter:
 
     @classmethod
     def of(cls, sampler, state) -> "Meter":
-        return cls(sampler.config, sampler.dims, real_lengths(state))
+        return cls(sampler.config, sampler.dims, flops.real_positions(state.x, state.attention_mask))
 
     def _queries(self, queries, heads=None) -> torch.Tensor:
         """A forward of `queries` positions against the row's real keys, the head on `heads` (default:
@@ -147,23 +141,26 @@ class Meter:
         """A block's first cached forward: every position, the head on the generation region."""
         return self._queries(self.n, self.sampling.max_new_tokens)
 
-    def steps(self) -> list[torch.Tensor]:
-        """The cost of base step s's forward, s = 1..T, as the schedule runs them (MDLM: see plain)."""
+    @cached_property
+    def steps(self) -> torch.Tensor:
+        """(T, rows) the cost of base step s's forward, s = 1..T, as the schedule runs them (MDLM: see
+        plain)."""
         sampling = self.sampling
         if not (self.counted and sampling.cache):
-            return [self._one(rows_per_forward(sampling))] * sampling.steps
+            return torch.stack([self._one(rows_per_forward(sampling))] * sampling.steps)
         out, G, start = [], sampling.max_new_tokens, 0
+        prefill = self.prefill()
         for b, length in enumerate(sampling.block_lengths):
             width = length if sampling.cache == "dual" else G - start
-            out += [self.prefill()] + [self._queries(width)] * (sampling.steps_in_block(b) - 1)
+            out += [prefill] + [self._queries(width)] * (sampling.steps_in_block(b) - 1)
             start += length
-        return out
+        return torch.stack(out)
 
     def plain(self) -> torch.Tensor:
         """Plain sampling's cost per sample: the budget's unit."""
         if not self.counted:
             return self._one(plain_rows(self.sampling))
-        return torch.stack(self.steps()).sum(0)
+        return self.steps.sum(0)
 
     def pool(self, n_proposals: int, m: torch.Tensor, masks_left: torch.Tensor) -> torch.Tensor:
         """One pool of N proposals re-masking m tokens each, with `masks_left` masked positions in the
@@ -187,7 +184,7 @@ class Meter:
         _, s, S_b, _ = points[t - 1]
         if scope != "all" and s != S_b:
             return self._one(0.0)
-        return torch.clamp(self.prefill() - self.steps()[t + 1], min=0.0)
+        return torch.clamp(self.prefill() - self.steps[t + 1], min=0.0)
 
     def allowance(self, budget: float, spent: torch.Tensor, t: int, points_left: int) -> torch.Tensor:
         """What each sample may spend at refinement point t under `budget` (a multiple of plain()),
@@ -200,7 +197,7 @@ class Meter:
         # The next base step's forward is already made and charged (refresh, or the scoring forward
         # of an accepted proposal) unless the answer is complete: steps t+2..T are still to come.
         if self.counted:
-            base_left = sum(self.steps()[t + 1:], self._one(0.0))
+            base_left = self.steps[t + 1:].sum(0)
         else:
             count = T - t - (1 if t < T else 0)
             if sampling.sampler == "mdlm":  # a forward only after a step that unmasked one of the G positions

@@ -221,7 +221,7 @@ class IterRef:
             spent = None if chain.meter is None else chain.meter.spent(state).clone()
             dev = idx.to(state.x.device)
             chain.pool.store(idx, *self.draw_pool(sampler, state, chain, dev))
-            if chain.budget_left is not None:
+            if chain.meter is not None:
                 chain.budget_left -= chain.meter.spent(state) - spent
             chain.draws[dev] += 1
 

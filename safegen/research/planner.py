@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..refine.config import RefineConfig
-from ..refine.cost import EPS, Meter, block_points, is_last, plain_rows, pool_rows, refinement_points, remask_sizes
+from ..refine.cost import EPS, Meter, block_points, is_last, plain_rows, refinement_points, remask_sizes
 from ..sampling.sampler import SamplingConfig, transfer_counts
 
 
@@ -35,27 +35,39 @@ def decoded_at(sampling: SamplingConfig, t: int, scope: str) -> int:
 
 def point_pool_rows(sampling: SamplingConfig, refine: RefineConfig, t: int) -> float:
     """Rows of one pool at point t with the refine config's N, rho and scope."""
-    m = remask_sizes(refine.rho, torch.tensor([decoded_at(sampling, t, refine.scope)]))
-    return float(pool_rows(sampling, refine.n_proposals, m, torch.tensor([not is_last(sampling, t)]))[0])
+    return point_pool_cost(Meter(sampling), refine, t)
 
 
 def worst_case_rows(sampling: SamplingConfig, refine: RefineConfig,
                     points: Optional[Sequence[int]] = None) -> float:
     """Rows per sample when every iteration draws a new pool: plain_rows + k · Σ pool rows over
     `points` (None: the refine config's schedule)."""
-    if points is None:
-        points = refinement_points(sampling, refine.applies)
-    return plain_rows(sampling) + refine.iterations * sum(point_pool_rows(sampling, refine, t) for t in points)
-
+    return worst_case_cost(Meter(sampling), refine, points)
 
 
 def worst_case_cost(meter: Meter, refine: RefineConfig, points: Optional[Sequence[int]] = None) -> float:
-    """worst_case_rows in the meter's units, with a move's refresh at each point (Meter.refresh)."""
-    sampling = meter.sampling
+    """Cost per sample in the meter's units when every iteration draws a new pool and moves: plain
+    sampling's, k pools at each point, and a move's refresh once a point (Meter.refresh; none in rows)."""
     if points is None:
-        points = refinement_points(sampling, refine.applies)
-    return float(meter.plain().reshape(-1)[0]) + sum(
+        points = refinement_points(meter.sampling, refine.applies)
+    return _scalar(meter.plain()) + sum(
         refine.iterations * point_pool_cost(meter, refine, t) + point_refresh_cost(meter, refine, t) for t in points)
+
+
+def equal_flops_budget(sampling: SamplingConfig, cache: str, budget: float, dims, length: int) -> tuple[float, Meter]:
+    """(multiple, meter) for the `cache`d sampler given the FLOPs of `budget` times uncached plain
+    sampling, for a row of `length` real positions: IterRef's budget is a multiple of plain sampling in
+    its own settings, so the cached run's is budget x (uncached plain / cached plain), a ratio that
+    grows with the prompt (the cache saves more of a longer one). The meter counts the cached run."""
+    n = torch.tensor([float(length)])
+    meter = Meter(replace(sampling, cache=cache), dims, n)
+    return budget * _scalar(Meter(sampling, dims, n).plain()) / _scalar(meter.plain()), meter
+
+
+def _scalar(cost: torch.Tensor) -> float:
+    """A one-row (or row-free) cost as a number."""
+    return float(cost.reshape(-1)[0])
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -95,11 +107,11 @@ def masks_at(sampling: SamplingConfig, t: int) -> int:
 def point_pool_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
     """The meter's cost of one pool at point t with the refine config's N, rho and scope."""
     m = remask_sizes(refine.rho, torch.tensor([decoded_at(meter.sampling, t, refine.scope)]))
-    return float(meter.pool(refine.n_proposals, m, torch.tensor([masks_at(meter.sampling, t)])).reshape(-1)[0])
+    return _scalar(meter.pool(refine.n_proposals, m, torch.tensor([masks_at(meter.sampling, t)])))
 
 
 def point_refresh_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
-    return float(meter.refresh(t, refine.scope).reshape(-1)[0])
+    return _scalar(meter.refresh(t, refine.scope))
 
 
 def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
@@ -117,7 +129,7 @@ def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
     meter = meter or Meter(sampling)
     if point_sets is None:
         point_sets = [refinement_points(sampling, refine.applies)]
-    plain = float(meter.plain().reshape(-1)[0])
+    plain = _scalar(meter.plain())
     extra = (budget - 1) * plain
     options = []
     for points in point_sets:
