@@ -144,6 +144,10 @@ def model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False
                    help="allow the model repository's own code, for models safegen and transformers do not "
                         "implement (LLaDA does not need it; it runs code from the hub)")
     g.add_argument("--device-map", default="auto", help="accelerate device map (default auto)")
+    g.add_argument("--threads", type=positive, default=None,
+                   help="torch's CPU threads (default: the cores this process may use, minus one, at least 1: "
+                        "on a small or shared machine torch's own default of one per core is several times "
+                        "slower; divide the cores when several processes share a machine)")
     if many_policies:  # a server offers several; a request picks one by this name (the first by default)
         g.add_argument("--policy", action="append", default=None,
                        help="a policy name in policies/ or a YAML path; repeat to offer several (default: default)")

@@ -47,7 +47,9 @@ def _configure(args):
 def _build_generator(args, policy, sampling, refinement, device_map=None):
     from .generator import SafeGenerator
     from .models.loading import load_model, require_tokenizer
+    from .threads import set_threads
 
+    set_threads(args.threads)
     model, tokenizer, profile = load_model(args.model, quantization=args.quantization, revision=model_revision(args),
                                            device_map=device_map or args.device_map,
                                            trust_remote_code=args.trust_remote_code)

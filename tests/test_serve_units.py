@@ -40,8 +40,48 @@ def test_a_valid_request_gets_the_defaults_and_a_drawn_seed():
                 DEFAULTS, LIMITS, lambda: 7)
     assert (req.rows, req.seed, req.seed_given, req.stop) == (4, 3, True, ["x"])
     assert (req.extension.policy, req.extension.budget, req.extension.refine) == ("refuse", 2.0, False)
-    # null means "not given", as in OpenAI's API
-    assert parse("chat", chat(seed=None, stop=None), DEFAULTS, LIMITS, lambda: 9).seed == 9
+    # null means "not given", as in OpenAI's API, for fields this server does not implement too
+    assert parse("chat", chat(seed=None, stop=None, top_p=None, tools=None), DEFAULTS, LIMITS, lambda: 9).seed == 9
+
+
+def test_values_that_change_nothing_are_accepted():
+    neutral = chat(top_p=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False, user="u-17", logit_bias={},
+                   stream=True, stream_options={"include_usage": True})
+    neutral["messages"] = [{"role": "developer", "content": "be kind"}, {"role": "user", "content": "hi", "name": "ann"},
+                           {"role": "assistant", "content": None, "refusal": "I can't"}, {"role": "user", "content": "ok"}]
+    req = parse("chat", neutral, DEFAULTS, LIMITS, lambda: 7)
+    # developer is system; a refused answer sent back is its text; names change nothing
+    assert req.prompts == [[{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "I can't"}, {"role": "user", "content": "ok"}]]
+    assert req.include_usage and req.stream
+    # include_usage means nothing without a stream
+    assert not parse("chat", chat(stream_options={"include_usage": True}), DEFAULTS, LIMITS, lambda: 7).include_usage
+    assert parse("completion", {"model": "tiny", "prompt": "x", "echo": False, "best_of": 1, "logprobs": 0},
+                 DEFAULTS, LIMITS, lambda: 7).prompts == ["x"]
+
+
+def test_n_without_a_temperature_samples_where_the_server_default_is_greedy():
+    greedy = ServerDefaults(model="tiny", max_tokens=8, temperature=0.0, policies=("offline",), budget=None, refine=True)
+    assert parse("chat", chat(n=2), greedy, LIMITS, lambda: 7).temperature == 1.0
+    assert parse("chat", chat(n=1), greedy, LIMITS, lambda: 7).temperature == 0.0
+    assert parse("chat", chat(n=2), DEFAULTS, LIMITS, lambda: 7).temperature == 1.0
+    assert refusal("chat", {**chat(n=2, temperature=0)}).param == "n"  # asked for explicitly: refused
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    ({"model": "tiny", "prompt": ["ok", "\udfff"]}, "prompt[1]"),
+    ({"model": "tiny", "prompt": "x", "stop": ["\ud83d"]}, "stop[0]"),
+    ({"model": "tiny", "prompt": "x", "\ud800": 1}, "\ud800"),
+])
+def test_text_that_is_not_unicode_is_refused_by_its_path(body, param):
+    from safegen.serve.schema import check_text
+
+    data = json.loads(json.dumps(body))  # as the server parses it: a JSON escape spells the surrogate
+    with pytest.raises(APIError) as info:
+        check_text(data)
+    assert info.value.status == 400 and info.value.param == param.encode("utf-8", "backslashreplace").decode()
+    check_text(json.loads('{"prompt": "caf\\u00e9 \\ud83d\\ude00"}'))  # a surrogate pair is one character: fine
 
 
 @pytest.mark.parametrize("kind, body, param, status", [
@@ -49,7 +89,17 @@ def test_a_valid_request_gets_the_defaults_and_a_drawn_seed():
     ("chat", chat(logprobs=True), "logprobs", 400),
     ("completion", {"model": "tiny", "prompt": "x", "echo": True}, "echo", 400),
     ("chat", chat(safegen={"alpha": 1}), "safegen.alpha", 400),
-    ("chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name", 400),
+    ("chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "name": 3}]}, "messages[0].name", 400),
+    ("chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "refusal": "no"}]},
+     "messages[0].refusal", 400),
+    ("chat", chat(top_p=True), "top_p", 400),
+    ("chat", chat(presence_penalty=0.5), "presence_penalty", 400),
+    ("chat", chat(user=5), "user", 400),
+    ("chat", chat(logit_bias={"1": 5}), "logit_bias", 400),
+    ("chat", chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage", 400),
+    ("chat", chat(stream=True, stream_options={"chunk": 1}), "stream_options.chunk", 400),
+    ("chat", chat(safegen={"budget": 0.5}), "safegen.budget", 400),
+    ("chat", chat(safegen={"budget": float("nan")}), "safegen.budget", 400),
     ("chat", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", 400),
     ("chat", {"model": "tiny", "messages": []}, "messages", 400),
     ("chat", {"messages": [{"role": "user", "content": "x"}]}, "model", 400),
@@ -67,7 +117,7 @@ def test_a_valid_request_gets_the_defaults_and_a_drawn_seed():
     ("chat", chat(stream="yes"), "stream", 400),
     ("chat", chat(safegen={"policy": "strict"}), "safegen.policy", 400),
     ("chat", chat(safegen={"budget": 5}), "safegen.budget", 400),
-    ("chat", chat(safegen={"refine": 1}), "safegen.refine.iterref", 400),
+    ("chat", chat(safegen={"refine": 1}), "safegen.refine", 400),
 ])
 def test_each_bad_field_is_refused_by_name(kind, body, param, status):
     error = refusal(kind, body)

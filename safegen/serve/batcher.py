@@ -61,6 +61,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safegen-model")
         self._task: Optional[asyncio.Task] = None
         self._batch_seconds = 1.0  # running mean of a batch's time, for Retry-After
+        self._running_batch = False
 
     # ------------------------------------------------------------------ called by request handlers
     def submit(self, key: tuple, rows: int, payload) -> Job:
@@ -83,6 +84,22 @@ class Batcher:
             job.state = "cancelled"
         if not job.future.done():
             job.future.cancel()
+
+    def abort(self, error: BaseException) -> int:
+        """Answers every queued and running job with `error` now (the drain's deadline): a running
+        batch goes on on the model thread, but its results are no longer waited for. The number of
+        jobs answered."""
+        jobs = [j for j in self.queue + self.running if not j.future.done()]
+        self.queue.clear()
+        for job in jobs:
+            job.state = "cancelled"
+            job.future.set_exception(error)
+        return len(jobs)
+
+    @property
+    def model_busy(self) -> bool:
+        """A batch is running on the model thread (even one whose jobs were all answered)."""
+        return self._running_batch
 
     @property
     def busy(self) -> bool:
@@ -126,7 +143,7 @@ class Batcher:
             self.on_batch(len(batch), sum(j.rows for j in batch))
             started = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, [j.payload for j in batch])
+                results = await loop.run_in_executor(self._executor, self._run, [j.payload for j in batch])
             except Exception as error:  # the whole batch failed: every request of it says so
                 results = [error] * len(batch)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
@@ -139,6 +156,14 @@ class Batcher:
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
+
+    def _run(self, payloads: list) -> list:
+        """On the model thread: the flag says whether the thread is inside a batch, whatever the loop does."""
+        self._running_batch = True
+        try:
+            return self.run_batch(payloads)
+        finally:
+            self._running_batch = False
 
     def close(self) -> None:
         if self._task is not None:

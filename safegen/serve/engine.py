@@ -95,6 +95,17 @@ class Engine:
                 return [ids[i][mask[i].bool()].tolist() for i in range(len(request.prompts))]
             return [completion_ids(self._encoder.tokenizer, self.profile.bos_id, p) for p in request.prompts]
 
+    def settings(self, request: GenerationRequest) -> dict:
+        """The keywords of SafeGenerator.generate that a request sets (the same for its whole batch)."""
+        return dict(max_new_tokens=request.max_tokens, temperature=request.temperature,
+                    refine=request.extension.refine, budget=request.extension.budget)
+
+    def check(self, request: GenerationRequest, token_ids: list[list[int]]) -> None:
+        """Raises the sampler's own ConfigError for settings it would refuse: found per request before
+        it queues, so that a bad request is a 400 of its own and never fails the batch it would join."""
+        gen = self.generators[request.extension.policy]
+        gen.resolve(prompt_length=max(len(ids) for ids in token_ids), **self.settings(request))
+
     def run(self, requests: list[GenerationRequest], token_ids: list[list[list[int]]]) -> list[Outcome]:
         """One batch: every sample of `requests` (which share a batch_key) in one generate call.
         Sample j of prompt i of a request gets seed + i·n + j, as generate_text(prompts, seed, n) gives."""
@@ -110,9 +121,7 @@ class Engine:
         input_ids, mask = left_pad(rows, self.pad_id)
         device = _device(gen.model)
         out = gen.generate(input_ids.to(device), attention_mask=mask.to(device), seeds=seeds,
-                           max_new_tokens=first.max_tokens, temperature=first.temperature,
-                           refine=first.extension.refine, budget=first.extension.budget,
-                           return_dict_in_generate=True)
+                           return_dict_in_generate=True, **self.settings(first))
         P = input_ids.shape[1]
         stop_ids = torch.tensor(gen.profile.stop_ids, dtype=torch.long)
         outcomes = [Outcome(choices=[], prompt_tokens=sum(len(p) for p in prompts)) for prompts in token_ids]
@@ -142,6 +151,9 @@ class Engine:
                     text, action = gen.policy.refusal_text, "refuse"
         if action == "refuse":
             finish = "content_filter"
+        if text != report.text or action == "refuse":
+            # Usage counts what the client receives: the cut text's or the refusal's own tokens.
+            tokens = len(gen.tokenizer(text, add_special_tokens=False)["input_ids"])
         verdict = "toxic" if report.toxic_after or (returned or {}).get("toxic") else "not_toxic"
         return Choice(text=text, finish_reason=finish, completion_tokens=tokens, report={
             "seed": report.seed, "policy": request.extension.policy,

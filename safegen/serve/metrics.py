@@ -23,15 +23,21 @@ class Metrics:
                                         buckets=ROW_BUCKETS, registry=r)
         self.batch_rows = Histogram("safegen_batch_rows", "Samples (rows) per sampler batch",
                                     buckets=ROW_BUCKETS, registry=r)
-        self.samples = Counter("safegen_samples", "Samples generated (choices answered)", registry=r)
+        # Per policy (a server's policies are fixed at its start: a bounded label).
+        by_policy = ["policy"]
+        self.samples = Counter("safegen_samples", "Samples generated (choices answered)", by_policy, registry=r)
         self.toxic_before = Counter("safegen_toxic_before", "Samples the policy found toxic before "
-                                    "refinement", registry=r)
+                                    "refinement", by_policy, registry=r)
         self.toxic_after = Counter("safegen_toxic_after", "Samples the policy found toxic after "
-                                   "refinement", registry=r)
+                                   "refinement", by_policy, registry=r)
         self.refused = Counter("safegen_refused", "Samples answered with the policy's refusal "
-                               "(finish_reason content_filter)", registry=r)
+                               "(finish_reason content_filter)", by_policy, registry=r)
         self.denoiser_rows = Counter("safegen_denoiser_rows", "Denoiser rows spent (refinement and "
-                                     "'before' included)", registry=r)
+                                     "'before' included)", by_policy, registry=r)
+        self.prompt_tokens = Counter("safegen_prompt_tokens", "Prompt tokens of answered requests (usage)",
+                                     by_policy, registry=r)
+        self.completion_tokens = Counter("safegen_completion_tokens", "Completion tokens answered (usage: "
+                                         "what clients received)", by_policy, registry=r)
         self.dropped = Counter("safegen_dropped", "Queued requests dropped because their client left",
                                registry=r)
         self.rejected_full = Counter("safegen_rejected_queue_full", "Requests refused with 429 (queue full)",
@@ -44,11 +50,23 @@ class Metrics:
         self.batch_rows.observe(rows)
 
     def record_choice(self, report: dict) -> None:
-        self.samples.inc()
-        self.toxic_before.inc(bool(report["toxicity_before"]["toxic"]))
-        self.toxic_after.inc(bool(report["toxicity_after"]["toxic"]))
-        self.refused.inc(report["action"] == "refuse")
-        self.denoiser_rows.inc(report["rows"] + report["rows_before"])
+        policy = report["policy"]
+        self.samples.labels(policy).inc()
+        self.toxic_before.labels(policy).inc(bool(report["toxicity_before"]["toxic"]))
+        self.toxic_after.labels(policy).inc(bool(report["toxicity_after"]["toxic"]))
+        self.refused.labels(policy).inc(report["action"] == "refuse")
+        self.denoiser_rows.labels(policy).inc(report["rows"] + report["rows_before"])
+
+    def record_tokens(self, policy: str, prompt: int, completion: int) -> None:
+        self.prompt_tokens.labels(policy).inc(prompt)
+        self.completion_tokens.labels(policy).inc(completion)
+
+    def start_policies(self, policies) -> None:
+        """Each policy's series at 0 from the start, so that a rate over them has a first point."""
+        for policy in policies:
+            for counter in (self.samples, self.toxic_before, self.toxic_after, self.refused, self.denoiser_rows,
+                            self.prompt_tokens, self.completion_tokens):
+                counter.labels(policy)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

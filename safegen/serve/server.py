@@ -4,8 +4,11 @@ Order of events: the flags, policies and key file are checked first (a mistake c
 model load); the server then listens at once and answers /health with 503 "loading" while the model
 loads on a thread, so an orchestrator can tell "starting" from "dead"; /health turns 200 once it is
 loaded. The first SIGTERM (or Ctrl-C) starts a drain: /health and every new request get 503, the
-requests in flight finish (queued ones included), then the process exits 0. A second Ctrl-C, or
---drain-timeout, stops it at once.
+requests in flight finish (queued ones included), then the process exits 0. --drain-timeout is a
+deadline: when it passes, every request still queued or running is answered 503 (OpenAI's error
+JSON, Retry-After) at once, and the process exits 0 within about a second, without waiting for the
+batch on the model thread (the sampler cannot stop a batch midway; its result would go to nobody).
+A second SIGTERM or Ctrl-C exits at once.
 
 The server keeps nothing between requests (no sessions, no cache that changes an answer), so any
 number of them can run behind a load balancer.
@@ -13,7 +16,9 @@ number of them can run behind a load balancer.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import sys
 import threading
 import time
 
@@ -63,6 +68,8 @@ def _policy_configs(args):
 
 
 def _limits(args, sampling, context: int | None):
+    """A request's limits. With the model's context known, a prompt is limited by what is left of it
+    after the request's own max_tokens (checked per request), and --max-prompt-tokens only if given."""
     from .schema import Limits
 
     default_cap = 512 if context is None else min(512, context // 2)
@@ -70,10 +77,12 @@ def _limits(args, sampling, context: int | None):
     if cap < sampling.max_new_tokens:
         raise ServeError(f"--max-tokens {cap} is below the default generation length "
                          f"--max-new-tokens {sampling.max_new_tokens}")
-    prompt = args.max_prompt_tokens or (2048 if context is None else context - cap)
-    if prompt < 1:
-        raise ServeError(f"--max-tokens {cap} leaves no room for a prompt in the model's context of {context}")
-    return Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=prompt, max_tokens=cap, max_n=args.max_n)
+    if context is not None and sampling.max_new_tokens >= context:
+        raise ServeError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context}")
+    prompt = args.max_prompt_tokens or (2048 if context is None else None)
+    return Limits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=prompt, max_tokens=cap, max_n=args.max_n,
+                  context=context)
 
 
 def _load(args, configs, service, server) -> None:
@@ -94,6 +103,7 @@ def _load(args, configs, service, server) -> None:
             getattr(model.config, "max_position_embeddings", None)
         service.limits = _limits(args, next(iter(configs.values()))[1], context)
         service.engine = Engine(generators, service.defaults.model)
+        service.created = int(time.time())
         service.metrics.ready.set(1)
         log.info("model %s loaded: ready on http://%s:%d (policies: %s)", args.model, args.host, args.port,
                  ", ".join(configs))
@@ -115,12 +125,17 @@ def command(args) -> int:
 
     logging.getLogger("safegen.serve").setLevel(logging.INFO)
     configs = _policy_configs(args)
+    from ..threads import set_threads
+
+    log.info("torch CPU threads: %d%s", set_threads(args.threads), "" if args.threads else " (the default: "
+             "usable cores minus one; --threads to change)")
     gate = Gate(read_keys(args.api_key_file) if args.api_key_file else None)
     _, sampling, refinement = next(iter(configs.values()))
     defaults = ServerDefaults(model=args.served_model_name or args.model, max_tokens=sampling.max_new_tokens,
                               temperature=sampling.temperature, policies=tuple(configs), budget=refinement.budget,
                               refine=not args.no_refine)
     metrics = Metrics()
+    metrics.start_policies(configs)
     # The limits' own contradictions are found before the model loads; the context length after.
     service = Service(defaults, _limits(args, sampling, None), metrics, gate, log_content=args.log_content)
     service.new_seed = lambda: secrets.randbelow(MAX_SEED - args.max_n + 2)
@@ -133,15 +148,28 @@ def command(args) -> int:
                               max_wait=args.batch_wait_ms / 1000, on_batch=metrics.record_batch,
                               on_drop=metrics.dropped.inc, arriving=lambda: service.arriving)
     metrics.queue_depth.set_function(lambda: len(service.batcher.queue))
+    # Once the drain ends, connections get 1 s to finish sending what they have (their answers are
+    # final by then: the drain deadline answers every request still waiting).
     config = uvicorn.Config(create_app(service), host=args.host, port=args.port, lifespan="off",
-                            log_level="info", timeout_graceful_shutdown=5)
+                            log_level="info", timeout_graceful_shutdown=1)
     server = DrainingServer(config, service, args.drain_timeout)
     threading.Thread(target=_load, args=(args, configs, service, server), name="safegen-load", daemon=True).start()
     server.run()  # returns once drained (or exits 1 itself if it cannot listen on host:port)
     service.batcher.close()
     if service.load_exception is not None:  # a SafegenError is a one-line message and exit 2
         raise service.load_exception
+    if service.batcher.model_busy or server.force_exit:
+        # A batch still runs on the model thread, which Python would wait for at exit: the deadline
+        # (or the second signal) says not to. Everything of ours is answered and logged already.
+        log.info("exiting without waiting for the batch on the model thread")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+
 
 
 def _draining_server_class():
@@ -156,9 +184,11 @@ def _draining_server_class():
             super().__init__(config)
             self.service, self.drain_timeout = service, drain_timeout
             self.drain_started = None
+            self.deadline_hit = None  # when the drain's deadline answered what was left
 
         def handle_exit(self, sig, frame) -> None:
             if self.drain_started is not None:  # a second signal: stop now
+                log.info("second signal: exiting now")
                 self.should_exit = self.force_exit = True
                 return
             self.drain_started = time.monotonic()
@@ -172,11 +202,22 @@ def _draining_server_class():
                 return True
             if self.drain_started is None:
                 return False
-            idle = self.service.in_flight == 0 and not self.service.batcher.busy
-            if idle or time.monotonic() - self.drain_started > self.drain_timeout:
-                log.info("drained: exiting" if idle else "drain timeout: exiting with requests in flight")
+            service, now = self.service, time.monotonic()
+            idle = service.in_flight == 0 and not service.batcher.busy
+            if idle:
+                log.info("drained: exiting")
                 return True
-            return False
+            if self.deadline_hit is None and now - self.drain_started > self.drain_timeout:
+                from .schema import APIError
+
+                self.deadline_hit = now
+                answered = service.batcher.abort(APIError(
+                    503, "the server is shutting down and its drain deadline passed before this request was "
+                    "answered; send it again (to another instance)", code="shutting_down", type="server_error",
+                    headers={"Retry-After": "1", "Connection": "close"}))
+                log.info("drain deadline: %d request(s) answered 503; exiting", answered)
+            # After the deadline, the handlers get a moment (a few ticks) to send their 503s.
+            return self.deadline_hit is not None and (service.in_flight == 0 or now - self.deadline_hit > 0.5)
 
     return _DrainingServer
 
