@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
 # The virtualenv gets the CPU build of torch first (TORCH below), so nothing pulls a CUDA build;
 # on a GPU machine set TORCH=torch (or install safegen with plain pip) for the normal build.
+# Every package comes at the version in constraints.txt, the set the tests passed with: a new
+# machine gets what the last one tested, not whatever is newest that day.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
@@ -12,11 +14,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo demo-mdlm test bench-smoke clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q --no-deps "$(TOXIC_LSTM)"
 	touch $(STAMP)
 

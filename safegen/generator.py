@@ -190,7 +190,7 @@ class SafeGenerator:
             changes["pad_id"] = int(call["pad_token_id"])
         if call.get("eos_token_id") is not None:
             # Added to the model's own stop tokens (EOS, EOT), which the answers were trained to end
-            # with; replacing those takes a profile (README: stop tokens).
+            # with; replacing those takes a profile (docs/python.md, "Stop tokens").
             changes["extra_stop_ids"] = self.profile.extra_stop_ids + stop_id_list(call["eos_token_id"])
         return dataclasses.replace(self.profile, **changes) if changes else self.profile
 

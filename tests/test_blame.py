@@ -150,18 +150,29 @@ def test_hf_occlusion_blame_matches_one_word_at_a_time(random_hf_classifier):
     texts = ["you are an idiot", "hello world", "what a bad day ok", "", "idiot"]
     got = scorer.blame(texts)["toxic"]
     assert scorer.blame_cost(texts) == sum(1 + len(t.split()) for t in texts)
+    # The attribution, recomputed from the scores of the very batch it scored (the text and each
+    # text one word shorter, in batches of 4, padded): the same numbers, so equal to rounding of float64.
+    batch = [variant for text in texts for variant in
+             [text] + [" ".join(text.split()[:k] + text.split()[k + 1:]) for k in range(len(text.split()))]]
+    batched = scorer.score(batch)["toxic"]
+    at = 0
     for text, blame in zip(texts, got):
-        # The same attribution, scoring the text and each shortened text separately.
         words = text.split()
-        spans, at = [], 0
+        spans, pos = [], 0
         for w in words:
-            at = text.index(w, at)
-            spans.append((at, at + len(w)))
-            at += len(w)
-        full = scorer.score([text])["toxic"][0]
-        drops = [math.log(full / (1 - full)) - math.log(p / (1 - p)) for p in
-                 (scorer.score([" ".join(words[:k] + words[k + 1:])])["toxic"][0] for k in range(len(words)))]
-        np.testing.assert_allclose(blame, spread(full, drops, spans, len(text)), atol=1e-5)
+            pos = text.index(w, pos)
+            spans.append((pos, pos + len(w)))
+            pos += len(w)
+        full, occluded = batched[at], batched[at + 1:at + 1 + len(words)]
+        at += 1 + len(words)
+        drops = [math.log(full / (1 - full)) - math.log(p / (1 - p)) for p in occluded]
+        np.testing.assert_allclose(blame, spread(full, drops, spans, len(text)), rtol=1e-9, atol=1e-12)
+    # And those scores are each text's own, whatever its batch: padding only changes the order of
+    # float32 sums (padded positions are masked to exact zeros), a few float32 ulps of a logit, far
+    # below 1e-5 in a probability. (The blame itself is not compared at that tolerance: its shares
+    # divide one word's drop by another's, which multiplies a rounding difference without bound.)
+    alone = np.array([scorer.score([t])["toxic"][0] for t in batch])
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
     assert sum(b.max() > 0.1 for b in got if len(b)) >= 2   # the scores move: words are blamed
     # Through a policy: the occlusion's texts are counted, a repeated text once.
     (random_hf_classifier / "p.yaml").write_text("classifiers: [{name: t, scorer: hf, model: ., labels: toxic}]\n")
