@@ -15,6 +15,18 @@ batched / one-by-one.
 Against running servers it measures what they were started with: one with batching, one with
 `--max-batch-rows 1`, both with `--temperature 1` and queues of at least the top concurrency.
 
+Two more scenarios compare the step-level scheduler (`--scheduling step`, the default) with fixed
+batches run to their end (`--scheduling batch`, the scheduling of earlier versions), both servers
+batching up to --max-batch-rows samples:
+
+    python -m benchmarks.serve_load --scenario short-behind-long   # a 16-token request behind a 256-token one
+    python -m benchmarks.serve_load --scenario mixed               # 16 clients, answers of 4, 16 and 64 tokens
+
+`short-behind-long` times a --short-tokens request alone, a --long-tokens request alone, and the
+short one sent once the long one is in flight; `mixed` sends --requests chat requests from
+--mixed-clients threads, request i asking for (4, 16, 64)[i % 3] tokens, and checks that both
+schedules give every request the same answer.
+
 Requests are bounded in count (--requests per level) and every wait has a timeout.
 """
 from __future__ import annotations
@@ -74,6 +86,89 @@ def measure(servers: dict, levels: list, args) -> tuple[dict, dict]:
     return table, answers
 
 
+def timed(server: Client, model: str, max_tokens: int, seed: int) -> tuple[float, str]:
+    started = time.monotonic()
+    status, _, body = server.request("POST", "/v1/chat/completions", {
+        "model": model, "messages": prompt(seed), "seed": seed, "max_tokens": max_tokens}, timeout=600)
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {body}")
+    return time.monotonic() - started, body["choices"][0]["message"]["content"]
+
+
+def short_behind_long(server: Client, model: str, short: int, long: int, repeats: int = 3) -> dict:
+    """The short request alone (median of `repeats`), the long one alone, and the short one sent
+    while the long one runs (it is sent 0.3 s after the long one: in flight by then)."""
+    alone = sorted(timed(server, model, short, 7 + k)[0] for k in range(repeats))[repeats // 2]
+    long_alone = timed(server, model, long, 1)[0]
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(timed, server, model, long, 1)
+        time.sleep(0.3)
+        behind = timed(server, model, short, 7)[0]
+        long_beside = running.result(600)[0]
+    return {"short_alone": alone, "long_alone": long_alone, "short_behind_long": behind, "long_beside": long_beside}
+
+
+def mixed(server: Client, model: str, clients: int, requests: int) -> dict:
+    """`requests` chat requests from `clients` threads, request i of (4, 16, 64)[i % 3] tokens."""
+    lengths = (4, 16, 64)
+
+    def one(i: int):
+        seconds, text = timed(server, model, lengths[i % 3], 500 + i)
+        return i, seconds, text
+
+    started = time.monotonic()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(requests)))
+    wall = time.monotonic() - started
+    latencies = sorted(r[1] for r in results)
+    short = sorted(r[1] for r in results if lengths[r[0] % 3] == 4)
+    return {"rps": requests / wall, "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+            "p50_4_tokens": percentile(short, 50), "answers": {r[0]: r[2] for r in results}}
+
+
+def scenarios(args, env) -> int:
+    """short-behind-long or mixed, on a step-level server and a fixed-batch one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from safegen.models.tiny import write_tiny_model
+            model = str(write_tiny_model(Path(tmp) / "tiny-model", seed=0))
+        common = ["--policy", args.policy, "--temperature", "1", "--max-new-tokens", "4", "--max-tokens", "256",
+                  "--max-queue", "256", "--quantization", args.quantization, "--max-batch-rows",
+                  str(args.max_batch_rows), "--batch-wait-ms", str(args.batch_wait_ms)]
+        if args.threads:
+            common += ["--threads", args.threads]
+        servers = {mode: ServerProcess(model, Path(tmp) / f"{mode}.log", *common, "--scheduling", mode, env=env,
+                                       wait=False) for mode in ("step", "batch")}
+        try:
+            for server in servers.values():
+                server.wait_ready()
+            results = {}
+            for mode, server in servers.items():
+                timed(server, model, 4, 0)  # warm-up
+                if args.scenario == "short-behind-long":
+                    r = results[mode] = short_behind_long(server, model, args.short_tokens, args.long_tokens)
+                    print(f"{mode:>6}: short alone {r['short_alone']:.3f} s, long alone {r['long_alone']:.2f} s, "
+                          f"short behind long {r['short_behind_long']:.3f} s = {r['short_behind_long'] / r['long_alone']:.3f}"
+                          f" of the long one's time ({r['short_behind_long'] / r['short_alone']:.1f}x alone); "
+                          f"the long one beside it {r['long_beside']:.2f} s", flush=True)
+                else:
+                    r = results[mode] = mixed(server, model, args.mixed_clients, args.requests)
+                    print(f"{mode:>6}: {r['rps']:.2f} req/s, p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, "
+                          f"p50 of the 4-token requests {r['p50_4_tokens']:.2f} s", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+    if args.scenario == "mixed":
+        same = results["step"]["answers"] == results["batch"]["answers"]
+        s, b = results["step"], results["batch"]
+        print(f"step / batch: throughput x{s['rps'] / b['rps']:.2f}, p50 x{s['p50'] / b['p50']:.2f}, "
+              f"p95 x{s['p95'] / b['p95']:.2f}, 4-token p50 x{s['p50_4_tokens'] / b['p50_4_tokens']:.2f}")
+        print(f"answers equal under both schedules: {same} ({len(s['answers'])} requests)")
+        return 0 if same else 1
+    return 0
+
+
 def percentile(sorted_values: list, q: float) -> float:
     """Nearest-rank percentile."""
     k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
@@ -96,11 +191,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batched-url", default=None, help="measure this running server (batching on)")
     parser.add_argument("--one-by-one-url", default=None, help="... and this one (--max-batch-rows 1)")
     parser.add_argument("--api-key", default=None, help="bearer key for the running servers")
+    parser.add_argument("--scenario", choices=("levels", "short-behind-long", "mixed"), default="levels",
+                        help="levels (default): concurrency levels, batching against one by one; the others: "
+                             "the step-level schedule against fixed batches")
+    parser.add_argument("--short-tokens", type=int, default=16)
+    parser.add_argument("--long-tokens", type=int, default=256)
+    parser.add_argument("--mixed-clients", type=int, default=16)
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.requests, args.max_tokens = "1,4", 8, 8
     levels = [int(c) for c in args.concurrency.split(",")]
     env = {"OMP_NUM_THREADS": args.threads} if args.threads else None
+    if args.scenario != "levels":
+        return scenarios(args, env)
 
     if args.batched_url or args.one_by_one_url:
         if not (args.batched_url and args.one_by_one_url):

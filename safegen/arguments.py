@@ -30,8 +30,9 @@ FIELD_HELP = {
     "cache": "Fast-dLLM's block-wise key/value cache: prefix (prompt and finished blocks) or dual (the "
              "masked suffix too); approximate, and IterRef's proposals then run only their holes ('none': "
              "exact, LLaDA's sampler)",
-    "threshold": "also commit every block position whose candidate's probability exceeds this (Fast-dLLM's "
-                 "parallel decoding, e.g. 0.9; 'none': off)",
+    "threshold": "Fast-dLLM's parallel decoding: each step commits the block's most confident candidate and every "
+                 "other one whose probability is at least this, until the block is done (--steps is ignored; "
+                 "e.g. 0.9; 'none': off)",
     "n_proposals": "N, proposals per pool",
     "iterations": "k, kernel applications per refined step",
     "rho": "share of the decoded tokens a proposal re-masks",
@@ -158,19 +159,21 @@ def model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False
     s = parser.add_argument_group("sampling (SamplingConfig)")
     add_config_flags(s, SamplingConfig, {})
     s.add_argument("--fast", action="store_true",
-                   help="shorthand for --cache dual (about 7.8x fewer model FLOPs at 256 tokens; approximate); "
+                   help="--cache dual, which the command line uses by default for LLaDA models anyway (about 7.8x "
+                        "fewer model FLOPs at 256 tokens; approximate: IterRef's chain is then not exact); "
                         "--cache and --threshold given beside it win")
     r = parser.add_argument_group("refinement (IterRef's RefineConfig; defaults: the 'middleware' preset)")
     r.add_argument("--no-refine", action="store_true", help="plain sampling, scored by the policy")
     r.add_argument("--preset", choices=sorted(PRESETS), default="middleware",
                    help="the settings the flags below start from: middleware (default: targeted re-masking, "
-                        "adaptive, budget 4) or exact (uniform, every sample, no budget); see "
-                        "safegen/refine/config.py")
+                        "adaptive, budget 4) or exact (uniform, every sample, no budget, and LLaDA's reference "
+                        "sampler: no cache, which it refuses); see safegen/refine/config.py")
     add_config_flags(r, RefineConfig, PRESETS["middleware"])
-    r.add_argument("--exact", dest="adaptive", action="store_false", default=None,
-                   help="refine every sample, even those the policy already accepts (--no-adaptive). Exact in "
-                        "the limit of many iterations also needs --selection mh and a --budget that does not "
-                        "cut the last point short (docs/method.md, 'When the chain is exact')")
+    r.add_argument("--exact", action="store_true",
+                   help="refine every sample, even those the policy already accepts (--no-adaptive), on LLaDA's "
+                        "reference sampler (no cache; --cache prefix/dual beside it is refused). Exact in the "
+                        "limit of many iterations also needs --selection mh and a --budget that does not cut the "
+                        "last point short (docs/method.md, 'When the chain is exact')")
     r.add_argument("--no-before", action="store_true",
                    help="do not compute the unrefined 'before' sample (saves its denoiser rows)")
 
@@ -181,19 +184,42 @@ def revision(args):
     return args.revision or PINNED_REVISIONS.get(args.model)
 
 
+def wants_exact(args) -> bool:
+    """The flags promise IterRef's exact chain: --preset exact or --exact."""
+    return getattr(args, "preset", None) == "exact" or bool(getattr(args, "exact", False))
+
+
 def sampling_options(args) -> dict:
+    """The sampling fields the flags set, over the command line's defaults: MDLM's own sampler for
+    MDLM models; for LLaDA models the dual cache (the command line is where users want speed; the
+    Python API keeps LLaDA's reference sampler), unless --cache says otherwise or the flags ask for
+    an exact chain, which the cache would break (refused if --cache or --fast asks for one anyway)."""
     chosen = options(args, SamplingConfig)
     if getattr(args, "fast", False):
         chosen = {**FAST, **chosen}
+    model_type = None
     if getattr(args, "model", None) is not None:
         from .models.loading import model_type_of
 
-        if model_type_of(args.model, revision(args)) == "mdlm":
-            from .sampling.mdlm import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
+        model_type = model_type_of(args.model, revision(args))
+    if model_type == "mdlm":
+        from .sampling.mdlm import DEFAULT_SAMPLING  # MDLM's own sampler, unless the flags say otherwise
 
-            chosen = {**DEFAULT_SAMPLING, **chosen}
+        chosen = {**DEFAULT_SAMPLING, **chosen}
+    if wants_exact(args):
+        if chosen.get("cache") is not None:
+            from .config import ConfigError
+
+            raise ConfigError(f"{'--preset exact' if args.preset == 'exact' else '--exact'} asks for IterRef's exact "
+                              f"chain, which the {chosen['cache']} cache makes approximate: drop --cache/--fast, or "
+                              "the exactness flag")
+    elif model_type == "llada" and "cache" not in chosen and not chosen.get("cfg_scale"):
+        chosen = {**FAST, **chosen}
     return chosen
 
 
 def refine_options(args) -> dict:
-    return options(args, RefineConfig)
+    chosen = options(args, RefineConfig)
+    if getattr(args, "exact", False):
+        chosen["adaptive"] = False
+    return chosen

@@ -22,7 +22,7 @@ from .refine.config import PRESETS, RENAMED_FIELDS, renamed
 from .refine.iterref import IterRef, RefineConfig
 from .keywords import sample_or_not, stop_id_list
 from .sampling.factory import make_sampler
-from .sampling.sampler import ConfigError, SamplingConfig, updated_config
+from .sampling.sampler import ConfigError, SamplingConfig, drive, updated_config
 from .sampling.config import fit_lengths
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class SampleReport:
     seed: int
     flops: float = 0.0  # model FLOPs spent on this sample (safegen.models.flops; 0 for models of unknown shape)
     flops_before: float = 0.0  # extra FLOPs of the "before" sample
+    sampler: str = "llada"  # which sampler produced it (SamplingConfig.describe: "llada+dual", ...)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,8 +177,19 @@ class SafeGenerator:
         sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[-1], **kwargs)
         if attention_mask is not None:
             input_ids, attention_mask = left_padded(input_ids, attention_mask, self._pad_id(call))
-        out = self._generate(input_ids, attention_mask, sampling, refinement, call, prompts=None)
+        out = drive(self._generate_steps(input_ids, attention_mask, sampling, refinement, call, prompts=None))
         return out if call.get("return_dict_in_generate") else out.sequences
+
+    def generate_steps(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       generation_config=None, **kwargs):
+        """`generate(..., return_dict_in_generate=True)` as a generator: it yields after each sampler
+        step and returns the GenerateOutput. A scheduler (safegen/engine.py) interleaves several such
+        generations on one model thread, step by step; each gets what it gets alone. The options are
+        checked when this is called, before the first step."""
+        sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[-1], **kwargs)
+        if attention_mask is not None:
+            input_ids, attention_mask = left_padded(input_ids, attention_mask, self._pad_id(call))
+        return self._generate_steps(input_ids, attention_mask, sampling, refinement, call, prompts=None)
 
     def _pad_id(self, call: dict) -> int:
         pad = call.get("pad_token_id", self.profile.pad_id)
@@ -194,7 +206,7 @@ class SafeGenerator:
             changes["extra_stop_ids"] = self.profile.extra_stop_ids + stop_id_list(call["eos_token_id"])
         return dataclasses.replace(self.profile, **changes) if changes else self.profile
 
-    def _generate(self, input_ids, attention_mask, sampling, refinement, call, prompts):
+    def _generate_steps(self, input_ids, attention_mask, sampling, refinement, call, prompts):
         n = call.get("num_return_sequences", 1)
         if n > 1:
             input_ids = input_ids.repeat_interleave(n, 0)
@@ -213,8 +225,8 @@ class SafeGenerator:
         # Targeted re-masking asks the policy which tokens it objects to.
         blame = reward.blame if refinement.proposal_holes == "targeted" else None
         # The reward's verdict (Policy.judge) is the adaptive gate: it refines what the report calls toxic.
-        result = sampler.run(input_ids, attention_mask, seeds,
-                             hook=IterRef(refinement, reward.judge, blame=blame) if refine else None, fork_plain=fork)
+        result = yield from sampler.run_steps(input_ids, attention_mask, seeds, fork_plain=fork,
+                                              hook=IterRef(refinement, reward.judge, blame=blame) if refine else None)
         P = input_ids.shape[1]
         after = reward.decode(result.sequences[:, P:])
         before = reward.decode(result.plain_sequences[:, P:]) if fork else list(after)
@@ -247,7 +259,8 @@ class SafeGenerator:
                 acceptance_rate=float(result.accepted[i]) / proposed if proposed else None,
                 seconds=seconds, seed=int(seeds[i]),
                 flops=float(result.flops[i]) if result.flops is not None else 0.0,
-                flops_before=float(result.plain_flops[i]) if fork and result.plain_flops is not None else 0.0))
+                flops_before=float(result.plain_flops[i]) if fork and result.plain_flops is not None else 0.0,
+                sampler=sampling.describe()))
         return GenerateOutput(sequences=sequences, reports=reports)
 
     def _encode_answer(self, text: str, length: int, device, profile: ModelProfile) -> torch.Tensor:
@@ -316,7 +329,7 @@ class SafeGenerator:
         input_ids, attention, shown = self.encode_prompts(prompts, max_prompt_tokens, labels)
         sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[1], **kwargs)
         device = make_sampler(self.model, self.profile, sampling).device
-        out = self._generate(input_ids.to(device), attention.to(device), sampling, refinement, call, shown)
+        out = drive(self._generate_steps(input_ids.to(device), attention.to(device), sampling, refinement, call, shown))
         return out.reports
 
 

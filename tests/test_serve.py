@@ -71,7 +71,7 @@ def offline(tiny_generator_parts):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see ONE_THREAD; restored for the other tests
     yield SafeGenerator(model, tokenizer, policy="offline", profile=profile,
-                        sampling={"max_new_tokens": G, "temperature": 1.0})
+                        sampling={"max_new_tokens": G, "temperature": 1.0, "cache": "dual"})  # serve's default
     torch.set_num_threads(threads)
 
 

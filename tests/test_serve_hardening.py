@@ -160,7 +160,8 @@ def http_request(draw, model: str, refuse: str):
         content_type = draw(st.sampled_from(["text/plain", "application/x-www-form-urlencoded", None,
                                              "application/json; charset=utf-8", "APPLICATION/JSON"]))
     elif how == "path":
-        path = draw(st.sampled_from(["/v1/embeddings", "/", "/v1/chat/completions/x", "/v1/models"]))
+        path = draw(st.sampled_from(["/v1/embeddings", "/", "/v1/chat/completions/x",  # 404
+                                     "/v1/models", "/health", "/metrics"]))  # 405 (GET routes)
     elif how == "top":
         body = json.dumps(draw(ANY), allow_nan=True).encode()
     return path, content_type, body
@@ -189,7 +190,7 @@ def test_fuzzed_requests_never_get_a_5xx(server, tiny_model_dir):
             elif headers.get("content-type", "").startswith("text/event-stream"):
                 assert payload.rstrip().endswith(b"data: [DONE]"), payload[-300:]
             else:
-                assert json.loads(payload)["choices"] or path == "/v1/models"
+                assert json.loads(payload)["choices"]
 
     check()
     print("fuzzer statuses:", dict(sorted(FUZZ_SEEN["statuses"].items())))
@@ -340,6 +341,9 @@ def test_metrics_count_tokens_per_policy_and_models_says_when(server, client, ti
     assert f'safegen_samples_total{{policy="{server.refuse}"}}' in text
     [model] = client.models.list().data
     assert abs(model.created - time.time()) < 3600
+    # The command line's default sampler, said where a client can see it
+    assert model.model_extra["safegen"]["samplers"]["offline"] == "llada+dual"
+    assert out.choices[0].model_extra["safegen"]["sampler"] == "llada+dual"
 
 
 # ---------------------------------------------------------------------------------- the drain deadline
@@ -399,3 +403,31 @@ def test_a_second_signal_exits_at_once(servers, tiny_model_dir):
         assert status != 200
     assert exited < 3, exited
     assert "second signal: exiting now" in server.output()
+
+
+# ---------------------------------------------------------------------------------- step-level batching
+def test_a_short_request_joins_a_long_one_mid_flight_and_gets_its_own_answer(server, client, tiny_model_dir,
+                                                                            tiny_generator_parts):
+    """A 4-token request sent while a 256-token one runs is answered while the long one still runs
+    (groups advance step by step in turn), with the tokens it gets alone (offline, the same flags)."""
+    import torch
+
+    from safegen import SafeGenerator
+
+    msgs = [{"role": "user", "content": "the weather today"}]
+    with cf.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(_long_request, server, tiny_model_dir)
+        _wait_in_flight(server, 1, [long])
+        short = client.chat.completions.create(model=str(tiny_model_dir), messages=msgs, max_tokens=4, seed=5)
+        assert not long.done(), "the short request waited for the long one"
+        assert long.result(120)[0] == 200
+    model, tokenizer, profile = tiny_generator_parts
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        offline = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                                sampling={"max_new_tokens": 4, "temperature": 1.0, "cache": "dual"})
+        [alone] = offline.generate_text([msgs], seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert short.choices[0].message.content == alone.text

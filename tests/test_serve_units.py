@@ -163,18 +163,18 @@ def test_batcher_groups_by_key_caps_rows_and_bounds_the_queue():
     async def main():
         b = Batcher(run, max_queue=5, max_rows=3, max_wait=0.05)
         jobs = [b.submit(("A",), 1, 1), b.submit(("B",), 1, 2), b.submit(("A",), 2, 3), b.submit(("A",), 1, 4),
-                b.submit(("A",), 1, 5)]
+                b.submit(("A",), 1, 5), b.submit(("A",), 1, 6), b.submit(("A",), 1, 7)]
         with pytest.raises(QueueFull) as full:
-            b.submit(("A",), 1, 6)  # a sixth while five wait
+            b.submit(("A",), 1, 8)  # seven queued: the first two fit in 3 rows and start next, five wait
         assert full.value.retry_after >= 1
         results = await asyncio.gather(*(j.future for j in jobs))
         b.close()
         return results
 
     results = asyncio.run(main())
-    assert results == [10, 20, 30, 40, 50]
+    assert results == [10, 20, 30, 40, 50, 60, 70]
     # The oldest first; same-key jobs join it while they fit in 3 rows; the rest keep their order.
-    assert batches == [[1, 3], [2], [4, 5]]
+    assert batches == [[1, 3], [2], [4, 5, 6], [7]]
 
 
 def test_batcher_waits_to_fill_only_while_requests_are_arriving():
@@ -224,6 +224,43 @@ def test_batcher_drops_a_queued_job_whose_client_left():
     assert ran == ["first", "third"] and dropped == [1] and second.state == "cancelled"
 
 
+def test_groups_run_step_by_step_a_short_one_joins_and_leaves_first():
+    """Step generators: a 40-step group runs; a 3-step group submitted meanwhile joins at the next
+    round and is answered while the long one still runs; a group whose clients all left stops."""
+    log = []
+
+    def run(payloads):
+        name, steps = payloads[0]
+
+        def steps_of():
+            for k in range(steps):
+                log.append((name, k))
+                time.sleep(0.002)
+                yield
+            return [f"{name} done"] * len(payloads)
+        return steps_of()
+
+    async def main():
+        b = Batcher(run, max_queue=5, max_rows=4, max_wait=0)
+        long = b.submit(("A",), 1, ("long", 40))
+        while not any(n == "long" for n, _ in log):
+            await asyncio.sleep(0.001)
+        short = b.submit(("B",), 1, ("short", 3))
+        gone = b.submit(("C",), 1, ("gone", 1000))
+        assert await short.future == "short done"
+        assert not long.future.done()  # the short one did not wait for the long one
+        b.cancel(gone)
+        assert await long.future == "long done"
+        b.close()
+
+    asyncio.run(main())
+    names = [n for n, _ in log]
+    # interleaved: the short group's steps come between the long group's, not after them
+    assert names.index("short") < len(names) - names[::-1].index("long") - 1
+    assert [k for n, k in log if n == "long"] == list(range(40))
+    assert names.count("gone") < 40  # it stopped once its client left, well before its 1000 steps
+
+
 def test_serve_without_the_extra_is_one_clear_line(tmp_path):
     # A fresh interpreter in which uvicorn cannot be imported (as if the extra were not installed).
     code = ("import sys; sys.modules['uvicorn'] = None\n"
@@ -262,13 +299,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _invariance(model, tokenizer, profile):
+def _invariance(model, tokenizer, profile, cache=None):
     """Each request run in one batch with the others gives generate_text's texts for its seeds alone."""
     from safegen import SafeGenerator
     from safegen.serve.engine import Engine
 
     gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
-                        sampling={"max_new_tokens": 8, "temperature": 1.0})
+                        sampling={"max_new_tokens": 8, "temperature": 1.0, "cache": cache})
     engine = Engine({"offline": gen}, "tiny")
     requests = _requests()
     outcomes = engine.run(requests, [engine.encode(r) for r in requests])
@@ -280,8 +317,9 @@ def _invariance(model, tokenizer, profile):
         assert [c.report["toxicity_after"] for c in outcome.choices] == [r.toxicity_after for r in alone]
 
 
-def test_a_batch_gives_each_request_its_tokens_alone_fp32(tiny_generator_parts, one_thread):
-    _invariance(*tiny_generator_parts)
+@pytest.mark.parametrize("cache", [None, "dual"])  # the reference sampler, and the command line's default
+def test_a_batch_gives_each_request_its_tokens_alone_fp32(tiny_generator_parts, one_thread, cache):
+    _invariance(*tiny_generator_parts, cache=cache)
 
 
 def test_a_batch_gives_each_request_its_tokens_alone_bf16(tiny_model_dir, one_thread):

@@ -44,7 +44,9 @@ class SamplingConfig:
     confidence_eos_eot_inf: bool = False
     sampler: str = "llada"  # one of SAMPLERS; "mdlm" has one block (the answer) and ignores remasking
     cache: str | None = None  # one of CACHES; approximate logits (docs/method.md, "Fast sampling")
-    # Also commit every block position whose candidate's probability exceeds this (None: off).
+    # Fast-dLLM's parallel decoding (None: off): a step commits the block's most confident candidate
+    # and every other one whose probability is at least this, and a block takes the steps it needs
+    # (at most its length), whatever `steps` says.
     threshold: float | None = None
 
     def validate(self) -> "SamplingConfig":
@@ -60,7 +62,7 @@ class SamplingConfig:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
                 f"({self.max_new_tokens}): a step would commit nothing")
-        if self.n_blocks > 1 and block_steps(self.block_lengths, self.steps) is None:
+        if self.n_blocks > 1 and self.threshold is None and block_steps(self.block_lengths, self.steps) is None:
             near = sorted({total_steps(self.block_lengths, s) for s in range(1, self.block_length + 1)},
                           key=lambda t: (abs(t - self.steps), t))[:2]
             raise ConfigError(
@@ -89,6 +91,12 @@ class SamplingConfig:
             raise ConfigError("sampling.cache is not implemented with sampling.cfg_scale > 0")
         return self
 
+    def describe(self) -> str:
+        """Which sampler produced a sample, as reports and the server say it: "llada" (LLaDA's reference
+        sampler), "llada+dual" / "llada+prefix" (Fast-dLLM's cache), "+threshold=τ", or "mdlm"."""
+        return self.sampler + (f"+{self.cache}" if self.cache else "") + \
+            (f"+threshold={self.threshold:g}" if self.threshold is not None else "")
+
     def updated(self, **overrides) -> "SamplingConfig":
         return updated_config(self, "sampling", overrides)
 
@@ -112,6 +120,8 @@ class SamplingConfig:
     def steps_per_block(self) -> int:
         """S, the steps of a full block (of the only block when there is one): global step t of
         (block, step) is block·S + step, the last block being the only one that may be shorter."""
+        if self.threshold is not None:  # Fast-dLLM: as many steps as the block needs, at most its length
+            return self.block_lengths[0]
         if self.n_blocks == 1:
             return self.steps
         return block_steps(self.block_lengths, self.steps)
@@ -120,6 +130,8 @@ class SamplingConfig:
         """Steps of `block`: S, or the last block's share ceil(its length·S / block_length), which
         keeps the full blocks' tokens per step."""
         S = self.steps_per_block
+        if self.threshold is not None:
+            return self.block_lengths[block]
         if block < self.n_blocks - 1 or self.n_blocks == 1:
             return S
         return last_block_steps(self.block_lengths, S)

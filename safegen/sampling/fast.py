@@ -11,9 +11,13 @@ threshold=None), which is LLaDA's reference sampler, unchanged.
 * A row's cache is refreshed, alone, whenever one of its cached (non-query) tokens differs from the
   tokens it was made from (a refinement hook changed them), so that a row's output depends only on its
   own history, never on its neighbours'.
-* threshold: a step commits every committable position whose candidate's probability exceeds the
-  threshold, and at least the step's scheduled count; once a block has nothing left to commit, its
-  remaining steps make no forward. The schedule's count keeps the block finishing within its steps.
+* threshold τ, as in Fast-dLLM: a step commits the block's most confident candidate and every other
+  committable position whose candidate's probability is at least τ, and a block runs until nothing
+  is left in it, ignoring the step schedule: SamplingConfig gives a block as many steps as its length
+  (at least one commit a step), and once a block is done its remaining steps make no forward. With
+  confidence_eos_eot_inf an EOS/EOT candidate's confidence is -inf, so it never counts as above τ:
+  it is committed only as a step's one most confident candidate, when every position left in the
+  block proposes EOS/EOT.
 """
 from __future__ import annotations
 
@@ -122,9 +126,10 @@ def cached_logits(sampler, state) -> torch.Tensor:
 
 
 def threshold_counts(sampler, state, n_commit: torch.Tensor) -> Optional[torch.Tensor]:
-    """Commits per row this step under the threshold: the scheduled count or every committable
-    position above the threshold, whichever is more, at most what is left in the block. None when no
-    row has anything left in the block (the step makes no forward)."""
+    """Commits per row this step under the threshold (Fast-dLLM's rule): the most confident candidate
+    and every other committable position whose probability is at least the threshold; 0 for a row with
+    nothing left in its block. The schedule's count `n_commit` is not used. None when no row has
+    anything left in the block (the step makes no forward)."""
     committable = sampler.committable(state.gen, sampler.next_block(state))
     left = committable.sum(1)
     if not bool(left.any()):
@@ -135,8 +140,8 @@ def threshold_counts(sampler, state, n_commit: torch.Tensor) -> Optional[torch.T
     rows, spent = state.rows[done].clone(), state.flops[done].clone()
     sampler.refresh(state)
     state.rows[done], state.flops[done] = rows, spent
-    above = ((state.pred.confidence > sampler.config.threshold) & committable).sum(1)
-    return torch.minimum(torch.maximum(n_commit.to(left.device), above), left)
+    above = ((state.pred.confidence >= sampler.config.threshold) & committable).sum(1)
+    return torch.minimum(above.clamp(min=1), left)
 
 
 

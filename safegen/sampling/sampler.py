@@ -44,6 +44,16 @@ def _accepts_attention_mask(model) -> bool:
         p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def drive(steps):
+    """Runs a step generator (DiffusionSampler.run_steps, SafeGenerator.generate_steps) to its end and
+    returns its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     """Commits per step for each row, (B, steps). A linear schedule moves the same expected mass
     per step, so the count is constant: n // steps, with the remainder on the first steps."""
@@ -325,18 +335,27 @@ class DiffusionSampler:
         it; a row the hook never changed is its own plain sample and costs nothing extra. The
         branches' extra forwards are reported in plain_rows.
         """
+        return drive(self.run_steps(input_ids, attention_mask, seeds, hook, fork_plain))
+
+    def run_steps(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                  seeds=0, hook: Optional[StepHook] = None, fork_plain: bool = False):
+        """`run` as a generator: it yields after each step (the step's forward, and at a refinement
+        point the hook's work) and returns run's SampleOutput. A scheduler interleaves several runs
+        step by step (safegen/engine.py); what runs between two steps changes nothing in a run,
+        since every random draw is keyed by its row's seed (sampling/rng.py) and each step enters
+        inference mode itself rather than across a yield."""
         t0 = time.perf_counter()
         cfg = self.config
-        state = self.start(input_ids, attention_mask, seeds)
+        state = self.start(input_ids, attention_mask, seeds)  # normal tensors: callers update them in place
         plain: Optional[SamplerState] = None
         plain_of = torch.zeros(0, dtype=torch.long, device=state.x.device)  # plain row -> state row
-        with torch.inference_mode():
-            for block in range(cfg.n_blocks):
-                state.block = block
-                sl = self.block_slice(block)
-                S = cfg.steps_in_block(block)
-                counts = transfer_counts((state.gen[:, sl] == self.mask_id).sum(1), S)
-                for step in range(S + 1):
+        for block in range(cfg.n_blocks):
+            state.block = block
+            sl = self.block_slice(block)
+            S = cfg.steps_in_block(block)
+            counts = transfer_counts((state.gen[:, sl] == self.mask_id).sum(1), S)
+            for step in range(S + 1):
+                with torch.inference_mode():
                     state.step = step
                     if plain is not None:
                         plain.block, plain.step = block, step
@@ -350,6 +369,7 @@ class DiffusionSampler:
                         self.advance(state, counts[:, step])
                         if plain is not None:
                             self.advance(plain, counts[plain_of, step])
+                yield
         out = SampleOutput(
             sequences=self.cut_at_stop(state.x, state.prompt_length),
             rows=state.rows, reward_calls=state.reward_calls, proposed=state.proposed,

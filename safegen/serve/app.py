@@ -102,6 +102,7 @@ class Service:
         self.load_exception: Optional[BaseException] = None  # re-raised by the command after uvicorn stops
         self.draining = False
         self.created = int(time.time())  # reset when the model is loaded: /v1/models' `created`
+        self.samplers: dict = {}  # policy -> the sampler its answers come from (SamplingConfig.describe)
         self.in_flight = 0
         self.arriving = 0  # generation requests received and not yet queued (or refused): a batch waits for them
         self.new_seed = None  # set by the server: a random seed for a request without one
@@ -253,6 +254,7 @@ class Service:
         return JSONResponse({"object": "list", "data": [{
             "id": self.defaults.model, "object": "model", "created": self.created, "owned_by": "safegen",
             "safegen": {"policies": list(self.defaults.policies), "budget_cap": self.defaults.budget,
+                        "samplers": self.samplers,
                         "max_tokens": self.limits.max_tokens, "max_n": self.limits.max_n,
                         "max_prompt_tokens": self.limits.max_prompt_tokens}}]})
 

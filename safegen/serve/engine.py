@@ -1,8 +1,9 @@
-"""The bridge from validated requests to SafeGenerator: encoding, one batch run, one result per sample.
+"""The bridge from validated requests to SafeGenerator: encoding, one group's run, one result per sample.
 
-It uses SafeGenerator's public methods only. A batch is the samples of several requests that share
+It uses SafeGenerator's public methods only. A group is the samples of several requests that share
 a sampler configuration (the same policy, generation length, temperature, budget and refine flag),
-left padded together and run by `SafeGenerator.generate` with one seed per row, which is what
+left padded together and run by `SafeGenerator.generate_steps` (generate, one sampler step at a
+time, so that the batcher can interleave groups) with one seed per row, which is what
 `generate_text` does for a list of prompts. A row's tokens depend only on its prompt and its seed
 (safegen.sampling.rng keys every random draw by the row's seed), so a request gets the tokens that
 `generate_text` gives it alone.
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ..sampling.sampler import drive
 from .schema import GenerationRequest
 
 
@@ -107,8 +109,14 @@ class Engine:
         gen.resolve(prompt_length=max(len(ids) for ids in token_ids), **self.settings(request))
 
     def run(self, requests: list[GenerationRequest], token_ids: list[list[list[int]]]) -> list[Outcome]:
-        """One batch: every sample of `requests` (which share a batch_key) in one generate call.
-        Sample j of prompt i of a request gets seed + i·n + j, as generate_text(prompts, seed, n) gives."""
+        """One batch, run to its end: see run_steps."""
+        return drive(self.run_steps(requests, token_ids))
+
+    def run_steps(self, requests: list[GenerationRequest], token_ids: list[list[list[int]]]):
+        """One group: every sample of `requests` (which share a batch_key) in one generation, as a
+        generator that yields after each sampler step (the batcher interleaves groups step by step)
+        and returns one Outcome per request. Sample j of prompt i of a request gets seed + i·n + j,
+        as generate_text(prompts, seed, n) gives."""
         first = requests[0]
         gen = self.generators[first.extension.policy]
         rows, seeds, owners = [], [], []
@@ -120,8 +128,8 @@ class Engine:
                     owners.append((r, i))
         input_ids, mask = left_pad(rows, self.pad_id)
         device = _device(gen.model)
-        out = gen.generate(input_ids.to(device), attention_mask=mask.to(device), seeds=seeds,
-                           return_dict_in_generate=True, **self.settings(first))
+        out = yield from gen.generate_steps(input_ids.to(device), attention_mask=mask.to(device), seeds=seeds,
+                                            **self.settings(first))
         P = input_ids.shape[1]
         stop_ids = torch.tensor(gen.profile.stop_ids, dtype=torch.long)
         outcomes = [Outcome(choices=[], prompt_tokens=sum(len(p) for p in prompts)) for prompts in token_ids]
@@ -166,6 +174,7 @@ class Engine:
             **({"flops": report.flops + report.flops_before, "flops_counted": True} if report.flops > 0 else
                {"flops": 2.0 * self.parameters * length * (report.rows + report.rows_before), "flops_counted": False}),
             "reward_calls": report.reward_calls, "acceptance_rate": report.acceptance_rate,
+            "sampler": report.sampler,
         })
 
 

@@ -56,7 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     b = parser.add_argument_group("batching")
     b.add_argument("--max-batch-rows", type=_positive, default=16,
-                   help="samples per sampler batch (default 16; 1 runs every sample alone)")
+                   help="samples running at once (default 16): requests that share a sampler configuration "
+                        "and wait together run as one group of up to this many samples, and groups advance "
+                        "step by step in turn while their samples fit; 1 runs every sample alone")
+    b.add_argument("--scheduling", choices=("step", "batch"), default="step",
+                   help="step (default): a group joins and leaves the running ones at any sampler step, so a "
+                        "short request is not held behind a long one; batch: each group runs to its end "
+                        "before the next starts (the fixed batches of earlier versions, for comparison)")
     b.add_argument("--batch-wait-ms", type=_non_negative_float, default=10.0,
                    help="how long a batch waits to fill while more requests are arriving (default 10 ms)")
     b.add_argument("--drain-timeout", type=_non_negative_float, default=600.0,

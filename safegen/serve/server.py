@@ -103,6 +103,7 @@ def _load(args, configs, service, server) -> None:
             getattr(model.config, "max_position_embeddings", None)
         service.limits = _limits(args, next(iter(configs.values()))[1], context)
         service.engine = Engine(generators, service.defaults.model)
+        service.samplers = {name: g.sampling.describe() for name, g in generators.items()}
         service.created = int(time.time())
         service.metrics.ready.set(1)
         log.info("model %s loaded: ready on http://%s:%d (policies: %s)", args.model, args.host, args.port,
@@ -142,11 +143,12 @@ def command(args) -> int:
 
     def run_batch(payloads):
         requests, token_ids = zip(*payloads)
-        return service.engine.run(list(requests), list(token_ids))
+        return service.engine.run_steps(list(requests), list(token_ids))  # a group, one step at a time
 
     service.batcher = Batcher(run_batch, max_queue=args.max_queue, max_rows=args.max_batch_rows,
                               max_wait=args.batch_wait_ms / 1000, on_batch=metrics.record_batch,
-                              on_drop=metrics.dropped.inc, arriving=lambda: service.arriving)
+                              on_drop=metrics.dropped.inc, arriving=lambda: service.arriving,
+                              step_level=args.scheduling == "step")
     metrics.queue_depth.set_function(lambda: len(service.batcher.queue))
     # Once the drain ends, connections get 1 s to finish sending what they have (their answers are
     # final by then: the drain deadline answers every request still waiting).

@@ -1,0 +1,84 @@
+"""`threshold` means what it means in Fast-dLLM: a step commits the block's most confident candidate
+and every other masked position of the block whose probability is at least τ, and a block runs until
+it is done, whatever the step schedule. Checked against a reference written here from that
+description (greedy, the uncached sampler, several blocks, left padding), token for token and
+forward for forward; the rule that safegen had before (max(scheduled count, #p > τ)) fails it."""
+import pytest
+import torch
+
+from safegen.models.family import ModelProfile
+from safegen.models.llada import LLaDAConfig, LLaDAModelLM
+from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
+
+MASK, EOS = 199, 198
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    cfg = LLaDAConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96, vocab_size=200,
+                      embedding_size=200, max_sequence_length=128, mask_token_id=MASK, eos_token_id=EOS,
+                      pad_token_id=EOS)
+    m = LLaDAModelLM(cfg).eval()
+    with torch.no_grad():  # sharper logits than the default initialisation: some steps commit several
+        m.model.transformer.ff_out.weight.mul_(8.0)
+    return m
+
+
+def reference(model, ids, attn, G, block, tau):
+    """Fast-dLLM's threshold decoding, greedy, one row at a time (no batch effects): (tokens, forwards)."""
+    out, forwards = [], []
+    for r in range(ids.shape[0]):
+        keep = attn[r].bool()
+        x = torch.cat([ids[r][keep], torch.full((G,), MASK)])[None]
+        P, n = int(keep.sum()), 0
+        for start in range(P, P + G, block):
+            end = min(start + block, P + G)
+            while (x[0, start:end] == MASK).any():
+                with torch.no_grad():
+                    logits = model(input_ids=x).logits[0].float()
+                n += 1
+                p = logits.softmax(-1)
+                x0 = p.argmax(-1)
+                conf = p.gather(-1, x0[:, None])[:, 0]
+                masked = torch.zeros_like(conf, dtype=torch.bool)
+                masked[start:end] = x[0, start:end] == MASK
+                conf = torch.where(masked, conf, torch.tensor(-float("inf")))
+                order = conf.argsort(descending=True)
+                take = [int(order[0])] + [int(i) for i in order[1:] if masked[i] and conf[i] >= tau]
+                x[0, take] = x0[take]
+        out.append(x[0, P:])
+        forwards.append(n)
+    return torch.stack(out), forwards
+
+
+def prompts():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 190, (3, 6), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, :2] = 0
+    attn[2, :4] = 0
+    ids[attn == 0] = EOS
+    return ids, attn
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.7, 0.9])
+def test_threshold_is_fast_dllms_rule_token_for_token(model, tau):
+    ids, attn = prompts()
+    G, block = 16, 8
+    # `steps` says 4 a block (2 tokens a step); Fast-dLLM's threshold ignores the schedule.
+    cfg = SamplingConfig(max_new_tokens=G, steps=8, block_length=block, threshold=tau)
+    out = DiffusionSampler(model, ModelProfile(mask_id=MASK), cfg).run(ids, attn, seeds=0)
+    want, forwards = reference(model, ids, attn, G, block, tau)
+    assert torch.equal(out.sequences[:, ids.shape[1]:], want)
+    assert out.rows.tolist() == [float(f) for f in forwards]
+    if tau == 0.9:  # the high threshold: most steps commit one token, more steps than the schedule's 4
+        assert max(forwards) > G // 2
+    if tau == 0.3:  # the low one: steps commit several, fewer forwards than the schedule
+        assert max(forwards) < G // 2
+
+
+def test_the_steps_of_a_block_are_its_length_with_a_threshold():
+    cfg = SamplingConfig(max_new_tokens=20, steps=10, block_length=8, threshold=0.9).validate()
+    assert [cfg.steps_in_block(b) for b in range(cfg.n_blocks)] == [8, 8, 4]
+    assert SamplingConfig(max_new_tokens=20, steps=10, block_length=8).validate().steps_in_block(0) == 4
