@@ -82,3 +82,21 @@ def test_the_steps_of_a_block_are_its_length_with_a_threshold():
     cfg = SamplingConfig(max_new_tokens=20, steps=10, block_length=8, threshold=0.9).validate()
     assert [cfg.steps_in_block(b) for b in range(cfg.n_blocks)] == [8, 8, 4]
     assert SamplingConfig(max_new_tokens=20, steps=10, block_length=8).validate().steps_in_block(0) == 4
+
+
+def test_with_a_threshold_the_loop_and_the_budget_count_one_step_a_position(model):
+    """`steps` given with a threshold is replaced by G (validated), so that IterRef's refinement points
+    and the FLOP meter see the steps the loop runs; refinement under a FLOP budget stays within it."""
+    from safegen.refine.cost import Meter
+    from safegen.refine.iterref import IterRef, RefineConfig
+
+    cfg = SamplingConfig(max_new_tokens=16, steps=8, block_length=8, threshold=0.7, cache="dual").validate()
+    assert cfg.steps == 16 and cfg.steps_per_block == 8
+    ids, attn = prompts()
+    sampler = DiffusionSampler(model, ModelProfile(mask_id=MASK), cfg)
+    reward = lambda gen: -(gen == 7).sum(1).double()  # noqa: E731
+    out = sampler.run(ids, attn, seeds=0, hook=IterRef(RefineConfig(budget=2.0, iterations=8, schedule="late"), reward))
+    meter = Meter.of(sampler, sampler.start(ids, attn, 0))
+    cap = 2.0 * meter.plain() * meter.unit  # FLOPs: twice plain sampling's (the schedule's forwards, an upper bound)
+    assert float(out.proposed.sum()) > 0  # refinement ran
+    assert bool((out.flops <= cap * (1 + 1e-9)).all()), (out.flops / cap).tolist()

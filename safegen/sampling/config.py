@@ -56,6 +56,10 @@ class SamplingConfig:
                 raise ConfigError(f"sampling.{name} must be a positive integer, got {value!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.threshold is not None and self.sampler == "llada":
+            # Fast-dLLM's threshold ignores the step schedule: a block takes the steps it needs, at most
+            # its length, so the loop (and the budget's cost model) count one step per position.
+            self.steps = self.max_new_tokens
         # MDLM's sampler has one block, the whole answer, and takes any number of steps (a step may
         # unmask nothing); LLaDA's commits a fixed number of tokens a step in each block.
         if self.sampler == "llada" and self.steps > self.max_new_tokens:
