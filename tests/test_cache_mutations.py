@@ -21,6 +21,16 @@ from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
 MASK, PAD = 199, 198
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Sampler runs of many small forwards: on a loaded 2-core machine, thread hand-offs cost more than
+    the work (tens of seconds instead of a few)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_of(n_layers, n_kv_heads=4):
     torch.manual_seed(0)
     cfg = LLaDAConfig(d_model=64, n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, mlp_hidden_size=96,
@@ -104,17 +114,18 @@ def prompts():
 
 
 class EditAndRecord:
-    """A hook at every base step of blocks >= 1: records each row's logits (the sampler's, for the
-    step's commit); at (block 1, step 1) it first changes the first generated token (block 0's, so a
-    cached token outside the window of every cache kind) of rows `edit` (none: no change), and makes
-    the sampler make the step's prediction anew, so that the refreshed rows' logits are recorded and
-    checked against the uncached forward of the new tokens."""
+    """A hook at every base step of blocks >= `first_block`: records each row's logits (the sampler's,
+    for the step's commit); at (block 1, step 1) it first changes the first generated token (block
+    0's, so a cached token outside the window of every cache kind) of rows `edit` (none: no change),
+    and makes the sampler make the step's prediction anew, so that the refreshed rows' logits are
+    recorded and checked against the uncached forward of the new tokens."""
 
-    def __init__(self, model, edit):
-        self.model, self.edit, self.logits, self.refresh_errors = model, list(edit), {}, []
+    def __init__(self, model, edit, first_block=1):
+        self.model, self.edit, self.first_block = model, list(edit), first_block
+        self.logits, self.refresh_errors = {}, []
 
     def applies(self, block, step, steps_in_block, t):
-        return block >= 1 and step < steps_in_block
+        return block >= self.first_block and step < steps_in_block
 
     def __call__(self, sampler, state):
         if (state.block, state.step) == (1, 1):
@@ -149,7 +160,8 @@ def test_a_row_refreshed_alone_gets_its_new_tokens_logits_and_tokens(cache, padd
     with torch.no_grad():
         both = run(model, cfg, ids, attn, seeds, hook := EditAndRecord(model, edit))
         # The refresh's logits are the uncached forward's of the new tokens.
-        assert len(hook.refresh_errors) == 1 and hook.refresh_errors[0] < 1e-5, hook.refresh_errors
+        assert len(hook.refresh_errors) == 1 and hook.refresh_errors[0] < 1e-5, \
+            f"rows {edit} refreshed alone: logits off the uncached forward's by {hook.refresh_errors}"
         for i in range(3):
             real = torch.ones(ids.shape[1], dtype=torch.bool) if attn is None else attn[i].bool()
             alone = run(model, cfg, ids[i:i + 1, real], None, [seeds[i]],
@@ -167,3 +179,28 @@ def test_a_row_refreshed_alone_gets_its_new_tokens_logits_and_tokens(cache, padd
     assert max(float((hook.logits[(1, s)][edit] - keep.logits[(1, s)][edit]).nan_to_num(0, 0, 0).abs().max())
                for s in (1, 2, 3)) > 1e-2
     assert torch.equal(plain.sequences[1], both.sequences[1]) and torch.equal(plain.flops[1], both.flops[1])
+
+
+@pytest.mark.parametrize("cache", ["dual", "prefix"])
+@pytest.mark.parametrize("edit", [[], [0, 2]])
+def test_one_layer_cached_sampler_commits_what_the_uncached_one_does(cache, edit):
+    # With one layer, the kept keys and values of the positions outside a step's queries are exact as
+    # long as their tokens are those the cache was made from, which the sampler keeps so (a row whose
+    # cached tokens change is refreshed): every cached step's logits of the block are the uncached
+    # step's, so the tokens are the same. This needs the queries' own keys and values (the block's
+    # tokens change at every step after the prefill) and, with `edit`, rows refreshed alone.
+    model = model_of(1, 2)
+    ids, attn = prompts()
+    seeds = [4, 5, 6]
+    base = dict(max_new_tokens=12, steps=12, block_length=4, temperature=0.7)
+    with torch.no_grad():
+        want = run(model, SamplingConfig(**base), ids, attn, seeds, ref := EditAndRecord(model, edit, 0))
+        got = run(model, SamplingConfig(**base, cache=cache), ids, attn, seeds,
+                  mine := EditAndRecord(model, edit, 0))
+    assert mine.logits.keys() == ref.logits.keys()
+    for (block, step), logits in mine.logits.items():
+        sl = slice(4 * block, 4 * block + 4)
+        torch.testing.assert_close(logits[:, sl], ref.logits[(block, step)][:, sl], rtol=0, atol=1e-5,
+                                   msg=lambda m, point=(block, step): f"at {point}: {m}")
+    assert torch.equal(got.sequences, want.sequences)
+    assert (got.flops < want.flops).all()  # the cache was used
