@@ -4,7 +4,11 @@ weights: they say little about a trained model, whose states change less between
 * base sampler: at every step of a block, the cached logits (prefix, dual) of the block's masked
   positions against the full forward on the same tokens (step 0 of a block is the refresh itself);
 * IterRef's cached proposals: at every sub-step, the logits of the queries (the holes, and the masks
-  left for the score) against the full forward of the same proposal.
+  left for the score) against the full forward of the same proposal;
+* like with like (schedule `late`): at each refinement point, the share of the current draft's masked
+  positions whose x̂0 differs from a full forward's on the same draft, for the sampler's cached
+  prediction (the adaptive gate's input, and the chain's reward until the chain got its own forward)
+  and for what the chain scores now (its own forward, fast.ProposalCache with the head).
 
 Per position, the softmax over the vocabulary: the largest absolute difference of a probability, and
 the total variation 0.5·Σ|p - q|, reported as max and mean over positions.
@@ -94,6 +98,44 @@ def proposal_drift(model, profile, ids, attn, G, bl) -> dict:
     return drift.summary()
 
 
+def mismatch(model, profile, ids, attn, G, bl, cache: str) -> dict:
+    """Shares of masked x̂0 positions that differ from the full forward's on the same drafts."""
+    shares = {"sampler_prediction": [], "chain_current": []}
+
+    def full_xhat0(sampler, state, x, owner):
+        a = None if state.attention_mask is None else state.attention_mask[owner]
+        logits = model(x, a).logits[:, state.prompt_length:]
+        return sampler.next_prediction(state, logits, x[:, state.prompt_length:], owner).xhat0
+
+    class Measured(IterRef):
+        def begin(self, sampler, state):
+            self.scored = []
+            chain = super().begin(sampler, state)
+            if self.scored:
+                owner = self.scored[-1][0].to(state.x.device)
+                full = full_xhat0(sampler, state, state.x[owner], owner)
+                masked = state.gen[owner] == sampler.mask_id
+                if masked.any():
+                    shares["sampler_prediction"].append(float((self.scored[0][1][masked] != full[masked]).double().mean()))
+                    shares["chain_current"].append(float((self.scored[-1][1][masked] != full[masked]).double().mean()))
+            self.scored = None
+            return chain
+
+        def score(self, state, xhat0, owner):
+            if getattr(self, "scored", None) is not None:
+                self.scored.append((owner.clone(), xhat0.clone()))
+            return super().score(state, xhat0, owner)
+
+    toxic = torch.tensor([5, 6, 7])
+    hook = Measured(RefineConfig(n_proposals=2, iterations=2, rho=0.5, schedule="late", adaptive=False),
+                    lambda t: -torch.isin(t.cpu(), toxic).sum(1).double())
+    cfg = SamplingConfig(max_new_tokens=G, steps=G, block_length=bl, cache=cache, temperature=1.0)
+    with torch.inference_mode():
+        DiffusionSampler(model, profile, cfg).run(ids, attn, seeds=0, hook=hook)
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return {k: {"points": len(v), "mean": mean(v), "max": max(v, default=float("nan"))} for k, v in shares.items()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -116,6 +158,8 @@ def main(argv=None) -> dict:
         result[f"base_{cache}_at_refresh"] = hook.at_refresh.summary()
         result[f"base_{cache}_later_steps"] = hook.later.summary()
     result["iterref_dual_proposals"] = proposal_drift(model, profile, ids, attn, G, bl)
+    for cache in ("prefix", "dual"):
+        result[f"like_with_like_{cache}"] = mismatch(model, profile, ids, attn, G, bl, cache)
     for k, v in result.items():
         print(k, json.dumps(v))
     if args.json:

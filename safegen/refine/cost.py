@@ -162,6 +162,19 @@ class Meter:
             return self._one(plain_rows(self.sampling))
         return self.steps.sum(0)
 
+    def keys_values(self) -> torch.Tensor:
+        """A forward of the row's keys and values, no head (a pool's prefill with the cache)."""
+        if not self.counted:
+            return self._one(1.0)
+        return self._queries(self.n, 0)
+
+    def head(self) -> torch.Tensor:
+        """The head on the generation region alone: what the current draft's own forward adds to its
+        first pool's prefill with the cache (IterRef.begin); 0 where FLOPs are not counted."""
+        if not self.counted:
+            return self._one(0.0)
+        return flops.forward_flops(self.dims, 0.0, 0.0, float(self.sampling.max_new_tokens)) / self.unit
+
     def pool(self, n_proposals: int, m: torch.Tensor, masks_left: torch.Tensor) -> torch.Tensor:
         """One pool of N proposals re-masking m tokens each, with `masks_left` masked positions in the
         draft (0 after the last step). Uncached: pool_rows. Cached (fast.ProposalCache): one forward of

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from . import cost, remask
-from ..sampling import rng
+from ..sampling import fast, rng
 from .remask import Blame, BlameResult
 from .config import RefineConfig
 from ..sampling.sampler import ConfigError, DiffusionSampler, Prediction, SamplerState
@@ -140,6 +140,10 @@ class _Chain:
     meter: Optional[cost.Meter] = None  # the budget's cost model (budget only)
     pool_cost: Optional[torch.Tensor] = None  # (B,) cost of one pool, in the meter's units
     budget_left: Optional[torch.Tensor] = None  # (B,) what each row may still spend here
+    # With the block cache: the current drafts' own forward (fast.ProposalCache with the head), made at
+    # the point's start for their rewards; their first pool runs against it, its prefill paid already.
+    own: Optional[object] = None
+    prepaid: Optional[torch.Tensor] = None  # (B,) what `own` paid of each row's first pool (meter units)
 
 
 class IterRef:
@@ -180,6 +184,7 @@ class IterRef:
         eligible = (state.gen != sampler.mask_id) & self.scope(sampler, state)
         active = (eligible.sum(1) > 0).cpu()
         t = sampler.global_step(state)
+        cached = sampler.config.cache is not None
         meter = pool_cost = budget_left = None
         if cfg.budget is not None:
             # In FLOPs where they are counted, else rows (cost.Meter). A pool costs the same all
@@ -191,29 +196,51 @@ class IterRef:
             # A move may turn a later cached step into a full one: kept back from the start.
             budget_left = (meter.allowance(cfg.budget, meter.spent(state), t, points_left)
                            - meter.refresh(t, cfg.scope))
-            active &= pool_cost <= budget_left + cost.EPS
+            # With the cache, the current draft's own forward adds the head to its first pool's prefill.
+            active &= pool_cost + (meter.head() if cached else 0.0) <= budget_left + cost.EPS
         current = torch.full((B,), float("nan"), dtype=torch.float64)
         toxic = torch.zeros(B, dtype=torch.bool)
         idx = active.nonzero().squeeze(1)
-        if len(idx):
+        if len(idx):  # the gate: the sampler's own prediction, which costs no forward
             current[idx], toxic[idx] = self.score(state, state.pred.xhat0[idx.to(device)], idx)
         if cfg.adaptive:
             active &= toxic
+        xhat0, own, prepaid = state.pred.xhat0, None, None
+        idx = active.nonzero().squeeze(1)
+        if cached and len(idx):
+            # Like with like: with the cache the sampler's x̂0 comes from logits of earlier forwards
+            # (the dual cache's suffix dates from the block's start), while a proposal's comes from
+            # its own forward against its draft's keys and values. The current draft's reward is read
+            # from the same kind of forward: its own, whose keys and values its first pool reuses.
+            dev = idx.to(device)
+            spent = None if meter is None else meter.spent(state).clone()
+            own = fast.ProposalCache(sampler, state, dev, head=True)
+            fresh = sampler.next_prediction(state, own.head_logits, state.gen[dev], dev).xhat0
+            xhat0 = xhat0.clone()
+            xhat0[dev] = fresh
+            current[idx], toxic[idx] = self.score(state, fresh, idx)
+            if meter is not None:
+                budget_left = budget_left - (meter.spent(state) - spent)
+                prepaid = torch.zeros(B, dtype=torch.float64)
+                prepaid[idx] = meter.keys_values()[idx]
+            if cfg.adaptive:
+                active &= toxic
         weights = None
         if cfg.proposal_holes == "targeted":
             weights = torch.zeros((B, G), dtype=torch.float64, device=device)
             idx = active.nonzero().squeeze(1).to(device)
             if len(idx):
-                weights[idx] = self.remask_weights(state, state.pred.xhat0[idx], idx, eligible[idx])
+                weights[idx] = self.remask_weights(state, xhat0[idx], idx, eligible[idx])
         pool = _Pool.empty(B, cfg.n_proposals, G, device, targeted=weights is not None)
         return _Chain(t, eligible, active, current, toxic, weights, pool, torch.zeros(B, dtype=torch.long, device=device),
-                      meter, pool_cost, budget_left)
+                      meter, pool_cost, budget_left, own, prepaid)
 
     def refill(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain) -> None:
         """A new pool for every active row whose pool is empty; a row that cannot afford one stops."""
         need = chain.active & (chain.pool.next >= self.config.n_proposals)
         if chain.budget_left is not None and bool(need.any()):
-            affordable = chain.pool_cost <= chain.budget_left + cost.EPS
+            prepaid = chain.prepaid if chain.own is not None and chain.prepaid is not None else 0.0
+            affordable = chain.pool_cost - prepaid <= chain.budget_left + cost.EPS
             chain.active &= ~need | affordable
             need &= affordable
         idx = need.nonzero().squeeze(1)
@@ -224,6 +251,7 @@ class IterRef:
             if chain.meter is not None:
                 chain.budget_left -= chain.meter.spent(state) - spent
             chain.draws[dev] += 1
+        chain.own = None  # the drafts' own forward served their first pool; moves change them after it
 
     def propose(self, chain: _Chain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For each active row: its index, the pool member it examines and that member's reward. The
@@ -302,7 +330,7 @@ class IterRef:
         chosen = holes.clone()
         gen[holes] = sampler.mask_id
 
-        pred = self.denoise(sampler, state, gen, holes, parent, keys)
+        pred = self.denoise(sampler, state, gen, holes, parent, keys, chain.own)
         reward, toxic = self.score(state, pred.xhat0, parent)
         if chain.weights is None:
             return gen, pred, reward, toxic, torch.zeros(len(parent), dtype=torch.float64), None
@@ -313,14 +341,14 @@ class IterRef:
         return gen, pred, reward, toxic, (log_q_reverse - log_q_forward).cpu(), own
 
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
-                parent: torch.Tensor, keys: torch.Tensor) -> Prediction:
+                parent: torch.Tensor, keys: torch.Tensor, own=None) -> Prediction:
         """Re-commit the holes of the proposals `gen` in place: the sampler's kernel (redenoise) at the
         proposal temperature, in the configured proposal_order, stop tokens demoted by the most
         likely token (see "How a proposal re-commits its holes" above). With the sampler's block cache
         on, redenoise runs only the holes against keys and values of the current drafts, computed once
         per pool: no longer the model's own conditional (docs/method.md, "Fast sampling")."""
         return sampler.redenoise(state, gen, holes, parent, keys, self.config.proposal_temperature,
-                                 self.config.proposal_order, PROPOSAL_STOP_DEMOTION)
+                                 self.config.proposal_order, PROPOSAL_STOP_DEMOTION, proposal_cache=own)
 
     # ---------------------------------------------------------------- rewards, blame, scope
     def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

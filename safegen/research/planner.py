@@ -47,7 +47,8 @@ def worst_case_rows(sampling: SamplingConfig, refine: RefineConfig,
 
 def worst_case_cost(meter: Meter, refine: RefineConfig, points: Optional[Sequence[int]] = None) -> float:
     """Cost per sample in the meter's units when every iteration draws a new pool and moves: plain
-    sampling's, k pools at each point, and a move's refresh once a point (Meter.refresh; none in rows)."""
+    sampling's, k pools at each point, and once a point a move's refresh (Meter.refresh; none in rows)
+    and with the cache the current draft's head (point_refresh_cost)."""
     if points is None:
         points = refinement_points(meter.sampling, refine.applies)
     return _scalar(meter.plain()) + sum(
@@ -111,7 +112,10 @@ def point_pool_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
 
 
 def point_refresh_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
-    return _scalar(meter.refresh(t, refine.scope))
+    """What a point costs once, whatever its k: a move's refresh (Meter.refresh) and, with the cache,
+    the head of the current draft's own forward (Meter.head: its keys and values serve the first pool)."""
+    head = _scalar(meter.head()) if meter.counted and meter.sampling.cache else 0.0
+    return _scalar(meter.refresh(t, refine.scope)) + head
 
 
 def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
@@ -134,7 +138,7 @@ def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
     options = []
     for points in point_sets:
         per_iteration = sum(point_pool_cost(meter, refine, t) for t in points)
-        fixed = sum(point_refresh_cost(meter, refine, t) for t in points)  # a move's refresh, once a point
+        fixed = sum(point_refresh_cost(meter, refine, t) for t in points)  # once a point: refresh, head
         if per_iteration <= 0:
             continue
         k = int((extra - fixed + EPS) // per_iteration)

@@ -156,14 +156,31 @@ class ProposalCache:
     positions outside the queries keep the draft's keys and values, computed with the old tokens at
     the holes (docs/method.md, "Fast sampling")."""
 
-    def __init__(self, sampler, state, parent: torch.Tensor):
+    def __init__(self, sampler, state, parent: torch.Tensor, head: bool = False):
+        """The drafts of the state rows `parent` (repeats allowed). `head`: also the head on the
+        generation region, `self.head_logits` (rows, G, V): the drafts' own full forward, which gives the
+        current draft's x̂0 from the same keys and values its proposals run against."""
         self.rows, self.of = torch.unique(parent, return_inverse=True)  # refining rows; parent -> index
         x, P = state.x[self.rows], state.prompt_length
         attn = None if state.attention_mask is None else state.attention_mask[self.rows]
         with torch.inference_mode():
-            _, self.cache = sampler.model.prefill(x, attn, logits_from=x.shape[1])  # no head: K/V only
+            logits, self.cache = sampler.model.prefill(x, attn, logits_from=P if head else x.shape[1])
+        self.head_logits = logits if head else None
         state.rows.index_add_(0, self.rows.cpu(), torch.ones(len(self.rows), dtype=torch.float64))
-        state.flops.index_add_(0, self.rows.cpu(), flops.sequence_flops(sampler.dims, x, attn, heads=0))
+        state.flops.index_add_(0, self.rows.cpu(), flops.sequence_flops(
+            sampler.dims, x, attn, heads=x.shape[1] - P if head else 0))
+
+    def serving(self, parent: torch.Tensor) -> Optional["ProposalCache"]:
+        """This cache for the proposals of `parent` when it holds all their rows (their drafts
+        unchanged since it was made: the caller's part), else None."""
+        rows, of = torch.unique(parent, return_inverse=True)
+        where = torch.searchsorted(self.rows, rows)
+        if bool((where >= len(self.rows)).any()) or not torch.equal(self.rows[where.clamp(max=len(self.rows) - 1)], rows):
+            return None
+        out = object.__new__(ProposalCache)
+        out.rows, out.of, out.head_logits = rows, of, None
+        out.cache = self.cache if torch.equal(rows, self.rows) else self.cache.select(where)
+        return out
 
     def logits(self, sampler, state, gen: torch.Tensor, queries: torch.Tensor, proposals: torch.Tensor,
                owner: torch.Tensor) -> torch.Tensor:

@@ -247,7 +247,8 @@ class DiffusionSampler:
                             self.step_keys(state, state.keys[owner], ahead), self.config.temperature)
 
     def redenoise(self, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor, owner: torch.Tensor,
-                  keys: torch.Tensor, temperature: float, order: str, demote_stop: str) -> Prediction:
+                  keys: torch.Tensor, temperature: float, order: str, demote_stop: str,
+                  proposal_cache: Optional["fast.ProposalCache"] = None) -> Prediction:
         """The refinement kernel's denoiser: re-commit the `holes` of drafts `gen` (rows `owner` of the
         state) in place, one hole per forward whatever the base pace, at `temperature`, in `order` (a
         `predict` ranking), drawing with `keys` (one per draft); a draw from the model's joint
@@ -255,9 +256,12 @@ class DiffusionSampler:
         draft has no hole left, one more forward gives its x̂0 and the next base step's prediction
         (next_prediction), which an accepted draft reuses instead of a new forward; with no mask
         left, x̂0 is the draft. With the block cache on, the forwards run only the holes (and, for
-        x̂0, the masks left) against keys and values of the drafts' parents (fast.ProposalCache)."""
+        x̂0, the masks left) against keys and values of the drafts' parents (fast.ProposalCache; the
+        caller's `proposal_cache` when it holds them already)."""
         mask_id, P = self.mask_id, state.prompt_length
-        cached = None if self.config.cache is None else fast.ProposalCache(self, state, owner)
+        cached = None
+        if self.config.cache is not None:
+            cached = (proposal_cache and proposal_cache.serving(owner)) or fast.ProposalCache(self, state, owner)
         queries = holes.clone()  # a cached draft keeps all its holes as queries, filled or not
         one = torch.ones(gen.shape[0], dtype=torch.long, device=gen.device)
         preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
