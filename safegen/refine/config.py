@@ -36,8 +36,9 @@ class RefineConfig:
     """IterRef's settings. The chain at the last point targets p · exp(r/α) exactly (in the limit of
     many iterations) only with selection "mh", proposal_temperature 1, adaptive off and a budget
     that does not cut it short (None, or at least research/planner.py's worst_case_cost): the defaults here, not
-    SafeGenerator's (adaptive, budget 4). Every condition:
-    docs/method.md, "5. Exactness: when it holds"."""
+    SafeGenerator's (adaptive, budget 4); and on LLaDA's reference sampler (SamplingConfig cache=None:
+    with Fast-dLLM's cache, the command line's default, proposals draw from cached conditionals and
+    the chain is approximate). Every condition: docs/method.md, "5. Exactness: when it holds"."""
 
     # Defaults from benchmarks/toy_exact.py (RESULTS.md): at equal rows N = 1 beat every larger pool
     # (an accepted pool's unexamined members are rows spent for nothing), rho 0.5 had the lowest

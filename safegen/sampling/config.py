@@ -29,7 +29,9 @@ class SamplingConfig:
     IterRef's chain stays exact (docs/method.md, "5. Exactness: when it holds") whatever the order, temperature, pace
     (tokens per step) and block settings, and with confidence_eos_eot_inf; cfg_scale > 0 and
     logits_eos_inf change the conditionals its proposals draw from, so that "p" in its target
-    p · exp(r/α) is no longer the model's own distribution.
+    p · exp(r/α) is no longer the model's own distribution; and `cache` (prefix or dual) makes the
+    proposals draw from cached conditionals, so that the chain is only approximate. The default here
+    (cache None) is LLaDA's reference sampler; the command line defaults to the dual cache.
     """
 
     max_new_tokens: int = 128  # G, the generation length (LLaDA's gen_length)
