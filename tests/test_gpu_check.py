@@ -37,6 +37,12 @@ def test_small_run_writes_the_json(gpu_check, tmp_path):
     assert fast["dual"]["model_flops_per_sample"] <= fast["prefix"]["model_flops_per_sample"] \
         < result["plain"]["model_flops_per_sample"]
     assert fast["dual"]["denoiser_rows_per_sample"] == 8 and fast["dual"]["tokens_per_s"] > 0
+    # The serving scheduler under concurrency: every request answered, tokens counted per level.
+    engine = result["engine"]
+    assert set(engine) == {"1", "8", "32"}
+    for level, row in engine.items():
+        assert row["requests"] == int(level) and row["tokens_per_s"] == pytest.approx(int(level) * 8 / row["wall_s"])
+        assert 0 < row["latency_p50_s"] <= row["latency_max_s"] <= row["wall_s"]
 
 
 def test_random_model_is_4bit_except_head_embedding_and_norms(gpu_check):
