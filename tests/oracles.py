@@ -64,3 +64,34 @@ class WrappedOutput(torch.nn.Module):
         o = Out()
         o.logits = self.inner(input_ids)
         return o
+
+
+# ---------------------------------------------------------------- a small random LLaDA and its prompts
+SMALL_MASK, SMALL_PAD = 199, 198  # the small LLaDA's mask token and its pad / EOS token
+
+
+def small_llada(seed: int = 0, head_scale: float = 1.0, n_layers: int = 2):
+    """A random LLaDA with a 200-token vocabulary (mask 199, pad and EOS 198), d_model 64, grouped
+    heads (4 query, 2 key-value); `head_scale` > 1 sharpens its logits (confident steps)."""
+    from safegen.models.llada import LLaDAConfig, LLaDAModelLM
+
+    torch.manual_seed(seed)
+    cfg = LLaDAConfig(d_model=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, mlp_hidden_size=96, vocab_size=200,
+                      embedding_size=200, max_sequence_length=128, mask_token_id=SMALL_MASK,
+                      eos_token_id=SMALL_PAD, pad_token_id=SMALL_PAD)
+    model = LLaDAModelLM(cfg).eval()
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.model.transformer.ff_out.weight.mul_(head_scale)
+    return model
+
+
+def padded_prompts(seed: int, rows: int, length: int, pads: tuple = ()):
+    """(ids, attention mask) of random prompts below the special tokens; row i + 1 left padded by pads[i]."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 190, (rows, length), generator=g)
+    attn = torch.ones_like(ids)
+    for row, pad in enumerate(pads, start=1):
+        attn[row, :pad] = 0
+    ids[attn == 0] = SMALL_PAD
+    return ids, attn

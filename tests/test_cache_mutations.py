@@ -14,6 +14,7 @@
 import pytest
 import torch
 
+from oracles import padded_prompts
 from safegen.models.family import ModelProfile
 from safegen.models.llada import LLaDAConfig, LLaDAModelLM
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
@@ -104,13 +105,7 @@ def test_one_layer_queries_changed_twice_on_one_cache_get_the_uncached_logits_ea
 
 # ------------------------------------------------------------------ a row refreshed alone
 def prompts():
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 190, (3, 8), generator=g)
-    attn = torch.ones_like(ids)
-    attn[1, :2] = 0
-    attn[2, :5] = 0
-    ids[attn == 0] = PAD
-    return ids, attn
+    return padded_prompts(3, 3, 8, pads=(2, 5))
 
 
 class EditAndRecord:

@@ -7,21 +7,15 @@ the sampler's own prediction that the chain used before."""
 import pytest
 import torch
 
+from oracles import SMALL_MASK as MASK, padded_prompts, small_llada
 from safegen.models.family import ModelProfile
-from safegen.models.llada import LLaDAConfig, LLaDAModelLM
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
-
-MASK, EOS = 199, 198
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(2)
-    cfg = LLaDAConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96, vocab_size=200,
-                      embedding_size=200, max_sequence_length=128, mask_token_id=MASK, eos_token_id=EOS,
-                      pad_token_id=EOS)
-    return LLaDAModelLM(cfg).eval()
+    return small_llada(seed=2)
 
 
 class Recording(IterRef):
@@ -53,12 +47,7 @@ class Recording(IterRef):
 
 
 def prompts():
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 190, (4, 6), generator=g)
-    attn = torch.ones_like(ids)
-    attn[1, :2] = 0
-    ids[attn == 0] = EOS
-    return ids, attn
+    return padded_prompts(4, 4, 6, pads=(2,))
 
 
 @pytest.mark.parametrize("cache", ["dual", "prefix"])

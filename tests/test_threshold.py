@@ -6,23 +6,14 @@ forward for forward; the rule that safegen had before (max(scheduled count, #p >
 import pytest
 import torch
 
+from oracles import SMALL_MASK as MASK, padded_prompts, small_llada
 from safegen.models.family import ModelProfile
-from safegen.models.llada import LLaDAConfig, LLaDAModelLM
 from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
-
-MASK, EOS = 199, 198
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(1)
-    cfg = LLaDAConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=96, vocab_size=200,
-                      embedding_size=200, max_sequence_length=128, mask_token_id=MASK, eos_token_id=EOS,
-                      pad_token_id=EOS)
-    m = LLaDAModelLM(cfg).eval()
-    with torch.no_grad():  # sharper logits than the default initialisation: some steps commit several
-        m.model.transformer.ff_out.weight.mul_(8.0)
-    return m
+def model():  # sharper logits than the default initialisation: some steps commit several
+    return small_llada(seed=1, head_scale=8.0)
 
 
 def reference(model, ids, attn, G, block, tau):
@@ -53,13 +44,7 @@ def reference(model, ids, attn, G, block, tau):
 
 
 def prompts():
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 190, (3, 6), generator=g)
-    attn = torch.ones_like(ids)
-    attn[1, :2] = 0
-    attn[2, :4] = 0
-    ids[attn == 0] = EOS
-    return ids, attn
+    return padded_prompts(5, 3, 6, pads=(2, 4))
 
 
 @pytest.mark.parametrize("tau", [0.3, 0.7, 0.9])
