@@ -27,6 +27,7 @@ class RunningSummary:
         self.sums = dict.fromkeys(self.MEANS, 0.0)
         self.refined = 0
         self.seconds = 0.0
+        self.samplers: dict[str, int] = {}  # which sampler produced the samples (absent from older reports)
 
     def add(self, record: dict) -> None:
         self.samples += 1
@@ -41,6 +42,8 @@ class RunningSummary:
             self.sums[key] += value(record)
         self.refined += bool(record["refined"])
         self.seconds += record["seconds"]
+        if "sampler" in record:
+            self.samplers[record["sampler"]] = self.samplers.get(record["sampler"], 0) + 1
 
     def summary(self) -> dict:
         n = self.samples
@@ -50,6 +53,8 @@ class RunningSummary:
         out.update({key: total / n for key, total in self.sums.items()})
         out["refined"] = self.refined
         out["seconds"] = self.seconds
+        if self.samplers:
+            out["samplers"] = dict(sorted(self.samplers.items()))
         return out
 
 
@@ -80,6 +85,9 @@ def format_summary(summary: dict) -> str:
         ("reward texts / sample", f"{s['reward_calls_per_sample']:.1f}"),
         ("time", f"{s['seconds']:.1f} s"),
     ]
+    if s.get("samplers"):  # reports written before samplers were recorded have none
+        rows.append(("sampler", ", ".join(f"{name} ({n})" if len(s["samplers"]) > 1 else name
+                                          for name, n in s["samplers"].items())))
     width = max(len(k) for k, _ in rows)
     header = f"{'':<{width}}  before -> after"
     return "\n".join([header] + [f"{k:<{width}}  {v}" for k, v in rows])

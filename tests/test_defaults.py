@@ -60,3 +60,8 @@ def test_reports_say_which_sampler(tiny_model_dir, tiny_generator_parts, tmp_pat
         assert main(["detoxify", str(src), "-o", str(out), "--model", str(tiny_model_dir), *SMALL, *flags]) == 0
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["sampler"] for r in records] == [sampler, sampler]
+    from safegen.summary import format_summary, summarize
+
+    assert format_summary(summarize(records)).splitlines()[-1].split() == ["sampler", "llada"]
+    mixed = summarize(records + [dict(records[0], sampler="llada+dual")])
+    assert mixed["samplers"] == {"llada": 2, "llada+dual": 1}
