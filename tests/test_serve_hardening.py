@@ -347,9 +347,9 @@ def test_metrics_count_tokens_per_policy_and_models_says_when(server, client, ti
 
 
 # ---------------------------------------------------------------------------------- the drain deadline
-def _long_request(server, tiny_model_dir, stream=False):
+def _long_request(server, tiny_model_dir, stream=False, n=1):
     body = json.dumps({"model": str(tiny_model_dir), "prompt": "a long answer", "max_tokens": 256, "seed": 1,
-                       "stream": stream}).encode()
+                       "stream": stream, "n": n, "temperature": 1}).encode()
     started = time.monotonic()
     status, headers, payload = raw(server, "POST", "/v1/completions", body, timeout=120)
     return status, headers, payload, time.monotonic() - started
@@ -416,7 +416,7 @@ def test_a_short_request_joins_a_long_one_mid_flight_and_gets_its_own_answer(ser
 
     msgs = [{"role": "user", "content": "the weather today"}]
     with cf.ThreadPoolExecutor(1) as pool:
-        long = pool.submit(_long_request, server, tiny_model_dir)
+        long = pool.submit(_long_request, server, tiny_model_dir, n=2)  # 2 x 256 tokens: a second or more here
         _wait_in_flight(server, 1, [long])
         short = client.chat.completions.create(model=str(tiny_model_dir), messages=msgs, max_tokens=4, seed=5)
         assert not long.done(), "the short request waited for the long one"
