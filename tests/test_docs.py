@@ -276,13 +276,15 @@ def test_relative_links_resolve(path):
 
 
 def test_the_link_checker_finds_a_broken_link(tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.md").write_text("# A title\n## Fast sampling\n")
+    # A scratch folder of its own ("pages"), so that no path here reads as a page of this repository.
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "one.md").write_text("# A title\n## Fast sampling\n")
     page = tmp_path / "README.md"
-    page.write_text("[ok](docs/a.md) [ok](docs/a.md#fast-sampling) [bad](docs/b.md) [bad](docs/a.md#nope)\n"
-                    "[web](https://example.com) `[code](docs/c.md)`\n```\n[in code](docs/d.md)\n```\n")
-    assert broken(page) == ["README.md:1: docs/b.md (no such file)",
-                            "README.md:1: docs/a.md#nope (no such heading in a.md)"]
+    page.write_text("[ok](pages/one.md) [ok](pages/one.md#fast-sampling) [bad](pages/two.md) "
+                    "[bad](pages/one.md#nope)\n"
+                    "[web](https://example.com) `[code](pages/three.md)`\n```\n[in code](pages/four.md)\n```\n")
+    assert broken(page) == ["README.md:1: pages/two.md (no such file)",
+                            "README.md:1: pages/one.md#nope (no such heading in one.md)"]
 
 
 # ------------------------------------------------------------------------------ Python blocks
