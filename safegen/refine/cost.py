@@ -183,7 +183,7 @@ class Meter:
         if not (self.counted and self.sampling.cache):
             return pool_rows(self.sampling, n_proposals, m, masks_left > 0)
         m, masks_left = m.double(), masks_left.double()
-        keys_values = self._queries(self.n, 0)
+        keys_values = self.keys_values()
         proposal = m * self._queries(m) + (masks_left > 0).double() * self._queries(m + masks_left)
         return keys_values + n_proposals * proposal
 

@@ -68,7 +68,7 @@ class SamplingConfig:
             raise ConfigError(
                 f"sampling.steps ({self.steps}) exceeds sampling.max_new_tokens "
                 f"({self.max_new_tokens}): a step would commit nothing")
-        if self.n_blocks > 1 and self.threshold is None and block_steps(self.block_lengths, self.steps) is None:
+        if self.n_blocks > 1 and block_steps(self.block_lengths, self.steps) is None:
             near = sorted({total_steps(self.block_lengths, s) for s in range(1, self.block_length + 1)},
                           key=lambda t: (abs(t - self.steps), t))[:2]
             raise ConfigError(
@@ -126,8 +126,6 @@ class SamplingConfig:
     def steps_per_block(self) -> int:
         """S, the steps of a full block (of the only block when there is one): global step t of
         (block, step) is block·S + step, the last block being the only one that may be shorter."""
-        if self.threshold is not None:  # Fast-dLLM: as many steps as the block needs, at most its length
-            return self.block_lengths[0]
         if self.n_blocks == 1:
             return self.steps
         return block_steps(self.block_lengths, self.steps)
@@ -136,8 +134,6 @@ class SamplingConfig:
         """Steps of `block`: S, or the last block's share ceil(its length·S / block_length), which
         keeps the full blocks' tokens per step."""
         S = self.steps_per_block
-        if self.threshold is not None:
-            return self.block_lengths[block]
         if block < self.n_blocks - 1 or self.n_blocks == 1:
             return S
         return last_block_steps(self.block_lengths, S)

@@ -132,11 +132,11 @@ def cached_logits(sampler, state) -> torch.Tensor:
     return out
 
 
-def threshold_counts(sampler, state, n_commit: torch.Tensor) -> Optional[torch.Tensor]:
+def threshold_counts(sampler, state) -> Optional[torch.Tensor]:
     """Commits per row this step under the threshold (Fast-dLLM's rule): the most confident candidate
     and every other committable position whose probability is at least the threshold; 0 for a row with
-    nothing left in its block. The schedule's count `n_commit` is not used. None when no row has
-    anything left in the block (the step makes no forward)."""
+    nothing left in its block (the step schedule's count is not used). None when no row has anything
+    left in the block (the step makes no forward)."""
     committable = sampler.committable(state.gen, sampler.next_block(state))
     left = committable.sum(1)
     if not bool(left.any()):

@@ -300,7 +300,7 @@ class DiffusionSampler:
     def advance(self, state: SamplerState, n_commit: torch.Tensor) -> None:
         """One base step: commit from the current prediction. Baselines override this."""
         if self.config.threshold is not None:  # Fast-dLLM's parallel decoding (sampling/fast.py)
-            n_commit = fast.threshold_counts(self, state, n_commit)
+            n_commit = fast.threshold_counts(self, state)
             if n_commit is None:
                 return
         self.refresh(state)

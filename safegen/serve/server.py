@@ -172,9 +172,6 @@ def command(args) -> int:
     os._exit(0)
 
 
-
-
-
 def _draining_server_class():
     import uvicorn
 
