@@ -22,7 +22,7 @@ import torch
 from .attention import attend
 from .rope import rotary_angles
 
-__all__ = ["KVCache", "prefill", "forward_queries"]
+__all__ = ["KVCache", "prefill", "forward_queries", "forward_queries_many"]
 
 
 @dataclass
@@ -46,18 +46,11 @@ class KVCache:
                        None if self.key_mask is None else self.key_mask[index], self.cos, self.sin)
 
 
-def _block(block, x, cos, sin, key_mask, cached=None, slots=None):
-    """LLaDABlock's computation for the positions in x (B, Q, d), whose RoPE angles are cos/sin
-    (broadcastable to (B, 1, Q, head_dim)). cached: (keys, values) of all L positions, of which the
-    `slots` (B, Q) are replaced by the queries' own; None: x is the whole sequence. Returns the
-    block's output and the queries' keys and values (n_kv heads)."""
+def _block(block, x, cos, sin, key_mask):
+    """LLaDABlock's computation for the whole sequence x (B, L, d), whose RoPE angles are cos/sin;
+    returns the block's output and its keys and values (n_kv heads)."""
     q, k, v = block.project(x, cos, sin)
-    keys, values = k, v
-    if cached is not None:
-        index = slots[:, None, :, None].expand(-1, block.n_kv_heads, -1, block.head_dim)
-        keys = cached[0].scatter(2, index, k)
-        values = cached[1].scatter(2, index, v)
-    att = attend(q, keys, values, key_mask, block.n_heads // block.n_kv_heads)
+    att = attend(q, k, v, key_mask, block.n_heads // block.n_kv_heads)
     return block.finish(x, att), k, v
 
 
@@ -97,10 +90,34 @@ def prefill(backbone, input_ids, attention_mask=None, logits_from: int = 0):
 def forward_queries(backbone, query_ids, positions, cache: KVCache):
     """Logits (B, Q, V) of the tokens query_ids (B, Q) at the unpacked positions `positions` (B, Q),
     attending to the cache's keys and values of every other position and to their own."""
-    slots = cache.slot.gather(1, positions)
-    cos, sin = cache.cos[slots][:, None], cache.sin[slots][:, None]
+    return forward_queries_many(backbone, [(query_ids, positions, cache)])[0]
+
+
+def forward_queries_many(backbone, calls):
+    """forward_queries for several (query_ids, positions, cache) with the same query count Q, in one
+    pass (safegen/engine.py merges the forwards of generations that run side by side): every linear
+    layer runs on all their rows at once, one weight read for all, and each call's rows attend to
+    their own cache only. A list of logits, one (B_i, Q, V) per call."""
     t = backbone.transformer
-    x = t.wte(query_ids)
-    for block, k, v in zip(t.blocks, cache.keys, cache.values):
-        x, _, _ = _block(block, x, cos, sin, cache.key_mask, (k, v), slots)
-    return t.ff_out(t.ln_f(x))
+    slots = [cache.slot.gather(1, positions) for _, positions, cache in calls]
+    caches = [cache for _, _, cache in calls]
+    sizes = [len(s) for s in slots]
+    one = len(calls) == 1  # alone: no copies
+    cos = torch.cat([c.cos[s][:, None] for c, s in zip(caches, slots)]) if not one else caches[0].cos[slots[0]][:, None]
+    sin = torch.cat([c.sin[s][:, None] for c, s in zip(caches, slots)]) if not one else caches[0].sin[slots[0]][:, None]
+    x = t.wte(calls[0][0] if one else torch.cat([ids for ids, _, _ in calls]))
+    for layer, block in enumerate(t.blocks):
+        q, k, v = block.project(x, cos, sin)
+        parts, start = [], 0
+        for cache, s, n in zip(caches, slots, sizes):
+            rows = slice(start, start + n)
+            start += n
+            # The cache's keys and values with the queries' own in their slots (a copy: the cache is
+            # shared by every step of its block, and by a pool's proposals).
+            index = s[:, None, :, None].expand(-1, block.n_kv_heads, -1, block.head_dim)
+            keys = cache.keys[layer].scatter(2, index, k[rows])
+            values = cache.values[layer].scatter(2, index, v[rows])
+            parts.append(attend(q[rows], keys, values, cache.key_mask, block.n_heads // block.n_kv_heads))
+        x = block.finish(x, parts[0] if one else torch.cat(parts))
+    logits = t.ff_out(t.ln_f(x))
+    return [logits] if one else list(logits.split(sizes))

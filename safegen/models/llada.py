@@ -282,6 +282,12 @@ class LLaDAModelLM(PreTrainedModel):
 
         return forward_queries(self.model, query_ids, positions, cache)
 
+    def forward_queries_many(self, calls):
+        """forward_queries of several (query_ids, positions, cache) with one query count, in one pass."""
+        from .kvcache import forward_queries_many
+
+        return forward_queries_many(self.model, calls)
+
     def generate(self, *args, **kwargs):
         raise NotImplementedError(
             "a masked diffusion LM has no left-to-right generate(); use safegen's sampler instead")

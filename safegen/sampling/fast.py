@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .. import engine
 from ..errors import ArgumentError
 from ..models import flops
 from ..models.kvcache import KVCache
@@ -120,7 +121,7 @@ def cached_logits(sampler, state) -> torch.Tensor:
     if len(run):
         pos = torch.arange(P + q.start, P + q.stop, device=x.device).expand(len(run), -1)
         cache = kv.cache if len(run) == n else kv.cache.select(run)
-        fresh = sampler.model.forward_queries(x[run][:, P + q.start:P + q.stop], pos, cache).to(out.dtype)
+        fresh = engine.forward_queries(sampler.model, x[run][:, P + q.start:P + q.stop], pos, cache).to(out.dtype)
         if len(run) == n:
             out[:, q] = fresh
         else:
@@ -207,7 +208,7 @@ class ProposalCache:
             order = torch.argsort(queries[sel].to(torch.int8), dim=1, descending=True, stable=True)[:, :q]
             pos = P + order
             cache = self.cache.select(self.of[proposals[sel]])
-            lg = sampler.model.forward_queries(x[sel].gather(1, pos), pos, cache)
+            lg = engine.forward_queries(sampler.model, x[sel].gather(1, pos), pos, cache)
             if out is None:
                 self._buffer = torch.zeros((n, G, lg.shape[-1]), dtype=lg.dtype, device=lg.device)
                 out = self._buffer

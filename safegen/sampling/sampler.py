@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from . import fast, rng
+from .. import engine
 from ..errors import ArgumentError
 from ..models import flops
 from ..models.family import ModelProfile
@@ -115,11 +116,8 @@ class DiffusionSampler:
         return logits[:, P:]
 
     def _call(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
-        kwargs = {"input_ids": x}
-        if attn is not None and self._passes_mask:
-            kwargs["attention_mask"] = attn
-        out = self.model(**kwargs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
+        # Through the engine: in one of its rounds, merged with the other generations' forwards.
+        logits = engine.forward(self.model, x, attn, takes_mask=self._passes_mask)
         if self.profile.shift_logits:  # Dream-style: position i-1 predicts token i
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
@@ -345,7 +343,7 @@ class DiffusionSampler:
                   seeds=0, hook: Optional[StepHook] = None, fork_plain: bool = False):
         """`run` as a generator: it yields after each step (the step's forward, and at a refinement
         point the hook's work) and returns run's SampleOutput. A scheduler interleaves several runs
-        step by step (safegen/engine.py); what runs between two steps changes nothing in a run,
+        step by step (safegen/engine.py: serve and detoxify); what runs between two steps changes nothing in a run,
         since every random draw is keyed by its row's seed (sampling/rng.py) and each step enters
         inference mode itself rather than across a yield."""
         t0 = time.perf_counter()

@@ -2,19 +2,19 @@
 
 Requests with the same batch key that wait together form a group: the oldest waiting request
 opens it and every waiting request with its key joins, in arrival order, up to `max_rows` samples.
-Groups run step by step: each round advances every running group by one sampler step (one
-forward, or at a refinement point the kernel's work), so a group that starts while another runs
-joins at the next round, and a group that is done leaves at once and frees its rows. A short
-request is never held behind a long one: it takes as many rounds as its own steps, each round the
-sum of one step of each running group. Every sample of a group gets the tokens it gets alone,
-whatever ran beside it or before it (safegen.sampling.rng keys every draw by the row's seed; each
-step enters inference mode itself).
+Groups run step by step on the step-level engine (safegen/engine.py): each round advances every
+running group by one sampler step (one forward, or at a refinement point the kernel's work), so a
+group that starts while another runs joins at the next round, and a group that is done leaves at
+once and frees its rows. A short request is never held behind a long one: it takes as many rounds
+as its own steps. The engine merges the groups' forwards of a round into one model call where their
+shapes allow (the cached steps' blocks, the uncached sampler's sequences), so groups at different
+points of their blocks, with other prompts and lengths, still share the weights' reads. Every sample
+of a group gets the tokens it gets alone, whatever ran beside it or before it (safegen.sampling.rng
+keys every draw by the row's seed; the engine's merged forwards keep rows apart).
 
 At most `max_rows` samples run at once: a new group starts when its rows fit beside the running
 ones (a group larger than `max_rows` still runs, alone). The oldest request always starts first,
-so none waits behind a stream of newer ones with another key. Forwards are not merged across
-groups (their prompts, lengths and positions in their blocks differ): samples share a forward when
-their requests share a group.
+so none waits behind a stream of newer ones with another key.
 
 When nothing runs, the first group waits up to `max_wait` seconds (counted from the oldest
 request's arrival) to fill, but only while more requests are on their way in (`arriving()`:
@@ -28,16 +28,17 @@ if it has not started, its result discarded if its group is running, and a group
 request was cancelled stops at the next round.
 
 `run_batch(payloads)` may return the results at once, or a generator that yields after each step
-and returns them (serve.engine.Engine.run_steps): the first is one round long.
+and returns them (serve/engine.py, Engine.run_steps): the first is one round long.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from .. import engine
 
 
 class QueueFull(Exception):
@@ -64,29 +65,20 @@ class Group:
 
     jobs: list
     rows: int
+    generation: engine.Generation
     started: float = field(default_factory=time.monotonic)
-    steps: object = None  # the run's step generator, once started
-    done: bool = False
-    results: object = None  # a list of results, one per job, or the exception that failed them all
 
-    def step(self, run_batch) -> None:
-        """One step (on the model thread); the first call starts the run."""
-        try:
-            if self.steps is None:
-                out = run_batch([j.payload for j in self.jobs])
-                if not inspect.isgenerator(out):
-                    self.results, self.done = out, True
-                    return
-                self.steps = out
-            next(self.steps)
-        except StopIteration as finished:
-            self.results, self.done = finished.value, True
-        except Exception as error:  # the whole group failed: every request of it says so
-            self.results, self.done = error, True
+    @property
+    def done(self) -> bool:
+        return self.generation.done
+
+    @property
+    def results(self):
+        """A list of results, one per job, or the exception that failed them all."""
+        return self.generation.result
 
     def close(self) -> None:
-        if self.steps is not None:
-            self.steps.close()
+        self.generation.close()
 
 
 class Batcher:
@@ -200,7 +192,9 @@ class Batcher:
             for job in batch:
                 self.queue.remove(job)
                 job.state = "running"
-            self.groups.append(Group(jobs=batch, rows=rows))
+            payloads = [j.payload for j in batch]
+            self.groups.append(Group(jobs=batch, rows=rows,
+                                     generation=engine.Generation(lambda p=payloads: self.run_batch(p))))
             self.on_batch(len(batch), rows)
 
     async def _loop(self) -> None:
@@ -226,13 +220,16 @@ class Batcher:
                     self._deliver(group)
 
     def _round(self, groups: list["Group"]) -> None:
-        """On the model thread: one step of each group (its first step starts it)."""
+        """On the model thread: one step of each group (its first step starts it), their forwards merged
+        (safegen/engine.py)."""
         self._running_batch = True
         try:
-            for group in groups:
-                group.step(self.run_batch)
-                while not self.step_level and not group.done:
-                    group.step(self.run_batch)
+            if self.step_level:
+                engine.advance([g.generation for g in groups])
+            else:
+                for group in groups:
+                    while not group.done:
+                        engine.advance([group.generation])
         finally:
             self._running_batch = False
 
