@@ -1,8 +1,10 @@
 """Batch detoxification of a prompt file, crash-safe and resumable, shardable over processes.
 
-Output is JSONL, one report per sample, each line written with a single write() and fsynced once
-per batch, so a killed run leaves at most an unfinished last line; a rerun cuts it off, skips every
-finished sample, and refuses to continue if the configuration changed (a sidecar `.meta.json`
+Each prompt's samples are one generation on the step-level engine (safegen/engine.py), up to
+`--batch-size` samples side by side, their forwards merged; a prompt that is done frees its rows at
+once for the next. Output is JSONL, one report per sample in input order, each line written with a
+single write() and fsynced once per engine round that finished a prompt, so a killed run leaves
+at most an unfinished last line; a rerun cuts it off, skips every finished sample, and refuses to continue if the configuration changed (a sidecar `.meta.json`
 holds the fingerprint). Under `accelerate launch` (or torchrun) every process takes the samples
 k ≡ rank (mod world size) and writes its own part file; the last to finish merges the parts into
 the output (safegen/shards.py: the locks and the merge). Nothing grows with the number of reports
@@ -11,7 +13,6 @@ but the output: resume keeps one bit per sample, the summary is summed as report
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 # Re-exported: a batch run starts from a prompt file, and raises InputError for its own files too.
+from . import engine
 from .prompts import InputError, PromptLine, read_prompts  # noqa: F401
 from .records import DoneSet, append_records, iter_records, write_records  # noqa: F401
 from .shards import OutputLock, Shard, live_writers, merge_lock, merge_parts, part_files, sign_part
@@ -125,8 +127,9 @@ def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate
               lock: Optional[OutputLock] = None) -> RunningSummary:
     """Generate `samples` per prompt and append one JSON line per sample to `output`.
 
-    generate(prompts: list[PromptLine], seeds: list[int]) -> list of report dicts. Returns the
-    summary of the finished output (all shards, when this process merged them; else its own part).
+    generate(prompts: list[PromptLine], seeds: list[int]) -> list of report dicts, or a step generator
+    that returns them (SafeGenerator.generate_text_steps): the samples of one prompt at a time, up to
+    batch_size samples running side by side on the step-level engine. Returns the summary of the finished output (all shards, when this process merged them; else its own part).
     lock: the caller's OutputLock(output, shard), taken before it loaded its model; when None,
     run_batch takes it for the run.
     """
@@ -157,19 +160,47 @@ def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate
     bar = tqdm(total=len(owned), initial=sum(divmod(k, samples) in done for k in owned),
                desc=f"detoxify{'' if shard.world == 1 else f' [{shard.rank}/{shard.world}]'}",
                unit="sample", file=sys.stderr, disable=not progress)
-    todo = _todo(prompts, samples, seed, shard, done)
+    groups = _by_prompt(_todo(prompts, samples, seed, shard, done), batch_size)
     fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(finished):
+        records = [{"prompt_index": p.index, "line": p.line, "sample": s, **report}
+                   for chunk, generation in finished
+                   for (p, s, _), report in zip(chunk, generation.result)]
+        write_records(fd, records)  # one write and one fsync a round
+        for r in records:
+            done.add(r["prompt_index"], r["sample"])
+            summary.add(r)
+        bar.update(len(records))
+
+    # The step-level engine (safegen/engine.py): each prompt's samples are a generation; up to
+    # batch_size samples run at once, their forwards merged, and a generation that is done frees its
+    # rows at once for the next prompt's. Records are written in input order.
+    running: list = []  # (chunk, generation), in the order they started
     try:
-        while chunk := list(itertools.islice(todo, batch_size)):
-            reports = generate([p for p, _, _ in chunk], [sd for _, _, sd in chunk])
-            records = [{"prompt_index": p.index, "line": p.line, "sample": s, **report}
-                       for (p, s, _), report in zip(chunk, reports)]
-            write_records(fd, records)
-            for r in records:
-                done.add(r["prompt_index"], r["sample"])
-                summary.add(r)
-            bar.update(len(chunk))
+        chunk = next(groups, None)
+        while chunk is not None or running:
+            rows = sum(len(c) for c, g in running if not g.done)
+            while chunk is not None and (not rows or rows + len(chunk) <= batch_size):
+                running.append((chunk, engine.Generation(
+                    lambda c=chunk: generate([p for p, _, _ in c], [sd for _, _, sd in c]))))
+                rows += len(chunk)
+                chunk = next(groups, None)
+            engine.advance([g for _, g in running if not g.done])
+            ready = 0
+            while ready < len(running) and running[ready][1].done:
+                ready += 1
+            failed = next((g.result for _, g in running if g.done and isinstance(g.result, BaseException)), None)
+            if failed is not None:
+                # Keep what is done (a rerun skips it), then stop with the first failure.
+                write([(c, g) for c, g in running if g.done and not isinstance(g.result, BaseException)])
+                raise failed
+            if ready:
+                write(running[:ready])
+                del running[:ready]
     finally:
+        for _, generation in running:
+            generation.close()
         os.close(fd)
         bar.close()
     if shard.world == 1 and not part_files(output):
@@ -181,6 +212,18 @@ def run_batch(prompts: Sequence[PromptLine], output: str | os.PathLike, generate
                     output, shard.rank, shard.world, why_not)
         return summary
     return merged
+
+
+def _by_prompt(todo: Iterator[tuple[PromptLine, int, int]], most: int) -> Iterator[list]:
+    """The work list in runs of the same prompt's samples, at most `most` long."""
+    chunk: list = []
+    for item in todo:
+        if chunk and (item[0] is not chunk[-1][0] or len(chunk) == most):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
 
 def _todo(prompts: Sequence[PromptLine], samples: int, seed: int, shard: Shard,

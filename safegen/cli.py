@@ -143,9 +143,10 @@ def detoxify(args) -> int:
         gen = _build_generator(args, policy, sampling, refinement, device_map)
         limit = _max_prompt_tokens(gen, sampling.max_new_tokens)
 
-        def run(lines, seeds):
-            reports = gen.generate_text([p.text for p in lines], seeds=seeds, refine=not args.no_refine,
-                                        max_prompt_tokens=limit, labels=[f"{args.input}:{p.line}" for p in lines])
+        def run(lines, seeds):  # one prompt's samples, step by step (batch.run_batch runs them side by side)
+            reports = yield from gen.generate_text_steps(
+                [p.text for p in lines], seeds=seeds, refine=not args.no_refine, max_prompt_tokens=limit,
+                labels=[f"{args.input}:{p.line}" for p in lines])
             return [r.to_dict() for r in reports]
 
         records = batch.run_batch(prompts, args.output, run, samples=args.samples, seed=args.seed,

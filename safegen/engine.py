@@ -33,10 +33,15 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import greenlet
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: batch.py imports this module, and a batch run's driver (or a
+# test's fake generator) need not pay for importing torch.
 
 
 class Generation:
@@ -118,6 +123,8 @@ class _Sequences:
 
     @staticmethod
     def run(requests: list["_Sequences"]) -> list[torch.Tensor]:
+        import torch
+
         model = requests[0].model
         if len(requests) == 1:
             r = requests[0]
@@ -144,6 +151,8 @@ class _Sequences:
 
 
 def _logits(model, input_ids, attention_mask):
+    import torch
+
     kwargs = {"input_ids": input_ids}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -178,6 +187,8 @@ def advance(generations: list[Generation], merge: bool = True) -> None:
         for g in generations:
             g.step()
         return
+    import torch
+
     with torch.inference_mode():
         parked: dict[_Step, object] = {}
         for g in generations:

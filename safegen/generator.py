@@ -321,16 +321,33 @@ class SafeGenerator:
         """Generate for strings or chat messages; returns one SampleReport per sample (`.text`):
         num_return_sequences per prompt, in prompt order. No prompts give no reports. `labels`
         name the prompts in warnings (default "prompt <i>")."""
+        return drive(self.generate_text_steps(prompts, max_prompt_tokens, generation_config, labels, **kwargs))
+
+    def generate_text_steps(self, prompts: Union[Prompt, Sequence[Prompt]], max_prompt_tokens: Optional[int] = None,
+                            generation_config=None, labels: Optional[Sequence[str]] = None, **kwargs):
+        """`generate_text` as a generator that yields after each sampler step and returns the reports
+        (safegen/engine.py runs such generations side by side: `safegen detoxify`). The prompts are
+        encoded and the options checked when this is called, before the first step."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         if not prompts:
             self.resolve(generation_config, **kwargs)  # still refuse bad options
-            return []
+            return _no_steps([])
         input_ids, attention, shown = self.encode_prompts(prompts, max_prompt_tokens, labels)
         sampling, refinement, call = self.resolve(generation_config, prompt_length=input_ids.shape[1], **kwargs)
         device = make_sampler(self.model, self.profile, sampling).device
-        out = drive(self._generate_steps(input_ids.to(device), attention.to(device), sampling, refinement, call, shown))
-        return out.reports
+        return _reports(self._generate_steps(input_ids.to(device), attention.to(device), sampling, refinement,
+                                             call, shown))
+
+
+def _no_steps(result):
+    return result
+    yield  # a generator that returns `result` at once
+
+
+def _reports(steps):
+    out = yield from steps
+    return out.reports
 
 
 def check_best(policy: Policy, refine: bool, report_before: bool) -> None:

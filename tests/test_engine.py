@@ -123,3 +123,34 @@ def test_a_failing_generation_fails_alone(generator):
         engine.advance([g for g in (good, bad) if not g.done])
     assert isinstance(bad.result, RuntimeError)
     _same(good.result, drive(_steps(generator, *RUNS[0][:3])))
+
+
+def test_detoxify_runs_prompts_side_by_side_and_writes_what_each_gets_alone(tiny_model_dir, tmp_path):
+    """`safegen detoxify` (dual cache by default, IterRef on): prompts of other lengths run side by side
+    at --batch-size 6, their forwards merged, and every record equals the one --batch-size 1 writes
+    (one prompt's sample at a time), but for its timing."""
+    import json
+
+    from safegen.cli import main
+
+    src = tmp_path / "p.txt"
+    src.write_text("Go away, you\nOn this late November afternoon, we walked to the\nthe weather today\n")
+    small = ["--quantization", "none", "--policy", "offline", "--max-new-tokens", "8", "--steps", "8",
+             "--block-length", "4", "--temperature", "1.0", "--proposals", "2", "--iterations", "1",
+             "--samples", "2", "--model", str(tiny_model_dir)]
+    runs = {}
+    for size in (1, 6):
+        out = tmp_path / f"out{size}.jsonl"
+        before = engine.Counters(engine.counters.calls, engine.counters.forwards)
+        assert main(["detoxify", str(src), "-o", str(out), "--batch-size", str(size), *small]) == 0
+        merged = (engine.counters.forwards - before.forwards) - (engine.counters.calls - before.calls)
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        for r in records:
+            r.pop("seconds")
+        runs[size] = (records, merged)
+    (alone, merged_alone), (together, merged_together) = runs[1], runs[6]
+    assert [(r["prompt_index"], r["sample"]) for r in together] == [(i, s) for i in range(3) for s in range(2)]
+    assert together == alone
+    assert {r["sampler"] for r in together} == {"llada+dual"}
+    assert merged_alone == 0 and merged_together > 0
+    assert any(r["refined"] for r in together), "no sample was refined: the test would miss IterRef's side"

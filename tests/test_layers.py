@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Layer of each module, by longest matching prefix. A module may import its own layer or lower ones.
 LAYERS = {
     "safegen.errors": 0, "safegen.config": 0,
-    "safegen.models": 1,
+    "safegen.models": 1, "safegen.engine": 1,
     "safegen.sampling": 2,
     "safegen.refine": 3,
     "safegen.policy": 4,
