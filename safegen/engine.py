@@ -10,13 +10,13 @@ Within a round the steps run as greenlets on the calling thread. When a step ask
 forward that can be merged, it parks; once every step of the round has parked or finished, the
 parked forwards run as one model call per kind and shape, and each step resumes with its own rows'
 logits. Merged are:
-- `forward_queries` (a cached step's block, a proposal's holes) of calls with the same query count:
-  their rows go through every linear layer together, and each call attends to its own cache
-  (safegen.models.kvcache.forward_queries_many);
-- full forwards (the uncached sampler): each sequence left padded to the longest, which LLaDA's
-  packing of real tokens (models/llada.py) hides from it.
-Prefill forwards (a block's new cache, a pool's drafts) run where they are asked: they are full
-sequences, already wide enough to keep the model busy.
+- `forward_queries` (a cached step's block or its suffix, a proposal's holes): the query tokens of
+  every call, however many each has, go through the token-wise layers as one sequence, and each
+  call attends to its own cache (safegen.models.kvcache.forward_queries_many);
+- prefills (a block's new cache, a pool's drafts) and full forwards (the uncached sampler): each
+  sequence left padded to the longest, which LLaDA's packing of real tokens (models/llada.py) hides
+  from it; a prefill's cache is cut back to its own width and packing
+  (safegen.models.kvcache.prefill_many).
 
 A row's tokens do not depend on what it was merged with. Its attention sees its own keys only, and a
 linear layer computes each output row from its input row; what could differ is the rounding of a
@@ -100,7 +100,7 @@ class _Queries:
     cache: object
 
     def key(self) -> tuple:
-        return ("queries", id(self.model), self.query_ids.shape[1], self.query_ids.device)
+        return ("queries", id(self.model), self.query_ids.device)
 
     @staticmethod
     def run(requests: list["_Queries"]) -> list[torch.Tensor]:
@@ -108,6 +108,25 @@ class _Queries:
         if len(requests) == 1 or not hasattr(model, "forward_queries_many"):
             return [r.model.forward_queries(r.query_ids, r.positions, r.cache) for r in requests]
         return model.forward_queries_many([(r.query_ids, r.positions, r.cache) for r in requests])
+
+
+@dataclass(eq=False)
+class _Prefill:
+    model: object
+    input_ids: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    logits_from: int
+
+    def key(self) -> tuple:
+        return ("prefill", id(self.model), self.input_ids.device)
+
+    @staticmethod
+    def run(requests: list["_Prefill"]) -> list[tuple]:
+        model = requests[0].model
+        calls = [(r.input_ids, r.attention_mask, r.logits_from) for r in requests]
+        if len(requests) == 1 or not hasattr(model, "prefill_many"):
+            return [model.prefill(*call) for call in calls]
+        return model.prefill_many(calls)
 
 
 @dataclass(eq=False)
@@ -171,6 +190,12 @@ def _ask(request):
 def forward_queries(model, query_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
     """model.forward_queries(query_ids, positions, cache), merged with other generations' in a round."""
     return _ask(_Queries(model, query_ids, positions, cache))
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], logits_from: int) -> tuple:
+    """model.prefill(input_ids, attention_mask, logits_from): (logits, cache), merged with other
+    generations' prefills in a round."""
+    return _ask(_Prefill(model, input_ids, attention_mask, logits_from))
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],

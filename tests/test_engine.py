@@ -15,16 +15,17 @@ from safegen.sampling.sampler import drive
 
 def test_merged_query_forwards_equal_each_alone():
     """forward_queries_many of calls with their own caches (other prompt lengths, other padding,
-    other positions) gives each call's rows the logits of its own forward_queries."""
+    other positions, other query counts) gives each call's rows the logits of its own forward_queries."""
     model = small_llada(seed=1)
     calls = []
-    for seed, (rows, length, pads, start) in enumerate([(2, 12, (3,), 12), (1, 20, (), 24), (3, 9, (2, 5), 13)]):
+    for seed, (rows, length, pads, start, width) in enumerate([(2, 12, (3,), 12, 4), (1, 20, (), 24, 4),
+                                                                 (3, 9, (2, 5), 13, 7), (2, 10, (), 10, 1)]):
         ids, attn = padded_prompts(seed, rows, length, pads)
         ids = torch.cat([ids, torch.randint(0, 190, (rows, 16))], dim=1)
         attn = torch.cat([attn, torch.ones(rows, 16, dtype=attn.dtype)], dim=1)
         with torch.inference_mode():
             _, cache = model.prefill(ids, attn)
-        positions = torch.arange(start, start + 4).expand(rows, -1)
+        positions = torch.arange(start, start + width).expand(rows, -1)
         calls.append((ids.gather(1, positions).roll(1, dims=0), positions, cache))  # new tokens at the queries
     with torch.inference_mode():
         merged = model.forward_queries_many(calls)
@@ -33,6 +34,31 @@ def test_merged_query_forwards_equal_each_alone():
             assert together.shape == alone.shape
             torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
             assert torch.equal(together.argmax(-1), alone.argmax(-1))
+
+
+def test_merged_prefills_equal_each_alone():
+    """prefill_many of sequences of other widths and padding, asking the head from other positions,
+    gives each call its own prefill's logits and a cache of its own layout that answers its queries
+    as its own prefill's does."""
+    model = small_llada(seed=2)
+    calls = []
+    for seed, (rows, length, pads, head_from) in enumerate([(2, 20, (3,), 12), (1, 31, (), 31), (3, 9, (2, 5), 0)]):
+        ids, attn = padded_prompts(seed, rows, length, pads)
+        calls.append((ids, None if not pads else attn, head_from))
+    with torch.inference_mode():
+        merged = model.prefill_many(calls)
+        for (ids, attn, head_from), (logits, cache) in zip(calls, merged):
+            own_logits, own = model.prefill(ids, attn, head_from)
+            assert logits.shape == own_logits.shape
+            real = torch.ones_like(ids, dtype=torch.bool) if attn is None else attn.bool()
+            real = real[:, head_from:]  # a padding position's logits are nobody's
+            torch.testing.assert_close(logits[real], own_logits[real], rtol=1e-5, atol=1e-5)
+            assert torch.equal(cache.slot, own.slot) and cache.keys[0].shape == own.keys[0].shape
+            assert (cache.key_mask is None) == (own.key_mask is None)
+            positions = torch.arange(ids.shape[1] - 3, ids.shape[1]).expand(len(ids), -1)
+            queries = ids.gather(1, positions).flip(0)
+            torch.testing.assert_close(model.forward_queries(queries, positions, cache),
+                                       model.forward_queries(queries, positions, own), rtol=1e-5, atol=1e-5)
 
 
 SAMPLING = dict(max_new_tokens=16, steps=16, block_length=4, temperature=1.0)

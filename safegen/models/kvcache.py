@@ -22,7 +22,7 @@ import torch
 from .attention import attend
 from .rope import rotary_angles
 
-__all__ = ["KVCache", "prefill", "forward_queries", "forward_queries_many"]
+__all__ = ["KVCache", "prefill", "prefill_many", "forward_queries", "forward_queries_many"]
 
 
 @dataclass
@@ -87,37 +87,90 @@ def prefill(backbone, input_ids, attention_mask=None, logits_from: int = 0):
     return t.ff_out(t.ln_f(x)), KVCache(keys, values, slot, key_mask, cos, sin)
 
 
+def prefill_many(backbone, calls):
+    """prefill of several (input_ids, attention_mask, logits_from), in one pass (safegen/engine.py
+    merges the forwards of generations that run side by side): the sequences left padded to the
+    longest, run together, and each call given back its own logits and a cache in its own layout
+    (its width, its packing), as its own prefill makes them. A list of (logits, KVCache)."""
+    if len(calls) == 1:
+        return [prefill(backbone, *calls[0])]
+    width = max(ids.shape[1] for ids, _, _ in calls)
+    tail = max(ids.shape[1] - start for ids, _, start in calls)  # the most head positions asked
+    ids, masks = [], []
+    for input_ids, mask, _ in calls:
+        pad = width - input_ids.shape[1]
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.dtype)
+        ids.append(torch.nn.functional.pad(input_ids, (pad, 0), value=0))
+        masks.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+    logits, merged = prefill(backbone, torch.cat(ids), torch.cat(masks), logits_from=width - tail)
+    out, start = [], 0
+    for input_ids, mask, logits_from in calls:
+        n, length = input_ids.shape
+        rows = slice(start, start + n)
+        start += n
+        # Packed order puts a row's real tokens first wherever its padding was, so its first `length`
+        # packed keys are what its own prefill keeps; its own packing names them.
+        _, slot, real = _packing(mask, input_ids.shape, input_ids.device)
+        key_mask = None if real is None else (real | ~real.any(-1, keepdim=True))[:, None, None, :]
+        cache = KVCache([k[rows, :, :length].contiguous() for k in merged.keys],
+                        [v[rows, :, :length].contiguous() for v in merged.values], slot, key_mask,
+                        merged.cos[:length], merged.sin[:length])
+        out.append((logits[rows, tail - (length - logits_from):], cache))
+    return out
+
+
 def forward_queries(backbone, query_ids, positions, cache: KVCache):
     """Logits (B, Q, V) of the tokens query_ids (B, Q) at the unpacked positions `positions` (B, Q),
     attending to the cache's keys and values of every other position and to their own."""
-    return forward_queries_many(backbone, [(query_ids, positions, cache)])[0]
+    slots = cache.slot.gather(1, positions)
+    cos, sin = cache.cos[slots][:, None], cache.sin[slots][:, None]
+    t = backbone.transformer
+    x = t.wte(query_ids)
+    for layer, block in enumerate(t.blocks):
+        q, k, v = block.project(x, cos, sin)
+        x = block.finish(x, _attend_cached(block, layer, q, k, v, cache, slots))
+    return t.ff_out(t.ln_f(x))
 
 
 def forward_queries_many(backbone, calls):
-    """forward_queries for several (query_ids, positions, cache) with the same query count Q, in one
-    pass (safegen/engine.py merges the forwards of generations that run side by side): every linear
-    layer runs on all their rows at once, one weight read for all, and each call's rows attend to
-    their own cache only. A list of logits, one (B_i, Q, V) per call."""
+    """forward_queries for several (query_ids, positions, cache), in one pass (safegen/engine.py merges
+    the forwards of generations that run side by side): their query tokens, however many each row
+    has, go through every token-wise layer (norms, projections, RoPE, the MLP, the head) as one
+    sequence, one weight read for all, and each call's rows attend to their own cache only. A list
+    of logits, one (B_i, Q_i, V) per call."""
+    if len(calls) == 1:
+        return [forward_queries(backbone, *calls[0])]
     t = backbone.transformer
-    slots = [cache.slot.gather(1, positions) for _, positions, cache in calls]
     caches = [cache for _, _, cache in calls]
-    sizes = [len(s) for s in slots]
-    one = len(calls) == 1  # alone: no copies
-    cos = torch.cat([c.cos[s][:, None] for c, s in zip(caches, slots)]) if not one else caches[0].cos[slots[0]][:, None]
-    sin = torch.cat([c.sin[s][:, None] for c, s in zip(caches, slots)]) if not one else caches[0].sin[slots[0]][:, None]
-    x = t.wte(calls[0][0] if one else torch.cat([ids for ids, _, _ in calls]))
+    slots = [cache.slot.gather(1, positions) for _, positions, cache in calls]
+    shapes = [tuple(ids.shape) for ids, _, _ in calls]
+    # All query tokens as one row (1, T, d): each token keeps its own RoPE angles.
+    cos = torch.cat([c.cos[s].reshape(-1, c.cos.shape[-1]) for c, s in zip(caches, slots)])[None, None]
+    sin = torch.cat([c.sin[s].reshape(-1, c.sin.shape[-1]) for c, s in zip(caches, slots)])[None, None]
+    x = t.wte(torch.cat([ids.reshape(-1) for ids, _, _ in calls]))[None]
     for layer, block in enumerate(t.blocks):
-        q, k, v = block.project(x, cos, sin)
+        q, k, v = block.project(x, cos, sin)  # (1, heads, T, head_dim)
         parts, start = [], 0
-        for cache, s, n in zip(caches, slots, sizes):
-            rows = slice(start, start + n)
-            start += n
-            # The cache's keys and values with the queries' own in their slots (a copy: the cache is
-            # shared by every step of its block, and by a pool's proposals).
-            index = s[:, None, :, None].expand(-1, block.n_kv_heads, -1, block.head_dim)
-            keys = cache.keys[layer].scatter(2, index, k[rows])
-            values = cache.values[layer].scatter(2, index, v[rows])
-            parts.append(attend(q[rows], keys, values, cache.key_mask, block.n_heads // block.n_kv_heads))
-        x = block.finish(x, parts[0] if one else torch.cat(parts))
-    logits = t.ff_out(t.ln_f(x))
-    return [logits] if one else list(logits.split(sizes))
+        for cache, s, (n, width) in zip(caches, slots, shapes):
+            tokens = slice(start, start + n * width)
+            start += n * width
+            rows = [a[0, :, tokens].unflatten(1, (n, width)).transpose(0, 1) for a in (q, k, v)]
+            att = _attend_cached(block, layer, *rows, cache, s)  # (n, heads, width, head_dim)
+            parts.append(att.transpose(0, 1).flatten(1, 2))
+        x = block.finish(x, torch.cat(parts, dim=1)[None])
+    logits = t.ff_out(t.ln_f(x))[0]
+    out, start = [], 0
+    for n, width in shapes:
+        out.append(logits[start:start + n * width].unflatten(0, (n, width)))
+        start += n * width
+    return out
+
+
+def _attend_cached(block, layer: int, q, k, v, cache: KVCache, slots):
+    """Attention of the queries q (B, heads, Q, head_dim) at `slots` (B, Q) to the cache's keys and
+    values of layer `layer`, with the queries' own (k, v) in their slots (a copy: the cache is shared
+    by every step of its block, and by a pool's proposals)."""
+    index = slots[:, None, :, None].expand(-1, block.n_kv_heads, -1, block.head_dim)
+    keys = cache.keys[layer].scatter(2, index, k)
+    values = cache.values[layer].scatter(2, index, v)
+    return attend(q, keys, values, cache.key_mask, block.n_heads // block.n_kv_heads)

@@ -276,6 +276,12 @@ class LLaDAModelLM(PreTrainedModel):
 
         return prefill(self.model, input_ids, attention_mask, logits_from)
 
+    def prefill_many(self, calls):
+        """prefill of several (input_ids, attention_mask, logits_from) in one pass: [(logits, KVCache)]."""
+        from .kvcache import prefill_many
+
+        return prefill_many(self.model, calls)
+
     def forward_queries(self, query_ids, positions, cache):
         """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
         from .kvcache import forward_queries
@@ -283,7 +289,7 @@ class LLaDAModelLM(PreTrainedModel):
         return forward_queries(self.model, query_ids, positions, cache)
 
     def forward_queries_many(self, calls):
-        """forward_queries of several (query_ids, positions, cache) with one query count, in one pass."""
+        """forward_queries of several (query_ids, positions, cache) in one pass: a list of logits."""
         from .kvcache import forward_queries_many
 
         return forward_queries_many(self.model, calls)

@@ -106,7 +106,7 @@ def cached_logits(sampler, state) -> torch.Tensor:
     if stale.any():
         idx = stale.nonzero().squeeze(1)
         sub_attn = None if attn is None else attn[idx]
-        logits, cache = sampler.model.prefill(x[idx], sub_attn, logits_from=P)
+        logits, cache = engine.prefill(sampler.model, x[idx], sub_attn, logits_from=P)
         fresh = BlockCache(block, x[idx].clone(), logits, cache)
         if bool(stale.all()):
             state.kv = kv = fresh
@@ -172,7 +172,7 @@ class ProposalCache:
         x, P = state.x[self.rows], state.prompt_length
         attn = None if state.attention_mask is None else state.attention_mask[self.rows]
         with torch.inference_mode():
-            logits, self.cache = sampler.model.prefill(x, attn, logits_from=P if head else x.shape[1])
+            logits, self.cache = engine.prefill(sampler.model, x, attn, logits_from=P if head else x.shape[1])
         self.head_logits = logits if head else None
         self._buffer = None  # logits(): the pool's (n, G, V) buffer
         state.rows.index_add_(0, self.rows.cpu(), torch.ones(len(self.rows), dtype=torch.float64))
