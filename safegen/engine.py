@@ -214,25 +214,34 @@ def advance(generations: list[Generation], merge: bool = True) -> None:
         return
     import torch
 
-    with torch.inference_mode():
-        parked: dict[_Step, object] = {}
-        for g in generations:
-            step = _Step(g.step)
-            request = step.switch()
+    steps: list[_Step] = []
+    try:
+        with torch.inference_mode():
+            parked: dict[_Step, object] = {}
+            for g in generations:
+                step = _Step(g.step)
+                steps.append(step)
+                request = step.switch()
+                if not step.dead:
+                    parked[step] = request
+            while parked:
+                buckets = defaultdict(list)
+                for step, request in parked.items():
+                    buckets[request.key()].append((step, request))
+                parked = {}
+                for items in buckets.values():
+                    results = _run([r for _, r in items])
+                    for (step, _), result in zip(items, results):
+                        request = step.throw(result) if isinstance(result, BaseException) else step.switch(result)
+                        if not step.dead:
+                            parked[step] = request
+    except BaseException:
+        # Ctrl-C (or another exception that is not a step's own) while some steps are parked: end
+        # them, so that their generations are no longer executing and can be closed.
+        for step in steps:
             if not step.dead:
-                parked[step] = request
-        while parked:
-            buckets = defaultdict(list)
-            for step, request in parked.items():
-                buckets[request.key()].append((step, request))
-            parked = {}
-            for items in buckets.values():
-                requests = [r for _, r in items]
-                results = _run(requests)
-                for (step, _), result in zip(items, results):
-                    request = step.throw(result) if isinstance(result, BaseException) else step.switch(result)
-                    if not step.dead:
-                        parked[step] = request
+                step.throw(greenlet.GreenletExit)
+        raise
 
 
 def _run(requests: list) -> list:

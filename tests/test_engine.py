@@ -180,3 +180,19 @@ def test_detoxify_runs_prompts_side_by_side_and_writes_what_each_gets_alone(tiny
     assert {r["sampler"] for r in together} == {"llada+dual"}
     assert merged_alone == 0 and merged_together > 0
     assert any(r["refined"] for r in together), "no sample was refined: the test would miss IterRef's side"
+
+
+def test_ctrl_c_in_a_round_leaves_every_generation_closable(generator):
+    """A KeyboardInterrupt raised by one step while another is parked on its forward propagates out
+    of the round, and both generations can then be closed (the batch command's clean exit)."""
+    def interrupted():
+        yield
+        raise KeyboardInterrupt
+
+    good = engine.Generation(lambda: _steps(generator, *RUNS[0][:3]))
+    bad = engine.Generation(interrupted)
+    engine.advance([good, bad])
+    with pytest.raises(KeyboardInterrupt):
+        engine.advance([good, bad])  # good parks on its forward, then bad raises
+    good.close()
+    bad.close()

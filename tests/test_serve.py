@@ -193,7 +193,9 @@ def test_load_64_requests_from_16_clients_equal_offline(server, client, offline,
     """Every request answered once, with the tokens generate_text gives its prompt and seed: the
     whole set in one offline batch, and a few of them alone."""
     n_requests, seeds = 64, [1000 + 3 * i for i in range(64)]
-    rows_before = server.metric("safegen_batch_rows_count", {"Authorization": f"Bearer {KEY}"})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    rows_before = server.metric("safegen_batch_rows_count", auth)
+    forwards, calls = server.metric("safegen_engine_forwards_total", auth), server.metric("safegen_engine_model_calls_total", auth)
 
     def call(i):
         out = client.chat.completions.create(model=str(tiny_model_dir), messages=messages(i), seed=seeds[i])
@@ -210,6 +212,9 @@ def test_load_64_requests_from_16_clients_equal_offline(server, client, offline,
         assert answers[i] == offline.generate_text(messages(i), seed=seeds[i])[0].text
     batches = server.metric("safegen_batch_rows_count", {"Authorization": f"Bearer {KEY}"}) - rows_before
     assert batches < n_requests, "the requests were not batched"
+    forwards = server.metric("safegen_engine_forwards_total", auth) - forwards
+    calls = server.metric("safegen_engine_model_calls_total", auth) - calls
+    assert 0 < calls < forwards, (calls, forwards)  # the groups' forwards were merged
     assert elapsed < 120
 
 

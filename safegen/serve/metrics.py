@@ -42,6 +42,7 @@ class Metrics:
                                registry=r)
         self.rejected_full = Counter("safegen_rejected_queue_full", "Requests refused with 429 (queue full)",
                                      registry=r)
+        r.register(_EngineCounters())
         self.ready = Gauge("safegen_ready", "1 once the model is loaded and the server is not draining",
                            registry=r)
 
@@ -70,3 +71,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """The step-level engine's counts (safegen.engine.counters), read when /metrics is scraped: how
+    many forwards the generations asked for, and in how many model calls the engine made them."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        from .. import engine
+
+        yield CounterMetricFamily("safegen_engine_forwards", "Model forwards the running generations asked "
+                                  "for", value=engine.counters.forwards)
+        yield CounterMetricFamily("safegen_engine_model_calls", "Model calls the engine made for them (a "
+                                  "merged forward counts once)", value=engine.counters.calls)
