@@ -58,19 +58,13 @@ def _build_generator(args, policy, sampling, refinement, device_map=None):
                          refinement=refinement, report_before=not args.no_before)
 
 
-def _max_prompt_tokens(generator, max_new_tokens: int):
-    config = generator.model.config
-    limit = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", None) \
-        or getattr(config, "model_length", None)
-    # Leave room for the chat template's own tokens.
-    return None if limit is None else max(1, limit - max_new_tokens - 32)
-
-
 # ------------------------------------------------------------------------------ generate
 def generate(args) -> int:
+    from .batch import prompt_limit
+
     gen = _build_generator(args, *_configure(args))
     report = gen.generate_text(args.prompt, seed=args.seed, refine=not args.no_refine,
-                               max_prompt_tokens=_max_prompt_tokens(gen, gen.sampling.max_new_tokens))[0]
+                               max_prompt_tokens=prompt_limit(gen, gen.sampling.max_new_tokens))[0]
     for label, text, tox in (("before", report.text_before, report.toxicity_before),
                              ("after", report.text_after, report.toxicity_after)):
         verdict = "TOXIC" if tox["toxic"] else "ok"
@@ -133,26 +127,47 @@ def detoxify(args) -> int:
                                f"{args.samples} identical samples per prompt; set --temperature (e.g. 1.0)")
     shard = batch.Shard.from_env()
     fingerprint = _fingerprint(args, policy, sampling, refinement)
-    with batch.OutputLock(args.output, shard) as lock:
-        batch.check_resume(args.output, fingerprint, shard)
+    n_prompts = max((p.index for p in prompts), default=-1) + 1
+    if args.ray is not None:
+        return _detoxify_on_ray(args, prompts, policy, sampling, refinement, fingerprint, n_prompts, shard)
+    with batch.ReportFile(args.output, fingerprint, n_prompts, args.samples, shard) as report:
         device_map = None
         if shard.world > 1:
             import torch
             if torch.cuda.is_available():  # one GPU per process under accelerate launch / torchrun
                 device_map = {"": int(os.environ.get("LOCAL_RANK", shard.rank)) % torch.cuda.device_count()}
         gen = _build_generator(args, policy, sampling, refinement, device_map)
-        limit = _max_prompt_tokens(gen, sampling.max_new_tokens)
-
-        def run(lines, seeds):  # one prompt's samples, step by step (batch.run_batch runs them side by side)
-            reports = yield from gen.generate_text_steps(
-                [p.text for p in lines], seeds=seeds, refine=not args.no_refine, max_prompt_tokens=limit,
-                labels=[f"{args.input}:{p.line}" for p in lines])
-            return [r.to_dict() for r in reports]
-
-        records = batch.run_batch(prompts, args.output, run, samples=args.samples, seed=args.seed,
-                                  batch_size=args.batch_size, fingerprint=fingerprint, shard=shard, lock=lock)
+        records = batch.run_batch(prompts, args.output, batch.text_generate(gen, not args.no_refine, args.input),
+                                  samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                                  fingerprint=fingerprint, shard=shard, report=report)
     print(batch.format_summary(batch.summarize(records)))
     print(f"reports: {args.output}" + ("" if shard.world == 1 else f" (this process: rank {shard.rank} of {shard.world})"))
+    return 0
+
+
+def _detoxify_on_ray(args, prompts, policy, sampling, refinement, fingerprint, n_prompts, shard) -> int:
+    from pathlib import Path
+
+    from . import batch, ray_run
+
+    if shard.world > 1:
+        raise batch.InputError(f"--ray runs one driver; this process is rank {shard.rank} of {shard.world} "
+                               "(accelerate launch / torchrun): start it as a plain process")
+    ray = ray_run.connect(args.ray, args.ray_workers, args.ray_gpus_per_worker)  # its errors before any model loads
+    # Actors run in Ray's own working folders: local paths go to them absolute.
+    model = str(Path(args.model).resolve()) if Path(args.model).expanduser().is_dir() else args.model
+    policy_ref = str(Path(args.policy).resolve()) if Path(args.policy).is_file() else args.policy  # or a name
+    detoxifier = dict(model=model, policy=policy_ref, quantization=args.quantization,
+                      revision=model_revision(args), trust_remote_code=args.trust_remote_code,
+                      sampling=sampling, refinement=refinement, report_before=not args.no_before,
+                      refine=not args.no_refine, batch_size=args.batch_size, threads=args.threads,
+                      source=args.input)
+    with batch.ReportFile(args.output, fingerprint, n_prompts, args.samples) as report:
+        records = ray_run.detoxify(ray, prompts, report, detoxifier, samples=args.samples, seed=args.seed,
+                                   workers=args.ray_workers, gpus_per_worker=ray_run.gpus_per_worker(
+                                       ray, args.ray_gpus_per_worker))
+    print(batch.format_summary(batch.summarize(records)))
+    print(f"reports: {args.output} (on Ray, {args.ray_workers} worker{'s' if args.ray_workers > 1 else ''})")
     return 0
 
 
@@ -165,6 +180,12 @@ def _detoxify_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generations per prompt (default 1; more than 1 needs --temperature > 0)")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--batch-size", type=positive, default=8)
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster at ADDRESS (as ray.init takes it; none: a local instance); "
+                             "needs pip install 'safegen[ray]'")
+    parser.add_argument("--ray-workers", type=positive, default=1, help="model actors on Ray (default 1)")
+    parser.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                        help="GPUs per actor (default 1 where the cluster has GPUs, else 0)")
     model_arguments(parser)
 
 

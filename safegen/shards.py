@@ -1,4 +1,5 @@
-"""Who may write a batch output, and the merge of shard parts into it.
+"""Who may write a batch output, and the merge of shard parts into it: the locking and merging under
+safegen/report_file.py, the report file's one owner (nothing else calls this module).
 
 Every lock is an flock, which the kernel drops when its process ends however it ends (kill -9
 included), so a crash never leaves a lock that blocks a rerun; the files named `.lock` and
@@ -263,6 +264,12 @@ def merge_parts(output: Path, prompts: int, samples: int) -> tuple[Optional[Runn
         finally:
             for lock in held:
                 lock.release()
+
+
+def sort_in_place(output: Path) -> None:
+    """Rewrite `output` in sample order (a writer that received its records out of order: Ray's
+    workers), atomically, as a merge writes. The caller holds its exclusive lock."""
+    _write_merged(output, [output], ordered=False)
 
 
 class _Held:
