@@ -17,19 +17,20 @@ from .errors import SafegenError  # light: no torch
 
 
 def tiny_model(args) -> int:
-    from .models.tiny import write_tiny_mdlm, write_tiny_model
+    from .models.tiny import write_tiny_dream, write_tiny_mdlm, write_tiny_model
 
-    write = write_tiny_mdlm if args.family == "mdlm" else write_tiny_model
+    write, name = {"mdlm": (write_tiny_mdlm, "MDLM"), "dream": (write_tiny_dream, "Dream")}.get(
+        args.family, (write_tiny_model, "LLaDA"))
     folder = write(args.directory, seed=args.seed)
-    print(f"wrote a tiny {'MDLM' if args.family == 'mdlm' else 'LLaDA'}-shaped model and tokenizer to {folder}")
+    print(f"wrote a tiny {name}-shaped model and tokenizer to {folder}")
     return 0
 
 
 def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="folder to write (created if missing)")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the random weights (default 0)")
-    parser.add_argument("--family", choices=("llada", "mdlm"), default="llada",
-                        help="architecture: llada (LLaDA-8B's, default) or mdlm (MDLM-OWT's)")
+    parser.add_argument("--family", choices=("llada", "mdlm", "dream"), default="llada",
+                        help="architecture: llada (LLaDA-8B's, default), mdlm (MDLM-OWT's) or dream (Dream-7B's)")
 
 
 def _configure(args):

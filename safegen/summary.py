@@ -81,7 +81,7 @@ def format_summary(summary: dict) -> str:
         # FLOPs are counted for LLaDA's architecture only (models/flops.py): say so rather than print 0.
         ("model GFLOPs / sample", f"{s['flops_per_sample'] / 1e9:.2f} "
                                   f"(+{s.get('flops_before_per_sample', 0.0) / 1e9:.2f} for 'before')"
-         if s.get("flops_per_sample") else "not counted for this model (LLaDA only)"),
+         if s.get("flops_per_sample") else "not counted for this model (LLaDA and Dream only)"),
         ("reward texts / sample", f"{s['reward_calls_per_sample']:.1f}"),
         ("time", f"{s['seconds']:.1f} s"),
     ]

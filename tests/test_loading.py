@@ -289,3 +289,25 @@ def test_profile_without_any_mask_is_an_error():
         profile_from(SimpleNamespace(model_type="bert-like"), FakeTokenizer({"[MASK]": 4}))
     with pytest.raises(ValueError, match="pad_id"):
         profile_from(SimpleNamespace(model_type="x", mask_token_id=3, pad_token_id=3), None)
+
+
+def test_an_moe_under_model_type_llada_is_refused_not_built_dense(tiny_dir, tmp_path, capsys):
+    """LLaDA-MoE's config.json says model_type "llada" with architectures ["LLaDAMoEModelLM"]: loading
+    it (or estimating its memory) is a LoadError naming the architecture, never a dense LLaDA built
+    from its sizes."""
+    from safegen.cli import main
+
+    folder = tmp_path / "moe"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["LLaDAMoEModelLM"], num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"LLaDAMoEModelLM.*mixture of experts.*--trust-remote-code"):
+        load_model(str(folder), quantization="none")
+    assert main(["memory", "--model", str(folder)]) == 2
+    assert "LLaDAMoEModelLM" in capsys.readouterr().err
+    # The dense architecture named explicitly still loads.
+    config["architectures"] = ["LLaDAModelLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _, _ = load_model(str(folder), quantization="none")
+    assert isinstance(model, LLaDAModelLM)

@@ -80,10 +80,15 @@ def profile_from(config, tokenizer=None) -> ModelProfile:
     return ModelProfile(
         mask_id=mask_id,
         eos_id=find("eos_token_id", "eos_token_id", None, "eos_id"),
-        eot_id=find("eot_token_id", None, "<|eot_id|>", "eot_id"),
+        # End of a chat turn: LLaDA's <|eot_id|>, Qwen's and Dream's <|im_end|>.
+        eot_id=find("eot_token_id", None, "<|eot_id|>", "eot_id") if "<|im_end|>" not in vocab or "<|eot_id|>" in vocab
+        else vocab["<|im_end|>"],
         pad_id=find("pad_token_id", "pad_token_id", None, "pad_id"),
         bos_id=find("bos_token_id", "bos_token_id", None, "bos_id"),
-        shift_logits=getattr(config, "model_type", None) == "dream",
+        # Dream-style models predict token i at position i - 1; safegen's own Dream class shifts its
+        # logits itself (safegen.models.dream), remote code does not.
+        shift_logits=str(getattr(config, "model_type", "")).lower() == "dream"
+        and not getattr(config, "safegen_aligned_logits", False),
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
         vocab_size=len(vocab) if vocab else getattr(config, "vocab_size", None),
     )

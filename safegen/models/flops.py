@@ -50,12 +50,16 @@ class Dims:
 
 
 def dims_of(model) -> Optional[Dims]:
-    """The shapes of a LLaDA-configured model (or a bare LLaDAConfig); None for other models."""
+    """The shapes of a LLaDA- or Dream-configured model (or a bare config); None for other models.
+    (Dream's q/k/v biases add a handful of FLOPs per position, not counted.)"""
     cfg = getattr(model, "config", model)
-    if getattr(cfg, "model_type", None) != "llada":
-        return None
-    return Dims(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads,
-                cfg.mlp_hidden_size, cfg.embedding_size)
+    if getattr(cfg, "model_type", None) == "llada":
+        return Dims(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads,
+                    cfg.mlp_hidden_size, cfg.embedding_size)
+    if getattr(cfg, "model_type", None) == "Dream":
+        return Dims(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                    cfg.hidden_size // cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size)
+    return None
 
 
 def forward_flops(dims: Optional[Dims], queries, pairs, heads):

@@ -205,6 +205,25 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or any((f or "").upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
+def check_llada_architecture(config_dict: dict, model_id_or_path: str, trust_remote_code: bool = False) -> None:
+    """model_type "llada" covers more than one architecture: LLaDA-MoE's config.json says "llada" too,
+    with architectures ["LLaDAMoEModelLM"]. safegen's LLaDA class is the dense model; built from an
+    MoE's config it would be another, far larger model (it read 64 experts' sizes as one MLP). Refuse
+    any architecture but the dense one, unless the repository's own code is trusted and named."""
+    architectures = config_dict.get("architectures") or ["LLaDAModelLM"]
+    if architectures == ["LLaDAModelLM"]:
+        return
+    if trust_remote_code and config_dict.get("auto_map", {}).get("AutoModel"):
+        return
+    moe = any("moe" in a.lower() for a in architectures)
+    raise LoadError(
+        f"config.json of {model_id_or_path} has model_type 'llada' but architectures {architectures}"
+        + (" (LLaDA-MoE, a mixture of experts)" if moe else "")
+        + ": safegen implements the dense LLaDA (LLaDAModelLM) natively, not this one, and building the dense "
+        "model from its config would make another, larger model; run the repository's own code with "
+        "--trust-remote-code (trust_remote_code=True) if you trust it")
+
+
 def _model_class(model_id_or_path: str, hub: dict, trust_remote_code: bool):
     """The class whose from_pretrained loads the model: safegen's own for the model types it implements,
     AutoModel for those transformers knows, the repository's own code only with trust_remote_code.
@@ -223,11 +242,21 @@ def _model_class(model_id_or_path: str, hub: dict, trust_remote_code: bool):
     if not model_type:
         raise LoadError(f"config.json of {model_id_or_path} has no model_type")
     if model_type == "llada":
+        check_llada_architecture(config_dict, model_id_or_path, trust_remote_code)
+        if trust_remote_code and config_dict.get("architectures", ["LLaDAModelLM"]) != ["LLaDAModelLM"]:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            reference = config_dict.get("auto_map", {}).get("AutoModel")
+            return get_class_from_dynamic_module(reference, model_id_or_path, **hub)
         # By class, not through AutoModel: LLaDA's own configuration_llada.py, once imported anywhere
         # in the process, registers "llada" with AutoConfig in place of safegen's config.
         from .llada import LLaDAModelLM
 
         return LLaDAModelLM
+    if model_type == "Dream":  # the same for Dream's configuration_dream.py
+        from .dream import DreamModel
+
+        return DreamModel
     if model_type == "mdlm":  # the same for MDLM's configuration_mdlm.py
         from .mdlm import MDLMModel
 

@@ -115,6 +115,10 @@ def load_config(model_id_or_path: str, revision: str | None = None):
         revision = PINNED_REVISIONS.get(model_id_or_path)
     config_dict, _ = PretrainedConfig.get_config_dict(model_id_or_path, revision=revision)
     classes = {"llada": LLaDAConfig, "mdlm": MDLMConfig}
+    if config_dict.get("model_type") == "llada":
+        from .loading import check_llada_architecture
+
+        check_llada_architecture(config_dict, model_id_or_path)
     if config_dict.get("model_type") not in classes:
         raise LoadError(f"config.json of {model_id_or_path}: model_type {config_dict.get('model_type')!r}; "
                         "memory estimates cover LLaDA (model_type 'llada') and MDLM ('mdlm') only")

@@ -167,6 +167,64 @@ def write_tiny_mdlm(directory: str | Path, seed: int = 0, **config_overrides) ->
     return _save(model, tokenizer, directory)
 
 
+# ----------------------------------------------------------------------------- a tiny Dream
+# Dream's special tokens (Qwen2.5's tokenizer): <|endoftext|> is BOS, EOS and padding; a chat turn is
+# closed by <|im_end|>; the mask is <|mask|>.
+DREAM_EOS, DREAM_IM_START, DREAM_IM_END, DREAM_MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
+DREAM_CHAT_TEMPLATE = (  # Qwen's ChatML, which Dream's instruct model uses (without Qwen's default system turn)
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Dream-7B's architecture (safegen.models.dream) at a size that loads in a blink: grouped-query heads,
+# biases on q, k, v. Widths are multiples of 32, which bitsandbytes' CPU 4-bit kernel needs.
+TINY_DREAM_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=512)
+
+
+def build_tiny_dream_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
+    """The tiny model's words with Dream's special tokens and chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = [line.strip() for line in Path(vocab_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    specials = (UNK, DREAM_EOS, DREAM_IM_START, DREAM_IM_END, DREAM_MASK)
+    vocab = {}
+    for token in [*words, *specials]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.normalizer = _word_normalizer()
+    backend.pre_tokenizer = _word_pre_tokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token=UNK, bos_token=DREAM_EOS, eos_token=DREAM_EOS, pad_token=DREAM_EOS,
+        mask_token=DREAM_MASK, extra_special_tokens=[DREAM_IM_START, DREAM_IM_END], clean_up_tokenization_spaces=True)
+    tokenizer.chat_template = DREAM_CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_tiny_dream(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a randomly initialised tiny Dream (safegen.models.dream's class, Dream's config fields and
+    parameter names) and its offline tokenizer in `directory`; returns the folder."""
+    from .dream import DreamConfig, DreamModel
+
+    fixed = sorted(set(config_overrides) & {"vocab_size", "mask_token_id", "pad_token_id", "bos_token_id",
+                                            "eos_token_id"})
+    if fixed:
+        raise ConfigError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
+    tokenizer = build_tiny_dream_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = DreamConfig(vocab_size=len(tokenizer), mask_token_id=vocab[DREAM_MASK], pad_token_id=vocab[DREAM_EOS],
+                         bos_token_id=vocab[DREAM_EOS], eos_token_id=vocab[DREAM_EOS],
+                         **{**TINY_DREAM_ARCHITECTURE, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DreamModel(config).eval()
+    return _save(model, tokenizer, directory)
+
+
 def _save(model, tokenizer, directory: str | Path) -> Path:
     """Write a tiny model and its tokenizer as from_pretrained reads them; returns the folder."""
     directory = Path(directory)

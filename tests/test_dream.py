@@ -1,0 +1,163 @@
+"""safegen.models.dream: Dream-7B's architecture, native (no remote code).
+
+The reference is transformers' own Qwen2 (Dream's layers are Qwen2.5's, every position attending to
+every other): on the same random weights, with a bidirectional mask, positions cumsum(mask) − 1 and
+the logits shifted by one position as Dream's generation code shifts them, its logits must equal ours.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from safegen.models.dream import DreamConfig, DreamModel
+from safegen.models.loading import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Dream-v0-Instruct-7B's config.json fields that define the computation (values as published in
+# Dream's hub repository and its paper: Qwen2.5-7B's shapes, 28 query / 4 key-value heads, θ 1e6).
+DREAM_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                max_position_embeddings=131072, hidden_act="silu", tie_word_embeddings=False, mask_token_id=151666,
+                pad_token_id=151643, bos_token_id=151643, eos_token_id=151643, rope_scaling=None,
+                use_sliding_window=False, sliding_window=None, architectures=["DreamModel"])
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=120, rope_theta=1e6, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def test_the_7b_config_gives_qwen25_7bs_parameters():
+    with torch.device("meta"):
+        model = DreamModel(DreamConfig.from_dict(dict(DREAM_7B, model_type="Dream")))
+    # Qwen2.5-7B's count: embedding and head 2 x 152064 x 3584, 28 layers of attention (biases on q, k, v)
+    # and SwiGLU MLP, the final norm.
+    d, kv, f = 3584, 512, 18944
+    layer = (d * d + d) + 2 * (d * kv + kv) + d * d + 3 * d * f + 2 * d
+    assert sum(p.numel() for p in model.parameters()) == 2 * 152064 * d + 28 * layer + d == 7_615_616_512
+    names = {n for n, _ in model.named_parameters()}
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias", "model.layers.27.mlp.down_proj.weight",
+            "model.norm.weight", "lm_head.weight"} <= names
+    assert "model.layers.0.self_attn.o_proj.bias" not in names
+
+
+@pytest.mark.parametrize("field, value", [("rope_scaling", {"type": "yarn", "factor": 4.0}),
+                                          ("use_sliding_window", True), ("hidden_act", "gelu"),
+                                          ("tie_word_embeddings", True)])
+def test_settings_it_cannot_honour_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        DreamConfig(**{**SMALL, field: value})
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Dream and the Qwen2 reference on the same random weights (biases made nonzero)."""
+    torch.manual_seed(0)
+    ref = Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)
+    ours = DreamModel(DreamConfig(**SMALL, mask_token_id=119, pad_token_id=118, bos_token_id=117,
+                                  eos_token_id=118)).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def _reference(ref, ids, attn):
+    length = ids.shape[1]
+    mask = attn.bool()[:, None, None, :].expand(-1, 1, length, -1)  # every position sees every real one
+    positions = (attn.cumsum(1) - 1).clamp(min=0)
+    logits = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # Dream's generation code's shift
+
+
+def test_logits_equal_the_reference_with_and_without_left_padding(pair):
+    ours, ref = pair
+    torch.manual_seed(1)
+    ids = torch.randint(0, 117, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[1, :3] = 0
+    attn[2, :5] = 0
+    with torch.no_grad():
+        mine = ours(ids, attention_mask=attn).logits
+        theirs = _reference(ref, ids, attn)
+        plain = ours(ids).logits
+        plain_ref = _reference(ref, ids, torch.ones_like(ids))
+    # Where the previous position is a real token (the first real token's logits come from padding in
+    # Dream's own code, and a prompt token is never predicted).
+    real = attn.bool()
+    scored = real & torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
+    torch.testing.assert_close(mine[scored], theirs[scored], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, plain_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_does_not_depend_on_its_neighbours_padding(pair):
+    ours, _ = pair
+    torch.manual_seed(2)
+    short = torch.randint(0, 117, (1, 6))
+    long = torch.randint(0, 117, (1, 11))
+    batch = torch.cat([torch.cat([torch.full((1, 5), 118), short], 1), long])
+    attn = torch.ones_like(batch)
+    attn[0, :5] = 0
+    with torch.no_grad():
+        alone = ours(short).logits[0]
+        together = ours(batch, attention_mask=attn).logits[0, 5:]
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_the_shift_is_inside_the_model():
+    """Position i's logits are the head on position i - 1's state (the first keeps its own), so the
+    sampler sees the logits of position i at i."""
+    torch.manual_seed(3)
+    model = DreamModel(DreamConfig(**SMALL)).eval()
+    ids = torch.randint(0, 117, (1, 8))
+    with torch.no_grad():
+        states = model.model(ids)
+        logits = model(ids).logits
+        torch.testing.assert_close(logits[0, 1:], model.lm_head(states)[0, :-1])
+        torch.testing.assert_close(logits[0, 0], model.lm_head(states)[0, 0])
+
+
+@pytest.fixture(scope="module")
+def tiny_dream(tmp_path_factory):
+    from safegen.models.tiny import write_tiny_dream
+
+    return write_tiny_dream(tmp_path_factory.mktemp("tiny-dream"), seed=0)
+
+
+@pytest.mark.parametrize("quantization, tolerance", [("8bit", 0.15), ("4bit", 0.6)])
+def test_the_hub_layout_loads_natively_and_quantized(tiny_dream, quantization, tolerance):
+    full, tokenizer, profile = load_model(str(tiny_dream), quantization="none")
+    assert isinstance(full, DreamModel) and not profile.shift_logits
+    assert profile.mask_id == tokenizer.convert_tokens_to_ids("<|mask|>")
+    assert set(profile.stop_ids) == {tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    quant, _, _ = load_model(str(tiny_dream), quantization=quantization)
+    import bitsandbytes as bnb
+
+    linears = [m for n, m in quant.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+    assert len(linears) == 2 * 7 and not isinstance(quant.lm_head, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+    ids = torch.randint(0, 200, (2, 10))
+    attn = torch.ones_like(ids)
+    attn[1, :4] = 0
+    with torch.no_grad():
+        a, b = full(ids, attention_mask=attn).logits, quant(ids, attention_mask=attn).logits
+    real = attn.bool()
+    assert (a[real] - b[real]).abs().max() < tolerance
+    assert torch.corrcoef(torch.stack([a[real].flatten(), b[real].flatten().float()]))[0, 1] > 0.98
+
+
+def test_detoxify_runs_on_a_tiny_dream(tiny_dream, tmp_path):
+    src = tmp_path / "p.txt"
+    src.write_text("Go away, you\nthe weather today\n")
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "safegen", "detoxify", str(src), "-o", str(out), "--model",
+                          str(tiny_dream), "--quantization", "none", "--policy", "offline", "--max-new-tokens", "8",
+                          "--temperature", "1.0", "--samples", "2", "--threads", "1"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and all(r["flops"] > 0 for r in records)
+    assert all(r["sampler"] == "llada" for r in records)  # LLaDA's sampler (Dream's own orders: not yet)
