@@ -161,3 +161,31 @@ def test_detoxify_runs_on_a_tiny_dream(tiny_dream, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and all(r["flops"] > 0 for r in records)
     assert all(r["sampler"] == "llada" for r in records)  # LLaDA's sampler (Dream's own orders: not yet)
+
+
+def test_serve_answers_from_a_tiny_dream_as_offline(tiny_dream, tmp_path):
+    """`safegen serve` on a Dream folder, called by the OpenAI client: the answer generate_text gives."""
+    import openai
+
+    from benchmarks.serve_process import ServerProcess
+    from safegen import SafeGenerator
+
+    server = ServerProcess(tiny_dream, tmp_path / "serve.log", "--policy", "offline", "--threads", "1",
+                           "--temperature", "1")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        msgs = [{"role": "user", "content": "tell me about the weather"}]
+        out = client.chat.completions.create(model=str(tiny_dream), messages=msgs, max_tokens=8, seed=3)
+    finally:
+        server.stop()
+    model, tokenizer, profile = load_model(str(tiny_dream), quantization="none")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        offline = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                                sampling={"max_new_tokens": 8, "temperature": 1.0})
+        [alone] = offline.generate_text([msgs], seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.choices[0].message.content == alone.text
+    assert out.choices[0].model_extra["safegen"]["sampler"] == "llada"

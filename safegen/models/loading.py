@@ -23,7 +23,7 @@ from .family import profile_from
 if TYPE_CHECKING:  # torch is imported when a model loads, not with the command line
     import torch
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "PINNED_REVISIONS", "HEAD_MODULE", "QUANTIZATIONS",
+__all__ = ["DEFAULT_MODEL", "DEFAULT_REVISION", "LLADA_15", "PINNED_REVISIONS", "HEAD_MODULE", "QUANTIZATIONS",
            "TOKENIZER_FILES", "LoadError", "load_model", "model_type_of", "require_tokenizer", "profile_from"]
 
 DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
@@ -34,8 +34,15 @@ DEFAULT_MODEL = "GSAI-ML/LLaDA-8B-Instruct"
 # revision="<40-hex commit>" (the repository's "Files and versions" history lists them).
 DEFAULT_REVISION = "08b83a6feb34df1a6011b80c3c00c7563e963b07"
 
+# LLaDA-1.5 (LLaDA-8B-Instruct after VRPO preference optimisation: the same architecture, config
+# fields and tokenizer, so the LLaDA class loads it): the snapshot commit that appears in public
+# projects' Hugging Face cache paths (models--GSAI-ML--LLaDA-1.5/snapshots/<commit>). Taken from there, not
+# checked against the hub from here (no hub access); pass revision= to choose another.
+LLADA_15 = "GSAI-ML/LLaDA-1.5"
+
 # MDLM-OWT's commit: the snapshot public reproductions of MDLM pin (its config.json and model.safetensors).
 PINNED_REVISIONS = {DEFAULT_MODEL: DEFAULT_REVISION,
+                    LLADA_15: "43716255dd5ce01192bcfc073a2557e969a2f271",
                     "kuleshov-group/mdlm-owt": "d0958fa851335ece6c15260ce0025f030673c0fb"}
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
