@@ -159,7 +159,7 @@ def model_arguments(parser: argparse.ArgumentParser, many_policies: bool = False
     s = parser.add_argument_group("sampling (SamplingConfig)")
     add_config_flags(s, SamplingConfig, {})
     s.add_argument("--fast", action="store_true",
-                   help="--cache dual, which the command line uses by default for LLaDA models anyway (about 7.8x "
+                   help="--cache dual, which the command line uses by default for LLaDA and Dream models anyway (about 7.8x "
                         "fewer model FLOPs at 256 tokens; approximate: IterRef's chain is then not exact); "
                         "--cache and --threshold given beside it win")
     r = parser.add_argument_group("refinement (IterRef's RefineConfig; defaults: the 'middleware' preset)")
@@ -191,7 +191,7 @@ def wants_exact(args) -> bool:
 
 def sampling_options(args) -> dict:
     """The sampling fields the flags set, over the command line's defaults: MDLM's own sampler for
-    MDLM models; for LLaDA models the dual cache (the command line is where users want speed; the
+    MDLM models; for LLaDA and Dream models the dual cache (the command line is where users want speed; the
     Python API keeps LLaDA's reference sampler), unless --cache says otherwise or the flags ask for
     an exact chain, which the cache would break (refused if --cache or --fast asks for one anyway)."""
     chosen = options(args, SamplingConfig)
@@ -213,7 +213,7 @@ def sampling_options(args) -> dict:
             raise ConfigError(f"{'--preset exact' if args.preset == 'exact' else '--exact'} asks for IterRef's exact "
                               f"chain, which the {chosen['cache']} cache makes approximate: drop --cache/--fast, or "
                               "the exactness flag")
-    elif model_type == "llada" and "cache" not in chosen and not chosen.get("cfg_scale"):
+    elif model_type in ("llada", "Dream") and "cache" not in chosen and not chosen.get("cfg_scale"):
         chosen = {**FAST, **chosen}
     return chosen
 

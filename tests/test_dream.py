@@ -160,11 +160,13 @@ def test_detoxify_runs_on_a_tiny_dream(tiny_dream, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and all(r["flops"] > 0 for r in records)
-    assert all(r["sampler"] == "llada" for r in records)  # LLaDA's sampler (Dream's own orders: not yet)
+    # LLaDA's sampler with the dual cache, the command line's default (Dream's own orders: not yet)
+    assert all(r["sampler"] == "llada+dual" for r in records)
 
 
 def test_serve_answers_from_a_tiny_dream_as_offline(tiny_dream, tmp_path):
-    """`safegen serve` on a Dream folder, called by the OpenAI client: the answer generate_text gives."""
+    """`safegen serve` on a Dream folder (the dual cache by default), called by the OpenAI client: the
+    answer generate_text gives."""
     import openai
 
     from benchmarks.serve_process import ServerProcess
@@ -183,9 +185,90 @@ def test_serve_answers_from_a_tiny_dream_as_offline(tiny_dream, tmp_path):
     torch.set_num_threads(1)
     try:
         offline = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
-                                sampling={"max_new_tokens": 8, "temperature": 1.0})
+                                sampling={"max_new_tokens": 8, "temperature": 1.0, "cache": "dual"})
         [alone] = offline.generate_text([msgs], seed=3)
     finally:
         torch.set_num_threads(threads)
     assert out.choices[0].message.content == alone.text
-    assert out.choices[0].model_extra["safegen"]["sampler"] == "llada"
+    assert out.choices[0].model_extra["safegen"]["sampler"] == "llada+dual"
+
+
+# ------------------------------------------------------------------------------ the key/value cache
+def _model(layers=2, seed=0):
+    torch.manual_seed(seed)
+    return DreamModel(DreamConfig(**{**SMALL, "num_hidden_layers": layers}, mask_token_id=119, pad_token_id=118)).eval()
+
+
+def _at(logits, positions):
+    return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def _padded_batch(seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 117, (3, 20))
+    attn = torch.ones_like(ids)
+    attn[1, :3] = 0
+    attn[2, :6] = 0
+    return ids, attn
+
+
+BLOCK = torch.arange(12, 16).expand(3, -1)
+HOLES = torch.tensor([[9, 13, 17], [10, 11, 18], [8, 15, 19]])  # adjacent ones too
+
+
+def test_cached_forwards_from_the_same_tokens_equal_the_full_forward():
+    """With the cache made from the very tokens the queries run on, a block's and scattered holes'
+    logits are the full forward's (the shift included: each query's logits come from the state before
+    it, which the cached forward runs too), and so are the prefill's."""
+    model = _model()
+    ids, attn = _padded_batch()
+    with torch.no_grad():
+        full = model(ids, attention_mask=attn).logits
+        logits, cache = model.prefill(ids, attn, logits_from=8)
+        torch.testing.assert_close(logits, full[:, 8:], rtol=1e-5, atol=1e-5)
+        for positions in (BLOCK, HOLES):
+            torch.testing.assert_close(model.forward_queries(ids.gather(1, positions), positions, cache),
+                                       _at(full, positions), rtol=1e-5, atol=1e-5)
+        # Merged with another call (safegen/engine.py), each gets its own.
+        both = model.forward_queries_many([(ids.gather(1, BLOCK), BLOCK, cache), (ids.gather(1, HOLES), HOLES, cache)])
+        torch.testing.assert_close(both[0], _at(full, BLOCK), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[1], _at(full, HOLES), rtol=1e-5, atol=1e-5)
+
+
+def test_one_layer_cached_queries_with_new_tokens_are_exact():
+    """On one layer the keys and values outside the queries depend on their own tokens only, so the
+    cached forward of changed query tokens must equal the full forward of the changed sequence: it
+    fails if the queries' fresh keys are ignored, or if the state before a query reads a stale token."""
+    model = _model(layers=1, seed=4)
+    ids, attn = _padded_batch(seed=5)
+    with torch.no_grad():
+        _, cache = model.prefill(ids, attn)
+        for positions in (BLOCK, HOLES):
+            changed = ids.clone()
+            changed.scatter_(1, positions, torch.randint(0, 117, positions.shape))
+            full = model(changed, attention_mask=attn).logits
+            cached = model.forward_queries(changed.gather(1, positions), positions, cache)
+            torch.testing.assert_close(cached, _at(full, positions), rtol=1e-5, atol=1e-5)
+
+
+def test_the_dual_cache_samples_a_tiny_dream_alone_and_merged(tiny_dream):
+    """The command line's default sampler for Dream (the dual cache), through SafeGenerator: rows
+    get the same tokens alone and side by side on the engine, and the cache spends fewer FLOPs."""
+    from safegen import SafeGenerator, engine
+    from safegen.sampling.sampler import drive
+
+    model, tokenizer, profile = load_model(str(tiny_dream), quantization="none")
+    gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                        sampling=dict(max_new_tokens=16, steps=16, block_length=4, temperature=1.0))
+    prompts = ["Go away, you", "On this late November afternoon, we walked to the"]
+
+    def steps(i, **options):
+        return gen.generate_text_steps([prompts[i]], seeds=[i], **options)
+
+    alone = [drive(steps(i, cache="dual")) for i in range(2)]
+    runs = [engine.Generation(lambda i=i: steps(i, cache="dual")) for i in range(2)]
+    while not all(r.done for r in runs):
+        engine.advance([r for r in runs if not r.done])
+    assert [r.result[0].text for r in runs] == [a[0].text for a in alone]
+    plain = [drive(steps(i)) for i in range(2)]
+    assert all(a[0].sampler == "llada+dual" and a[0].flops < p[0].flops / 2 for a, p in zip(alone, plain))

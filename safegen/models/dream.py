@@ -95,13 +95,21 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, h, cos, sin, key_mask):
+    def project(self, h, cos, sin):
+        """Queries (n_heads), keys and values (n_kv_heads) of the normed states h (B, L, d), rotated."""
         batch, length, _ = h.shape
         q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        att = attend(rotate(q, cos, sin), rotate(k, cos, sin), v, key_mask, self.n_heads // self.n_kv_heads)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def output(self, att):
+        batch, _, length, _ = att.shape
         return self.o_proj(att.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward(self, h, cos, sin, key_mask):
+        q, k, v = self.project(h, cos, sin)
+        return self.output(attend(q, k, v, key_mask, self.n_heads // self.n_kv_heads))
 
 
 class DreamMLP(nn.Module):
@@ -127,6 +135,26 @@ class DreamLayer(nn.Module):
 
     def forward(self, x, cos, sin, key_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    # The block interface of the key/value cache (safegen.models.kvcache), as LLaDABlock has it.
+    @property
+    def n_heads(self):
+        return self.self_attn.n_heads
+
+    @property
+    def n_kv_heads(self):
+        return self.self_attn.n_kv_heads
+
+    @property
+    def head_dim(self):
+        return self.self_attn.head_dim
+
+    def project(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x, att):
+        x = x + self.self_attn.output(att)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,6 +226,54 @@ class DreamModel(PreTrainedModel):
         packed = _shift(self.model(input_ids.gather(1, order), real.gather(1, order)))
         x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
         return MaskedLMOutput(logits=self.lm_head(x))
+
+
+    # Block-wise key/value cache (safegen.models.kvcache; Fast-dLLM's prefix and dual caches, which
+    # Fast-dLLM also ships for Dream): the same functions as LLaDA's, through Dream's cache view.
+    # Its cached forwards run the position before each query too (kvcache.shifted_width).
+    cache_shifted = True
+
+    def cache_view(self) -> "_CacheView":
+        return _CacheView(self)
+
+    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
+        """(logits of positions logits_from.., KVCache): the full forward, keeping keys and values."""
+        from .kvcache import prefill
+
+        return prefill(self.cache_view(), input_ids, attention_mask, logits_from)
+
+    def prefill_many(self, calls):
+        from .kvcache import prefill_many
+
+        return prefill_many(self.cache_view(), calls)
+
+    def forward_queries(self, query_ids, positions, cache):
+        """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
+        from .kvcache import forward_queries
+
+        return forward_queries(self.cache_view(), query_ids, positions, cache)
+
+    def forward_queries_many(self, calls):
+        from .kvcache import forward_queries_many
+
+        return forward_queries_many(self.cache_view(), calls)
+
+
+class _CacheView:
+    """What safegen.models.kvcache needs of a family: Dream's embedding, layers, final norm and head,
+    and its shift (position i - 1 predicts token i)."""
+
+    shifted = True
+
+    def __init__(self, model: DreamModel):
+        self.model, self.config = model, model.config
+        self.cache_blocks = model.model.layers
+
+    def embed(self, input_ids):
+        return self.model.model.embed_tokens(input_ids)
+
+    def head(self, x):
+        return self.model.lm_head(self.model.model.norm(x))
 
 
 def _shift(hidden: torch.Tensor) -> torch.Tensor:

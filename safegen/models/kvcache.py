@@ -8,6 +8,10 @@ kept keys and values of every other position and to the queries' own fresh ones.
 from the very tokens the queries then run on, a query's logits are the full forward's (up to float
 rounding of a matmul over fewer rows): that is the test that the plumbing is right.
 
+The functions take a family's cache view (LLaDABackbone itself; DreamModel.cache_view()): its
+embedding, its blocks (each with project and finish), its head, and whether it is shifted (Dream's
+position i - 1 predicts token i, which the cached forwards follow as its own forward does).
+
 Positions follow LLaDABackbone.forward: a padded row's real tokens are packed to positions 0..n-1 (in
 order), the cache is held in that packed order, and queries are named by their unpacked position, so
 a row's result does not depend on its neighbours' padding.
@@ -22,7 +26,7 @@ import torch
 from .attention import attend
 from .rope import rotary_angles
 
-__all__ = ["KVCache", "prefill", "prefill_many", "forward_queries", "forward_queries_many"]
+__all__ = ["KVCache", "prefill", "prefill_many", "forward_queries", "forward_queries_many", "shifted_width"]
 
 
 @dataclass
@@ -35,6 +39,9 @@ class KVCache:
     key_mask: Optional[torch.Tensor]  # (B, 1, 1, L) bool over packed keys; None: all attended
     cos: torch.Tensor  # (L, head_dim) float32, RoPE angles of packed positions 0..L-1
     sin: torch.Tensor
+    # (B, L) the tokens the cache was made from, unpacked: a shifted family (Dream) reads the token
+    # before a query there when that position is not a query itself.
+    tokens: Optional[torch.Tensor] = None
 
     @property
     def length(self) -> int:
@@ -43,7 +50,8 @@ class KVCache:
     def select(self, index: torch.Tensor) -> "KVCache":
         """The cache of rows `index` (a row may appear several times: IterRef's proposals)."""
         return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.slot[index],
-                       None if self.key_mask is None else self.key_mask[index], self.cos, self.sin)
+                       None if self.key_mask is None else self.key_mask[index], self.cos, self.sin,
+                       None if self.tokens is None else self.tokens[index])
 
 
 def _block(block, x, cos, sin, key_mask):
@@ -68,23 +76,28 @@ def _packing(attention_mask, shape, device):
 
 
 def prefill(backbone, input_ids, attention_mask=None, logits_from: int = 0):
-    """The full forward of LLaDABackbone (every position a query) that also keeps each layer's keys
-    and values. Returns (logits of positions logits_from.. (B, L - logits_from, V), KVCache)."""
+    """The full forward of a family's backbone (every position a query) that also keeps each layer's
+    keys and values. Returns (logits of positions logits_from.. (B, L - logits_from, V), KVCache).
+    The backbone is a family's cache view: `embed`, `cache_blocks` (each with project and finish),
+    `head` (final norm and output head), `config` (head_dim, rope_theta) and `shifted` (position i - 1
+    predicts token i: Dream)."""
     B, L = input_ids.shape
     order, slot, real = _packing(attention_mask, input_ids.shape, input_ids.device)
     cfg = backbone.config
     cos, sin = rotary_angles(L, cfg.head_dim, cfg.rope_theta, input_ids.device)
     key_mask = None if real is None else (real | ~real.any(-1, keepdim=True))[:, None, None, :]
-    t = backbone.transformer
-    x = t.wte(input_ids.gather(1, order))
+    x = backbone.embed(input_ids.gather(1, order))
     keys, values = [], []
-    for block in t.blocks:
+    for block in backbone.cache_blocks:
         x, k, v = _block(block, x, cos, sin, key_mask)
         keys.append(k)
         values.append(v)
+    if backbone.shifted:  # among the real tokens (packed first), as the family's own forward shifts
+        x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
     # Back to unpacked order, then the head on the positions asked for only (d_model wide until then).
     x = torch.empty_like(x).scatter_(1, order[..., None].expand_as(x), x)[:, logits_from:]
-    return t.ff_out(t.ln_f(x)), KVCache(keys, values, slot, key_mask, cos, sin)
+    return backbone.head(x), KVCache(keys, values, slot, key_mask, cos, sin,
+                                     input_ids.clone() if backbone.shifted else None)
 
 
 def prefill_many(backbone, calls):
@@ -114,7 +127,7 @@ def prefill_many(backbone, calls):
         key_mask = None if real is None else (real | ~real.any(-1, keepdim=True))[:, None, None, :]
         cache = KVCache([k[rows, :, :length].contiguous() for k in merged.keys],
                         [v[rows, :, :length].contiguous() for v in merged.values], slot, key_mask,
-                        merged.cos[:length], merged.sin[:length])
+                        merged.cos[:length], merged.sin[:length], None if merged.tokens is None else input_ids.clone())
         out.append((logits[rows, tail - (length - logits_from):], cache))
     return out
 
@@ -122,14 +135,7 @@ def prefill_many(backbone, calls):
 def forward_queries(backbone, query_ids, positions, cache: KVCache):
     """Logits (B, Q, V) of the tokens query_ids (B, Q) at the unpacked positions `positions` (B, Q),
     attending to the cache's keys and values of every other position and to their own."""
-    slots = cache.slot.gather(1, positions)
-    cos, sin = cache.cos[slots][:, None], cache.sin[slots][:, None]
-    t = backbone.transformer
-    x = t.wte(query_ids)
-    for layer, block in enumerate(t.blocks):
-        q, k, v = block.project(x, cos, sin)
-        x = block.finish(x, _attend_cached(block, layer, q, k, v, cache, slots))
-    return t.ff_out(t.ln_f(x))
+    return forward_queries_many(backbone, [(query_ids, positions, cache)])[0]
 
 
 def forward_queries_many(backbone, calls):
@@ -137,18 +143,56 @@ def forward_queries_many(backbone, calls):
     the forwards of generations that run side by side): their query tokens, however many each row
     has, go through every token-wise layer (norms, projections, RoPE, the MLP, the head) as one
     sequence, one weight read for all, and each call's rows attend to their own cache only. A list
-    of logits, one (B_i, Q_i, V) per call."""
-    if len(calls) == 1:
-        return [forward_queries(backbone, *calls[0])]
-    t = backbone.transformer
+    of logits, one (B_i, Q_i, V) per call.
+
+    A shifted family (Dream: position i - 1 predicts token i) also runs the position before each
+    query, whose state gives the query's logits: the one before a block, or before each hole."""
+    if not backbone.shifted:
+        return [backbone.head(x) for x in _query_states(backbone, calls)]
+    runs, picks = [], []
+    for ids, positions, cache in calls:
+        before = (positions - 1).clamp(min=0)  # the first position keeps its own state, as in Dream's code
+        if shifted_width(positions) == positions.shape[1] + 1:
+            run = torch.cat([before[:, :1], positions], dim=1)  # a block: one position more
+        else:
+            run = torch.cat([before, positions], dim=1)  # holes: the position before each (duplicates agree)
+        pick = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        tokens = cache.tokens.scatter(1, positions, ids)  # queries' tokens are current, the rest the cache's
+        runs.append((tokens.gather(1, run), run, cache))
+        picks.append(pick)
+    states = _query_states(backbone, runs)
+    return [backbone.head(x.gather(1, pick[..., None].expand(-1, -1, x.shape[-1])))
+            for x, pick in zip(states, picks)]
+
+
+def shifted_width(positions: torch.Tensor) -> int:
+    """How many positions a shifted family's cached forward runs for the queries `positions` (B, Q):
+    a block (every row's positions consecutive, none the first) one more, scattered holes twice as
+    many (each and the one before it). What the FLOP accounting charges (sampling/fast.py)."""
+    Q = positions.shape[1]
+    if Q > 0 and bool((positions[:, 1:] - positions[:, :-1] == 1).all()) and bool((positions[:, 0] > 0).all()):
+        return Q + 1
+    return 2 * Q
+
+
+def _query_states(backbone, calls):
+    """The last layer's states (B_i, Q_i, d) of each call's queries, before the head."""
     caches = [cache for _, _, cache in calls]
     slots = [cache.slot.gather(1, positions) for _, positions, cache in calls]
+    if len(calls) == 1:  # alone: in the call's own (B, Q) layout, no copies
+        (ids, _, cache), s = calls[0], slots[0]
+        cos, sin = cache.cos[s][:, None], cache.sin[s][:, None]
+        x = backbone.embed(ids)
+        for layer, block in enumerate(backbone.cache_blocks):
+            q, k, v = block.project(x, cos, sin)
+            x = block.finish(x, _attend_cached(block, layer, q, k, v, cache, s))
+        return [x]
     shapes = [tuple(ids.shape) for ids, _, _ in calls]
     # All query tokens as one row (1, T, d): each token keeps its own RoPE angles.
     cos = torch.cat([c.cos[s].reshape(-1, c.cos.shape[-1]) for c, s in zip(caches, slots)])[None, None]
     sin = torch.cat([c.sin[s].reshape(-1, c.sin.shape[-1]) for c, s in zip(caches, slots)])[None, None]
-    x = t.wte(torch.cat([ids.reshape(-1) for ids, _, _ in calls]))[None]
-    for layer, block in enumerate(t.blocks):
+    x = backbone.embed(torch.cat([ids.reshape(-1) for ids, _, _ in calls]))[None]
+    for layer, block in enumerate(backbone.cache_blocks):
         q, k, v = block.project(x, cos, sin)  # (1, heads, T, head_dim)
         parts, start = [], 0
         for cache, s, (n, width) in zip(caches, slots, shapes):
@@ -158,10 +202,9 @@ def forward_queries_many(backbone, calls):
             att = _attend_cached(block, layer, *rows, cache, s)  # (n, heads, width, head_dim)
             parts.append(att.transpose(0, 1).flatten(1, 2))
         x = block.finish(x, torch.cat(parts, dim=1)[None])
-    logits = t.ff_out(t.ln_f(x))[0]
     out, start = [], 0
     for n, width in shapes:
-        out.append(logits[start:start + n * width].unflatten(0, (n, width)))
+        out.append(x[0, start:start + n * width].unflatten(0, (n, width)))
         start += n * width
     return out
 

@@ -211,6 +211,19 @@ class LLaDABackbone(nn.Module):
         x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
         return self.transformer.ff_out(self.transformer.ln_f(x))
 
+    # The cache view (safegen.models.kvcache): the embedding, the blocks, the head; not shifted.
+    shifted = False
+
+    def embed(self, input_ids):
+        return self.transformer.wte(input_ids)
+
+    @property
+    def cache_blocks(self):
+        return self.transformer.blocks
+
+    def head(self, x):
+        return self.transformer.ff_out(self.transformer.ln_f(x))
+
     def run(self, input_ids, real):
         return self.transformer.ff_out(self.transformer.ln_f(self.hidden(input_ids, real)))
 

@@ -71,10 +71,11 @@ class BlockCache:
 
 
 def check_cacheable(sampler) -> None:
-    """The cache needs LLaDAModelLM's prefill/forward_queries and logits without a shift."""
+    """The cache needs a model with prefill/forward_queries (LLaDA's and Dream's classes) whose logits
+    need no shift by the sampler (remote-code Dream's do)."""
     if not (hasattr(sampler.model, "prefill") and hasattr(sampler.model, "forward_queries")):
         raise ArgumentError(f"sampling.cache={sampler.config.cache!r} needs a model with prefill() and "
-                            f"forward_queries() (safegen.models.llada.LLaDAModelLM); {type(sampler.model).__name__} "
+                            f"forward_queries() (safegen's LLaDA and Dream classes); {type(sampler.model).__name__} "
                             "has none: use cache=None")
     if sampler.profile.shift_logits:
         raise ArgumentError("sampling.cache is not implemented for shifted-logit (Dream-style) models")
@@ -128,7 +129,7 @@ def cached_logits(sampler, state) -> torch.Tensor:
             out[run, q] = fresh
         sub_attn = None if attn is None else attn[run]
         state.flops.index_add_(0, run.cpu(), flops.sequence_flops(
-            sampler.dims, x[run], sub_attn, queries=q.stop - q.start))
+            sampler.dims, x[run], sub_attn, queries=_ran(sampler, pos), heads=q.stop - q.start))
     state.rows += 1.0
     return out
 
@@ -215,6 +216,16 @@ class ProposalCache:
             out[sel[:, None], order] = lg
             attn = None if state.attention_mask is None else state.attention_mask[owner[sel]]
             state.flops.index_add_(0, owner[sel].cpu(), flops.sequence_flops(sampler.dims, x[sel], attn,
-                                                                              queries=q))
+                                                                              queries=_ran(sampler, pos), heads=q))
         state.rows.index_add_(0, owner.cpu(), torch.ones(n, dtype=torch.float64))
         return out
+
+
+def _ran(sampler, positions: torch.Tensor) -> int:
+    """The query positions a cached forward runs for `positions`: themselves, and for a shifted family
+    (Dream) the position before each too (safegen.models.kvcache.shifted_width)."""
+    if getattr(sampler.model, "cache_shifted", False):
+        from ..models.kvcache import shifted_width
+
+        return shifted_width(positions)
+    return positions.shape[1]
