@@ -21,7 +21,13 @@ FIELD_HELP = {
     "steps": "denoising steps T (default: G)",
     "block_length": "block length (a last block may be shorter; G if G is shorter)",
     "temperature": "0: greedy",
-    "remasking": "LLaDA's commit order within a step",
+    "remasking": "commit order within a step: LLaDA's (low_confidence, random) or Dream's (maskgit_plus, topk_margin, "
+                 "entropy: on the tempered, truncated distribution)",
+    "alg_temp": "Dream's alg_temp: commit positions drawn in proportion to softmax(confidence / alg_temp) ('none': "
+                "the most confident)",
+    "top_p": "Dream's top_p: draw tokens from the smallest set of most likely ones reaching this probability "
+             "(proposals too: 'p' is then the truncated model; 'none': off)",
+    "top_k": "Dream's top_k: draw tokens from the k most likely (proposals too; 'none': off)",
     "cfg_scale": "classifier-free guidance; > 0 refines towards the guided model, not the model",
     "logits_eos_inf": "forbid EOS as a candidate token (proposals too: not exact)",
     "confidence_eos_eot_inf": "commit EOS/EOT only when nothing else is left",

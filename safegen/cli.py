@@ -111,7 +111,7 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
         "draws": rng.DRAWS_VERSION,
         # Fast sampling's fields only when set: outputs written before they existed still resume.
         "sampling": json.loads(json.dumps({k: v for k, v in vars(sampling).items()
-                                           if v is not None or k not in ("cache", "threshold")})),
+                                           if v is not None or k not in ("cache", "threshold", "alg_temp", "top_p", "top_k")})),
         "refinement": json.loads(json.dumps(vars(refinement), default=list)),
     }
 

@@ -12,7 +12,8 @@ HONOURED = ("pad_token_id", "eos_token_id", "do_sample", "max_length", "num_retu
 
 _BEAMS = ("beam search has no counterpart in a diffusion sampler, which keeps one draft per sample "
           "(num_return_sequences gives several samples)")
-_TRUNCATION = "the sampler draws each token from the model's whole distribution at `temperature`"
+_TRUNCATION = ("the sampler draws each token from the model's distribution at `temperature`, truncated only by "
+               "top_k and top_p (Dream's filters)")
 _LEFT_TO_RIGHT = ("it edits the logits of the next token as tokens come left to right; a diffusion "
                   "sampler commits tokens anywhere in the block, several at a time")
 _LENGTH = ("the generation has exactly max_new_tokens positions and ends at the first EOS committed "
@@ -23,7 +24,7 @@ _OUTPUTS = ("the sampler records no per-token scores or activations; return_dict
 REFUSED = {
     **dict.fromkeys(("num_beams", "num_beam_groups", "diversity_penalty", "length_penalty", "early_stopping",
                      "constraints"), _BEAMS),
-    **dict.fromkeys(("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"), _TRUNCATION),
+    **dict.fromkeys(("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"), _TRUNCATION),
     **dict.fromkeys(("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "sequence_bias",
                      "bad_words_ids", "force_words_ids", "suppress_tokens", "begin_suppress_tokens",
                      "forced_bos_token_id", "forced_eos_token_id", "logits_processor", "prefix_allowed_tokens_fn",

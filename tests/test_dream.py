@@ -272,3 +272,70 @@ def test_the_dual_cache_samples_a_tiny_dream_alone_and_merged(tiny_dream):
     assert [r.result[0].text for r in runs] == [a[0].text for a in alone]
     plain = [drive(steps(i)) for i in range(2)]
     assert all(a[0].sampler == "llada+dual" and a[0].flops < p[0].flops / 2 for a, p in zip(alone, plain))
+
+
+# ------------------------------------------------------------------------------ Dream's own orders
+def test_dreams_orders_score_as_its_generation_code_does():
+    """maskgit_plus: the drawn token's tempered probability; topk_margin: the two most likely tokens'
+    margin; entropy: the negative entropy; each on the tempered, top-k/top-p truncated distribution
+    (computed here directly from the logits, and compared with the confidence the sampler commits by)."""
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig, truncate
+    from safegen.models.family import ModelProfile
+
+    torch.manual_seed(6)
+    logits = torch.randn(2, 5, 30) * 3
+    x = torch.full((2, 5), 29)
+    committable = torch.ones(2, 5, dtype=torch.bool)
+    keys = torch.tensor([11, 12])
+    for order, T, top_k, top_p in (("maskgit_plus", 0.7, None, None), ("topk_margin", 1.0, 5, None),
+                                   ("entropy", 1.5, None, 0.8), ("topk_margin", 0.0, None, 0.9)):
+        cfg = SamplingConfig(max_new_tokens=5, steps=5, block_length=5, temperature=T, remasking=order,
+                             top_k=top_k, top_p=top_p)
+        sampler = DiffusionSampler(torch.nn.Identity(), ModelProfile(mask_id=29), cfg)
+        pred = sampler.predict(logits.clone(), x, committable, keys, T)
+        lg = logits.clone()
+        lg[..., 29] = float("-inf")  # the mask is never a prediction (safegen's rule), then Dream's filters
+        lg = truncate(lg, top_k, top_p)
+        p = torch.softmax(lg / (T if T > 0 else 1.0), -1)
+        assert (p.gather(-1, pred.candidates[..., None]) > 0).all()  # never outside the truncated support
+        if order == "maskgit_plus":
+            expected = p.gather(-1, pred.candidates[..., None]).squeeze(-1)
+        elif order == "topk_margin":
+            top = p.topk(2, -1).values
+            expected = top[..., 0] - top[..., 1]
+        else:
+            expected = (p * torch.log(p + 1e-10)).sum(-1)
+        torch.testing.assert_close(pred.confidence, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_and_top_p_keep_exactly_the_tokens_dream_keeps():
+    from safegen.sampling.sampler import truncate
+
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]]))
+    assert torch.isfinite(truncate(logits, 2, None)).tolist() == [[True, True, False, False, False]]
+    # top_p 0.75: 0.4 + 0.3 = 0.7 < 0.75, so the 0.2 token that crosses it is kept too
+    assert torch.isfinite(truncate(logits, None, 0.75)).tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(truncate(logits, None, 0.3)).tolist() == [[True, False, False, False, False]]
+
+
+def test_alg_temp_draws_positions_in_proportion_to_softmax_of_confidence():
+    """With one commit a step, alg_temp commits position j with probability softmax(confidence /
+    alg_temp)_j (Dream's multinomial draw); 4,000 keyed draws against it: a z-test per position and TV."""
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
+    from safegen.models.family import ModelProfile
+
+    confidence_logits = torch.tensor([[3.0, 0, 0], [2.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]])  # max_prob per position
+    logits = confidence_logits[None].expand(4000, -1, -1).clone()
+    x = torch.full((4000, 4), 3)
+    cfg = SamplingConfig(max_new_tokens=4, steps=4, block_length=4, remasking="entropy", alg_temp=0.5)
+    sampler = DiffusionSampler(torch.nn.Identity(), ModelProfile(mask_id=3), cfg)
+    pred = sampler.predict(logits, x, torch.ones_like(x, dtype=torch.bool), torch.arange(4000) * 7919 + 1, 0.0)
+    chosen = pred.confidence.argmax(1)
+    p = torch.softmax(confidence_logits[:, :3], -1)
+    entropy = (p * torch.log(p + 1e-10)).sum(-1)
+    target = torch.softmax(entropy / 0.5, -1)
+    freq = torch.bincount(chosen, minlength=4).double() / 4000
+    z = (freq - target.double()) / torch.sqrt(target.double() * (1 - target.double()) / 4000)
+    assert z.abs().max() < 4, (freq, target)
+    assert 0.5 * (freq - target.double()).abs().sum() < 0.03
+    assert freq[0] < 0.95  # not the most confident every time: the draw is real

@@ -63,8 +63,8 @@ def test_transformers_keywords_are_honoured(default_generator, batch):
 
 def test_keywords_without_meaning_are_refused_with_the_reason(default_generator, batch):
     ids, attn = batch
-    with pytest.raises(TypeError, match="top_k.*whole distribution"):
-        default_generator.generate(ids, attention_mask=attn, max_new_tokens=8, top_k=50)
+    with pytest.raises(TypeError, match="min_p.*truncated only by top_k and top_p"):
+        default_generator.generate(ids, attention_mask=attn, max_new_tokens=8, min_p=0.05)
     with pytest.raises(TypeError, match="num_beams.*beam search"):
         default_generator.generate(ids, attention_mask=attn, max_new_tokens=8, num_beams=4)
     with pytest.raises(ValueError, match="identical"):
@@ -91,8 +91,8 @@ def test_right_padded_batch_gives_the_left_padded_output(default_generator, batc
 
 def test_no_prompts_give_no_reports(default_generator):
     assert default_generator.generate_text([], max_new_tokens=8) == []
-    with pytest.raises(TypeError, match="top_p"):
-        default_generator.generate_text([], top_p=0.9)
+    with pytest.raises(TypeError, match="typical_p"):
+        default_generator.generate_text([], typical_p=0.9)
 
 
 def test_truncation_warning_names_the_label(default_generator, caplog):

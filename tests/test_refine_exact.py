@@ -58,6 +58,15 @@ def test_exact_with_default_order_for_any_pool_size_and_blocks(remask_, n_propos
     assert tv < FLOOR + 0.02 and abs(z) < 3, (tv, FLOOR, z)
 
 
+@pytest.mark.parametrize("base", [dict(remasking="topk_margin"), dict(remasking="entropy", alg_temp=0.5),
+                                  dict(remasking="maskgit_plus", temperature=0.7)])
+def test_exact_with_dreams_base_orders(base):
+    """Dream's orders (and alg_temp) change only the base sampler's commits; the proposals keep their
+    own order, so the chain still reaches p*."""
+    tv, z = distance(refine(24, sampler(2, **base)))
+    assert tv < FLOOR + 0.02 and abs(z) < 3, (tv, FLOOR, z)
+
+
 def test_flipped_acceptance_sign_fails_the_exactness_test():
     tv, z = distance(refine(16, flip_sign=True))
     assert tv > FLOOR + 0.3 and z < -10

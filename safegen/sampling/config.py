@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, updated_config  # noqa: F401 (re-exported)
 
-REMASKING = ("low_confidence", "random")
+# LLaDA's orders, then Dream's (its generation utilities' `alg`: the drawn token's probability, the
+# margin between the two most likely tokens, the negative entropy; each on the tempered, top-p/top-k
+# filtered distribution, as Dream computes them).
+DREAM_ORDERS = ("maskgit_plus", "topk_margin", "entropy")
+REMASKING = ("low_confidence", "random", *DREAM_ORDERS)
 # "llada": LLaDA's blocks and fixed commit counts (safegen.sampling.sampler); "mdlm": MDLM's ancestral sampler
 # with the log-linear schedule over the whole answer, one block (safegen.sampling.mdlm).
 SAMPLERS = ("llada", "mdlm")
@@ -27,9 +31,10 @@ class SamplingConfig:
     """LLaDA's sampling settings, with the names of the LLaDA reference code.
 
     IterRef's chain stays exact (docs/method.md, "5. Exactness: when it holds") whatever the order, temperature, pace
-    (tokens per step) and block settings, and with confidence_eos_eot_inf; cfg_scale > 0 and
-    logits_eos_inf change the conditionals its proposals draw from, so that "p" in its target
-    p · exp(r/α) is no longer the model's own distribution; and `cache` (prefix or dual) makes the
+    (tokens per step) and block settings, with Dream's orders and alg_temp (the base sampler's only),
+    and with confidence_eos_eot_inf; cfg_scale > 0, logits_eos_inf and top_p / top_k change the
+    conditionals its proposals draw from, so that "p" in its target p · exp(r/α) is no longer the
+    model's own distribution (the guided or truncated one); and `cache` (prefix or dual) makes the
     proposals draw from cached conditionals, so that the chain is only approximate. The default here
     (cache None) is LLaDA's reference sampler; the command line defaults to the dual cache.
     """
@@ -50,6 +55,12 @@ class SamplingConfig:
     # and every other one whose probability is at least this, and a block takes the steps it needs
     # (at most its length), whatever `steps` says.
     threshold: float | None = None
+    # Dream's generation settings (None: off). alg_temp > 0 commits positions drawn in proportion to
+    # softmax(confidence / alg_temp) instead of the most confident ones; top_p / top_k truncate the
+    # token distribution every draw comes from (the proposals' too: "p" is then the truncated model).
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
 
     def validate(self) -> "SamplingConfig":
         for name in ("max_new_tokens", "steps", "block_length"):
@@ -93,6 +104,20 @@ class SamplingConfig:
         if self.threshold is not None and self.remasking != "low_confidence":
             raise ConfigError("sampling.threshold compares the candidates' probabilities: it needs "
                               f"sampling.remasking 'low_confidence', got {self.remasking!r}")
+        if self.alg_temp is not None and not (isinstance(self.alg_temp, (int, float))
+                                               and not isinstance(self.alg_temp, bool) and self.alg_temp > 0):
+            raise ConfigError(f"sampling.alg_temp must be None or a number > 0, got {self.alg_temp!r}")
+        if self.alg_temp is not None and self.remasking == "random":
+            raise ConfigError("sampling.alg_temp draws positions by their confidence: it needs an order that has "
+                              "one (not sampling.remasking 'random')")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool)
+                                           and 0 < self.top_p <= 1):
+            raise ConfigError(f"sampling.top_p must be None or a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
+                                           and self.top_k >= 1):
+            raise ConfigError(f"sampling.top_k must be None or a positive integer, got {self.top_k!r}")
+        if (self.alg_temp is not None or self.remasking in DREAM_ORDERS) and self.threshold is not None:
+            raise ConfigError("sampling.threshold commits by probability alone: not with Dream's orders or alg_temp")
         if self.cache and self.cfg_scale > 0:
             raise ConfigError("sampling.cache is not implemented with sampling.cfg_scale > 0")
         return self
@@ -100,8 +125,11 @@ class SamplingConfig:
     def describe(self) -> str:
         """Which sampler produced a sample, as reports and the server say it: "llada" (LLaDA's reference
         sampler), "llada+dual" / "llada+prefix" (Fast-dLLM's cache), "+threshold=τ", or "mdlm"."""
+        dream = (f"+{self.remasking}" if self.remasking in DREAM_ORDERS else "") + "".join(
+            f"+{k}={v:g}" for k, v in (("alg_temp", self.alg_temp), ("top_p", self.top_p), ("top_k", self.top_k))
+            if v is not None)
         return self.sampler + (f"+{self.cache}" if self.cache else "") + \
-            (f"+threshold={self.threshold:g}" if self.threshold is not None else "")
+            (f"+threshold={self.threshold:g}" if self.threshold is not None else "") + dream
 
     def updated(self, **overrides) -> "SamplingConfig":
         return updated_config(self, "sampling", overrides)

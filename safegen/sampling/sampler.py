@@ -63,6 +63,22 @@ def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return base + extra.long()
 
 
+def truncate(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """Dream's token filters on logits (..., V): keep the top_k largest, then the smallest set of most
+    likely tokens whose probability reaches top_p (the most likely always kept); the rest -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, index = logits.sort(dim=-1, descending=True)
+        cumulative = torch.softmax(ordered, -1).cumsum(-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, index, drop), float("-inf"))
+    return logits
+
+
 class DiffusionSampler:
     """LLaDA's sampler around any mask predictor.
 
@@ -137,6 +153,8 @@ class DiffusionSampler:
         Gumbel noise over the full vocabulary of every position, gigabytes at batch 8.
         """
         cfg = self.config
+        # Dream's alg_temp draws the base sampler's commits; IterRef's proposals keep their own order.
+        alg_temp = cfg.alg_temp if ranking is None else None
         ranking = ranking or cfg.remasking
         if demote_stop not in ("sampled", "most_likely"):
             raise ValueError(f"demote_stop must be 'sampled' or 'most_likely', got {demote_stop!r}")
@@ -159,21 +177,35 @@ class DiffusionSampler:
         order = torch.argsort(committable.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid = committable.gather(1, order)
         lg = logits.gather(1, order[..., None].expand(-1, -1, V)).float()
+        if cfg.top_k is not None or cfg.top_p is not None:
+            lg = truncate(lg, cfg.top_k, cfg.top_p)  # Dream's top-k, then top-p, on the logits
         probs = torch.softmax(lg, -1)
+        p_t = probs if temperature in (0, 1) else torch.softmax(lg / temperature, -1)
         if temperature > 0:
             # A draw from softmax(lg/T) by inverse CDF: the same distribution as the reference
             # code's Gumbel-max, with one 52-bit uniform per position instead of one number per token.
             # Keyed by position: its draw does not depend on which other positions are committable.
-            p_t = probs if temperature == 1 else torch.softmax(lg / temperature, -1)
             picked = rng.categorical(keys, order, p_t)
         else:
-            picked = best.gather(1, order)  # lg.argmax(-1): the same rows of the same logits
+            picked = lg.argmax(-1) if cfg.top_k is not None or cfg.top_p is not None else best.gather(1, order)
         if ranking == "low_confidence":
             score = probs.gather(-1, picked[..., None]).squeeze(-1)
         elif ranking == "max_prob":
             score = probs.max(-1).values
+        elif ranking == "maskgit_plus":  # Dream: the drawn token's tempered probability
+            score = p_t.gather(-1, picked[..., None]).squeeze(-1)
+        elif ranking == "topk_margin":  # Dream: the two most likely tokens' margin
+            top = p_t.topk(2, dim=-1).values if V > 1 else torch.cat([p_t, torch.zeros_like(p_t)], -1)
+            score = top[..., 0] - top[..., 1]
+        elif ranking == "entropy":  # Dream: the negative entropy
+            score = (p_t * torch.log(p_t + 1e-10)).sum(-1)
         else:
             score = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)
+        if alg_temp is not None:
+            # Dream draws the positions to commit from softmax(confidence / alg_temp) without replacement:
+            # the top-n of confidence / alg_temp plus Gumbel noise is that draw (keyed by position).
+            u = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order).double()
+            score = (score.double() / alg_temp - torch.log(-torch.log(u))).float()
         if cfg.confidence_eos_eot_inf and len(self._stop):
             # Below every real score, above the -inf of non-committable positions.
             stop_token = picked if demote_stop == "sampled" else best.gather(1, order)
