@@ -17,10 +17,10 @@ from .errors import SafegenError  # light: no torch
 
 
 def tiny_model(args) -> int:
-    from .models.tiny import write_tiny_dream, write_tiny_mdlm, write_tiny_model
+    from .models.tiny import write_tiny_dream, write_tiny_llada_moe, write_tiny_mdlm, write_tiny_model
 
-    write, name = {"mdlm": (write_tiny_mdlm, "MDLM"), "dream": (write_tiny_dream, "Dream")}.get(
-        args.family, (write_tiny_model, "LLaDA"))
+    write, name = {"mdlm": (write_tiny_mdlm, "MDLM"), "dream": (write_tiny_dream, "Dream"),
+                   "llada-moe": (write_tiny_llada_moe, "LLaDA-MoE")}.get(args.family, (write_tiny_model, "LLaDA"))
     folder = write(args.directory, seed=args.seed)
     print(f"wrote a tiny {name}-shaped model and tokenizer to {folder}")
     return 0
@@ -29,8 +29,9 @@ def tiny_model(args) -> int:
 def _tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="folder to write (created if missing)")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the random weights (default 0)")
-    parser.add_argument("--family", choices=("llada", "mdlm", "dream"), default="llada",
-                        help="architecture: llada (LLaDA-8B's, default), mdlm (MDLM-OWT's) or dream (Dream-7B's)")
+    parser.add_argument("--family", choices=("llada", "mdlm", "dream", "llada-moe"), default="llada",
+                        help="architecture: llada (LLaDA-8B's, default), mdlm (MDLM-OWT's), dream (Dream-7B's) or "
+                             "llada-moe (LLaDA-MoE-7B-A1B's)")
 
 
 def _configure(args):

@@ -291,21 +291,21 @@ def test_profile_without_any_mask_is_an_error():
         profile_from(SimpleNamespace(model_type="x", mask_token_id=3, pad_token_id=3), None)
 
 
-def test_an_moe_under_model_type_llada_is_refused_not_built_dense(tiny_dir, tmp_path, capsys):
-    """LLaDA-MoE's config.json says model_type "llada" with architectures ["LLaDAMoEModelLM"]: loading
-    it (or estimating its memory) is a LoadError naming the architecture, never a dense LLaDA built
-    from its sizes."""
+def test_another_architecture_under_model_type_llada_is_refused_not_built_dense(tiny_dir, tmp_path, capsys):
+    """model_type "llada" names the dense LLaDA and LLaDA-MoE (architectures ["LLaDAMoEModelLM"], its own
+    class: tests/test_llada_moe.py); any other architecture under it (a later MoE, say) is a LoadError
+    naming it, for loading and memory estimates alike, never a dense LLaDA built from its sizes."""
     from safegen.cli import main
 
-    folder = tmp_path / "moe"
+    folder = tmp_path / "other"
     shutil.copytree(tiny_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(architectures=["LLaDAMoEModelLM"], num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64)
+    config.update(architectures=["LLaDA2MoeModelLM"], num_experts=64, num_experts_per_tok=8)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LoadError, match=r"LLaDAMoEModelLM.*mixture of experts.*--trust-remote-code"):
+    with pytest.raises(LoadError, match=r"LLaDA2MoeModelLM.*mixture of experts.*--trust-remote-code"):
         load_model(str(folder), quantization="none")
     assert main(["memory", "--model", str(folder)]) == 2
-    assert "LLaDAMoEModelLM" in capsys.readouterr().err
+    assert "LLaDA2MoeModelLM" in capsys.readouterr().err
     # The dense architecture named explicitly still loads.
     config["architectures"] = ["LLaDAModelLM"]
     (folder / "config.json").write_text(json.dumps(config))

@@ -53,6 +53,13 @@ def dims_of(model) -> Optional[Dims]:
     """The shapes of a LLaDA- or Dream-configured model (or a bare config); None for other models.
     (Dream's q/k/v biases add a handful of FLOPs per position, not counted.)"""
     cfg = getattr(model, "config", model)
+    if getattr(cfg, "model_type", None) == "llada" and hasattr(cfg, "num_experts"):
+        # LLaDA-MoE: the experts a token runs (num_experts_per_tok of them) and its router, as an MLP
+        # width: 3 SwiGLU matrices of k experts' width, plus a router of num_experts outputs (2 d E =
+        # 3 · 2 d (E / 3)); the experts not chosen cost nothing.
+        width = cfg.num_experts_per_tok * cfg.expert_width + cfg.num_experts / 3
+        return Dims(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                    cfg.head_dim, width, cfg.vocab_size)
     if getattr(cfg, "model_type", None) == "llada":
         return Dims(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads,
                     cfg.mlp_hidden_size, cfg.embedding_size)

@@ -93,8 +93,8 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
     on_gpu = (torch.cuda.is_available() and device_map not in ("cpu", {"": "cpu"}, torch.device("cpu"))
               and (device_map is not None or quantization != "none"))
     dtype = _check_dtype(dtype) or (torch.bfloat16 if on_gpu else torch.float32)
-    quantization_config = _quantization_config(quantization, dtype,
-                                               getattr(model_class, "safegen_head_module", HEAD_MODULE))
+    keep = getattr(model_class, "safegen_keep_modules", (getattr(model_class, "safegen_head_module", HEAD_MODULE),))
+    quantization_config = _quantization_config(quantization, dtype, list(keep))
 
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
@@ -123,7 +123,10 @@ def load_model(model_id_or_path: str = DEFAULT_MODEL, quantization: str | None =
             tokenizer = _mdlm_tokenizer(model.config, model_id_or_path, folder.is_dir(), has_tokenizer,
                                         local_files_only)
         elif has_tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code, **hub)
+            # The model's config, not AutoConfig's reading of config.json: model_type "llada" names the
+            # dense config class, which LLaDA-MoE's fields do not fit.
+            tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code,
+                                                      config=model.config, **hub)
     except OSError as err:
         raise _not_found(model_id_or_path, revision, err) from None
     except damaged as err:
@@ -214,11 +217,11 @@ def _offline() -> bool:
 
 def check_llada_architecture(config_dict: dict, model_id_or_path: str, trust_remote_code: bool = False) -> None:
     """model_type "llada" covers more than one architecture: LLaDA-MoE's config.json says "llada" too,
-    with architectures ["LLaDAMoEModelLM"]. safegen's LLaDA class is the dense model; built from an
-    MoE's config it would be another, far larger model (it read 64 experts' sizes as one MLP). Refuse
-    any architecture but the dense one, unless the repository's own code is trusted and named."""
+    with architectures ["LLaDAMoEModelLM"], which safegen.models.llada_moe implements (the dense class
+    built from an MoE's config would be another, far larger model). Refuse any other architecture,
+    unless the repository's own code is trusted and named."""
     architectures = config_dict.get("architectures") or ["LLaDAModelLM"]
-    if architectures == ["LLaDAModelLM"]:
+    if architectures in (["LLaDAModelLM"], ["LLaDAMoEModelLM"]):  # both implemented natively
         return
     if trust_remote_code and config_dict.get("auto_map", {}).get("AutoModel"):
         return
@@ -250,6 +253,10 @@ def _model_class(model_id_or_path: str, hub: dict, trust_remote_code: bool):
         raise LoadError(f"config.json of {model_id_or_path} has no model_type")
     if model_type == "llada":
         check_llada_architecture(config_dict, model_id_or_path, trust_remote_code)
+        if config_dict.get("architectures") == ["LLaDAMoEModelLM"]:
+            from .llada_moe import LLaDAMoEModelLM
+
+            return LLaDAMoEModelLM
         if trust_remote_code and config_dict.get("architectures", ["LLaDAModelLM"]) != ["LLaDAModelLM"]:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
@@ -313,7 +320,9 @@ def _completed(model_class):
     return Completed
 
 
-def _quantization_config(quantization: str, compute_dtype: torch.dtype, head: str = HEAD_MODULE):
+def _quantization_config(quantization: str, compute_dtype: torch.dtype, keep=(HEAD_MODULE,)):
+    """bitsandbytes' config; `keep`: the modules left unquantized (the head; an MoE's routers)."""
+    keep = [keep] if isinstance(keep, str) else list(keep)
     if quantization == "none":
         return None
     try:
@@ -324,9 +333,9 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype, head: st
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[head])
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=[head])
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
 
 
 def _first_line(err: Exception) -> str:

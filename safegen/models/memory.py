@@ -28,6 +28,7 @@ NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256
 class MemoryEstimate:
     parameters: int
     quantized_parameters: int  # in the block linears, the layers bitsandbytes quantizes
+    active_parameters: int  # what one token runs through: all of them but the experts it is not routed to
     weight_bytes: dict  # quantization -> bytes of weights
     activation_bytes_per_row: int  # one forward pass at seq_len, largest live tensors, compute dtype
     seq_len: int
@@ -38,8 +39,9 @@ class MemoryEstimate:
 
 def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The linear layers safegen.models.loading quantizes: all of them but the output head."""
-    head = getattr(model, "safegen_head_module", HEAD_MODULE)
-    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != head}
+    keep = getattr(model, "safegen_keep_modules", (getattr(model, "safegen_head_module", HEAD_MODULE),))
+    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and not any(name == k or name.endswith("." + k) for k in keep)}
 
 
 def weight_bytes(model: torch.nn.Module, quantization: str, kept_bytes: int = 2) -> int:
@@ -75,6 +77,10 @@ def activation_bytes_per_row(config, seq_len: int, dtype_bytes: int = 2) -> int:
         # under autocast): logits, residual and its modulated copy, q/k/v, the MLP's input and output of
         # 4 x hidden_dim, all 4 bytes.
         return seq_len * (config.vocab_size + 5 * config.hidden_dim + 8 * config.hidden_dim) * 4
+    if getattr(config, "num_experts", None) is not None:  # LLaDA-MoE: k experts' SwiGLU per token, router scores
+        per_token = (config.vocab_size + 2 * config.hidden_size + 3 * config.num_experts_per_tok * config.expert_width
+                     + 2 * config.num_experts)
+        return seq_len * per_token * dtype_bytes
     per_token = config.embedding_size + 2 * config.d_model + 3 * config.mlp_hidden_size
     return seq_len * per_token * dtype_bytes
 
@@ -87,6 +93,11 @@ def meta_model(config):
     if isinstance(config, MDLMConfig):
         with torch.device("meta"):
             return MDLMModel(config)
+    if getattr(config, "num_experts", None) is not None:
+        from .llada_moe import LLaDAMoEModelLM
+
+        with torch.device("meta"):
+            return LLaDAMoEModelLM(config)
     if not isinstance(config, LLaDAConfig):
         raise LoadError(f"memory estimates cover LLaDA and MDLM configs (model_type 'llada', 'mdlm'), not "
                          f"{getattr(config, 'model_type', type(config).__name__)!r}")
@@ -94,11 +105,23 @@ def meta_model(config):
         return LLaDAModelLM(config)
 
 
+def active_parameters(model: torch.nn.Module, config) -> int:
+    """Parameters a token runs through: every one, but in a mixture of experts only the
+    num_experts_per_tok experts it is routed to in each layer (not the other experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = getattr(config, "num_experts", None)
+    if not experts:
+        return total
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return total - expert_params + expert_params * config.num_experts_per_tok // experts
+
+
 def estimate(config, seq_len: int = 256) -> MemoryEstimate:
     model = meta_model(config)
     return MemoryEstimate(
         parameters=sum(p.numel() for p in model.parameters()),
         quantized_parameters=sum(m.weight.numel() for m in quantized_linears(model).values()),
+        active_parameters=active_parameters(model, config),
         weight_bytes={q: weight_bytes(model, q) for q in ("4bit", "8bit", "bf16")},
         activation_bytes_per_row=activation_bytes_per_row(config, seq_len), seq_len=seq_len)
 
@@ -119,6 +142,10 @@ def load_config(model_id_or_path: str, revision: str | None = None):
         from .loading import check_llada_architecture
 
         check_llada_architecture(config_dict, model_id_or_path)
+        if config_dict.get("architectures") == ["LLaDAMoEModelLM"]:
+            from .llada_moe import LLaDAMoEConfig
+
+            return LLaDAMoEConfig.from_dict(config_dict)
     if config_dict.get("model_type") not in classes:
         raise LoadError(f"config.json of {model_id_or_path}: model_type {config_dict.get('model_type')!r}; "
                         "memory estimates cover LLaDA (model_type 'llada') and MDLM ('mdlm') only")
@@ -128,6 +155,9 @@ def load_config(model_id_or_path: str, revision: str | None = None):
 def report(estimate_: MemoryEstimate, quantization: str | None = None) -> str:
     """A small table for the terminal."""
     rows = [("parameters", f"{estimate_.parameters:,} ({estimate_.parameters / 1e9:.2f} B)")]
+    if estimate_.active_parameters != estimate_.parameters:
+        rows.append(("active parameters", f"{estimate_.active_parameters:,} ({estimate_.active_parameters / 1e9:.2f} B"
+                                          " a token: the experts it is routed to)"))
     for q, b in estimate_.weight_bytes.items():
         if quantization in (None, q) or (quantization == "none" and q == "bf16"):
             kept = "embedding, head and norms 16-bit" if q != "bf16" else "all weights 16-bit"

@@ -225,6 +225,33 @@ def write_tiny_dream(directory: str | Path, seed: int = 0, **config_overrides) -
     return _save(model, tokenizer, directory)
 
 
+# ----------------------------------------------------------------------------- a tiny LLaDA-MoE
+# LLaDA-MoE-7B-A1B's architecture (safegen.models.llada_moe: per-head q/k norms, a router choosing 8 of 64
+# SwiGLU experts) at a size that loads in a blink: 8 experts, 2 a token. Widths are multiples of 64
+# (bitsandbytes' CPU 4-bit kernel). The tokenizer is the tiny LLaDA's.
+TINY_MOE_ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             intermediate_size=64, num_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
+
+
+def write_tiny_llada_moe(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a randomly initialised tiny LLaDA-MoE (config.json as the hub's: model_type "llada",
+    architectures ["LLaDAMoEModelLM"]) and the tiny tokenizer in `directory`; returns the folder."""
+    from .llada_moe import LLaDAMoEConfig, LLaDAMoEModelLM
+
+    fixed = sorted(set(config_overrides) & set(_TOKENIZER_FIELDS))
+    if fixed:
+        raise ConfigError(f"config_overrides: {fixed} are set from the tokenizer and cannot be overridden")
+    tokenizer = build_tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = LLaDAMoEConfig(vocab_size=len(tokenizer), mask_token_id=vocab[MASK], eos_token_id=vocab[EOS],
+                            pad_token_id=vocab[EOS], bos_token_id=vocab[BOS], eot_token_id=vocab[EOT],
+                            **{**TINY_MOE_ARCHITECTURE, **config_overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LLaDAMoEModelLM(config).eval()
+    return _save(model, tokenizer, directory)
+
+
 def _save(model, tokenizer, directory: str | Path) -> Path:
     """Write a tiny model and its tokenizer as from_pretrained reads them; returns the folder."""
     directory = Path(directory)

@@ -1,0 +1,305 @@
+"""LLaDA-MoE's architecture (inclusionAI/LLaDA-MoE-7B-A1B-Instruct, -Base), implemented here so that its
+checkpoints load without running remote code.
+
+LLaDA-MoE is a masked diffusion LM with a sparse mixture of experts in every layer: pre-norm RMSNorm
+blocks; attention with separate q, k, v and output projections (16 query and 16 key-value heads of
+128 at 7B, no biases), the queries and keys normalised per head (RMSNorm over head_dim, `q_norm` and
+`k_norm`) before full rotary embeddings (θ 50,000); every MLP a router (`mlp.gate`, a linear map to
+the experts' scores, softmax in float32) choosing 8 of 64 SwiGLU experts per token (`mlp.experts.{e}`),
+whose outputs are summed with their router probabilities, not renormalised (norm_topk_prob false);
+no shared expert; a separate output head; no causal mask, and position i predicts token i (no shift).
+Its `config.json` says model_type "llada", like the dense model, with architectures
+["LLaDAMoEModelLM"]: safegen.models.loading picks this class by that architecture.
+
+Each expert is its own nn.Linear triple, as the checkpoint stores them, so bitsandbytes quantizes
+every expert in 4-bit or 8-bit; the routers and the head stay in 16 bits. A token's route depends on
+its own state only, so a row's routing does not depend on its batch.
+
+The facts above come from LLaDA-MoE's published config.json and modeling code as described in the
+model card and its public ports; the config field names read here are its (`num_experts`,
+`num_experts_per_tok`, `qk_layernorm`, `norm_topk_prob`, ...), and the experts' width is read from
+`moe_intermediate_size`, else `expert_intermediate_size`, else `intermediate_size`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import MaskedLMOutput
+
+from .attention import attend
+from .llada import RMSNorm
+from .rope import rotary_angles, rotate
+
+__all__ = ["LLaDAMoEConfig", "LLaDAMoEModelLM"]
+
+
+class LLaDAMoEConfig(PretrainedConfig):
+    """LLaDA-MoE's config.json fields; the defaults are LLaDA-MoE-7B-A1B-Instruct's values."""
+
+    model_type = "llada"  # as its config.json says; not registered with AutoConfig (the dense LLaDA is)
+
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 16
+    head_dim: int | None = None
+    intermediate_size: int = 1024
+    moe_intermediate_size: int | None = None
+    expert_intermediate_size: int | None = None
+    num_experts: int = 64
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float | None = 1.0
+    qk_layernorm: bool = True
+    attention_bias: bool = False
+    partial_rotary_factor: float = 1.0
+    shared_expert_intermediate_size: int | None = None
+    moe_router_enable_expert_bias: bool | None = False
+    router_num_group: int | None = None
+    hidden_act: str = "silu"
+    rope_theta: float = 50000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    mask_token_id: int | None = 156895
+    eos_token_id: int | None = 156892
+    pad_token_id: int | None = 156892
+    use_cache: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        refused = {
+            "attention_bias": (bool(self.attention_bias), "LLaDA-MoE's projections have no bias"),
+            "partial_rotary_factor": (self.partial_rotary_factor != 1, "rotary embeddings cover the whole head"),
+            "shared_expert_intermediate_size": (self.shared_expert_intermediate_size is not None,
+                                                "a shared expert is not implemented (LLaDA-MoE has none)"),
+            "moe_router_enable_expert_bias": (bool(self.moe_router_enable_expert_bias), "router biases are not implemented"),
+            "router_num_group": (self.router_num_group is not None, "group-limited routing is not implemented"),
+            "hidden_act": (self.hidden_act != "silu", "the experts are SwiGLU"),
+            "rope_scaling": (self.rope_scaling is not None, "scaled rotary embeddings are not implemented"),
+            "tie_word_embeddings": (bool(self.tie_word_embeddings), "the head is separate from the embedding"),
+        }
+        for field, (bad, why) in refused.items():
+            if bad:
+                raise ValueError(f"LLaDA-MoE config field {field}={getattr(self, field)!r} is not supported ({why})")
+        if self.head_dim % 2 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LLaDA-MoE config: head_dim ({self.head_dim}) must be even and num_attention_heads "
+                             f"({self.num_attention_heads}) a multiple of num_key_value_heads ({self.num_key_value_heads})")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"LLaDA-MoE config field num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                             f"1..num_experts ({self.num_experts})")
+
+    @property
+    def expert_width(self) -> int:
+        return self.moe_intermediate_size or self.expert_intermediate_size or self.intermediate_size
+
+
+class Expert(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """The router picks num_experts_per_tok experts per token by their softmax probability; the
+    token's output is the sum of their outputs weighted by those probabilities."""
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.top_k, self.normalise = config.num_experts_per_tok, config.norm_topk_prob
+        self.scale = config.routed_scaling_factor or 1.0
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config.hidden_size, config.expert_width) for _ in range(config.num_experts))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.normalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = (weights * self.scale).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():  # only the experts some token chose: the active parameters
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+    @property
+    def active_experts(self) -> int:
+        return self.top_k
+
+
+class MoEAttention(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        d, self.head_dim = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_layernorm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_layernorm else None
+
+    def project(self, h, cos, sin):
+        batch, length, _ = h.shape
+        q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # per head, before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin), v
+
+    def output(self, att):
+        batch, _, length, _ = att.shape
+        return self.o_proj(att.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MoEAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SparseMoE(config)
+
+    # The block interface of safegen.models.kvcache (project, finish), as LLaDABlock has it.
+    @property
+    def n_heads(self):
+        return self.self_attn.n_heads
+
+    @property
+    def n_kv_heads(self):
+        return self.self_attn.n_kv_heads
+
+    @property
+    def head_dim(self):
+        return self.self_attn.head_dim
+
+    def project(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x, att):
+        x = x + self.self_attn.output(att)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, key_mask):
+        q, k, v = self.project(x, cos, sin)
+        return self.finish(x, attend(q, k, v, key_mask, self.n_heads // self.n_kv_heads))
+
+
+class MoEBackbone(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MoELayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, real=None):
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_angles(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device)
+        key_mask = None if real is None else (real | ~real.any(-1, keepdim=True))[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, cos, sin, key_mask)
+        return self.norm(x)
+
+
+class LLaDAMoEModelLM(PreTrainedModel):
+    config_class = LLaDAMoEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["MoELayer"]
+    supports_gradient_checkpointing = False
+    # Kept in 16 bits when quantized (safegen.models.loading): the head, and every layer's router.
+    safegen_head_module = "lm_head"
+    safegen_keep_modules = ("lm_head", "mlp.gate")
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        self.model = MoEBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Only for random models (tests): transformers.initialization skips tensors loaded from a checkpoint.
+        if module is self.lm_head:
+            init.normal_(module.weight, mean=0.0, std=self.config.hidden_size ** -0.5)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, **kwargs) -> MaskedLMOutput:
+        """Logits (B, L, vocab_size); position i predicts token i. attention_mask (B, L): 1 for real
+        tokens, 0 for padding; a padded row's real tokens run at positions 0..n-1 (as LLaDA's)."""
+        real = None if attention_mask is None else attention_mask.bool()
+        if real is None or bool(real.all()):
+            return MaskedLMOutput(logits=self.lm_head(self.model(input_ids)))
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        packed = self.model(input_ids.gather(1, order), real.gather(1, order))
+        x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
+        return MaskedLMOutput(logits=self.lm_head(x))
+
+    # The key/value caches (safegen.models.kvcache), through the same seam as LLaDA's and Dream's.
+    def cache_view(self) -> "_CacheView":
+        return _CacheView(self)
+
+    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
+        from .kvcache import prefill
+
+        return prefill(self.cache_view(), input_ids, attention_mask, logits_from)
+
+    def prefill_many(self, calls):
+        from .kvcache import prefill_many
+
+        return prefill_many(self.cache_view(), calls)
+
+    def forward_queries(self, query_ids, positions, cache):
+        from .kvcache import forward_queries
+
+        return forward_queries(self.cache_view(), query_ids, positions, cache)
+
+    def forward_queries_many(self, calls):
+        from .kvcache import forward_queries_many
+
+        return forward_queries_many(self.cache_view(), calls)
+
+
+class _CacheView:
+    shifted = False
+
+    def __init__(self, model: LLaDAMoEModelLM):
+        self.model, self.config = model, model.config
+        self.cache_blocks = model.model.layers
+
+    def embed(self, input_ids):
+        return self.model.model.embed_tokens(input_ids)
+
+    def head(self, x):
+        return self.model.lm_head(self.model.model.norm(x))
