@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # LLaDA-MoE-7B-A1B-Instruct's config.json fields that define the computation (as published: 16 layers of
 # 2048, 16 heads of 128, 64 experts of 1024 with 8 a token, q/k norms, θ 50,000, vocabulary 157,184).
 MOE_7B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-              intermediate_size=1024, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, qk_layernorm=True,
+              expert_intermediate_size=1024, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, qk_layernorm=True,
               rope_theta=50000.0, rms_norm_eps=1e-5, vocab_size=157184, max_position_embeddings=8192,
               mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, tie_word_embeddings=False,
               architectures=["LLaDAMoEModelLM"])
@@ -47,6 +47,13 @@ def test_the_7b_config_counts_total_and_active_parameters():
     assert dims.mlp_hidden == k * w + E / 3
 
 
+@pytest.mark.parametrize("field, value", [("moe_layer_freq", [1, 0]), ("clip_qkv", 8.0), ("attention_bias", True),
+                                          ("shared_expert_intermediate_size", 512), ("partial_rotary_factor", 0.5)])
+def test_settings_it_cannot_honour_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        LLaDAMoEConfig(**{**SMALL, field: value})
+
+
 @pytest.fixture(scope="module")
 def pair():
     """Ours and the Qwen3-MoE reference on the same random weights (norms perturbed off 1)."""
@@ -57,7 +64,7 @@ def pair():
         for name, p in ref.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.1)
-    ours = LLaDAMoEModelLM(LLaDAMoEConfig(**SMALL, intermediate_size=32, mask_token_id=99, pad_token_id=98,
+    ours = LLaDAMoEModelLM(LLaDAMoEConfig(**SMALL, expert_intermediate_size=32, mask_token_id=99, pad_token_id=98,
                                           eos_token_id=98)).eval()
     weights = {}
     for key, value in ref.state_dict().items():  # transformers fuses the experts; the checkpoint does not

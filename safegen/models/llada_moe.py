@@ -16,9 +16,9 @@ every expert in 4-bit or 8-bit; the routers and the head stay in 16 bits. A toke
 its own state only, so a row's routing does not depend on its batch.
 
 The facts above come from LLaDA-MoE's published config.json and modeling code as described in the
-model card and its public ports; the config field names read here are its (`num_experts`,
-`num_experts_per_tok`, `qk_layernorm`, `norm_topk_prob`, ...), and the experts' width is read from
-`moe_intermediate_size`, else `expert_intermediate_size`, else `intermediate_size`.
+model card and public ports of its modeling code (a vLLM port "adapted from modeling_lladamoe.py");
+the config field names read here are its (`num_experts`, `num_experts_per_tok`,
+`expert_intermediate_size`, `qk_layernorm`, `norm_topk_prob`, `moe_layer_freq`, ...).
 """
 from __future__ import annotations
 
@@ -47,9 +47,10 @@ class LLaDAMoEConfig(PretrainedConfig):
     num_attention_heads: int = 16
     num_key_value_heads: int | None = 16
     head_dim: int | None = None
-    intermediate_size: int = 1024
-    moe_intermediate_size: int | None = None
-    expert_intermediate_size: int | None = None
+    expert_intermediate_size: int | None = 1024  # each expert's width
+    dense_intermediate_size: int | None = None  # a dense layer's (moe_layer_freq 0): none in LLaDA-MoE
+    moe_layer_freq: list | None = None  # 1 per MoE layer (every layer of LLaDA-MoE); None: all
+    clip_qkv: float | None = None
     num_experts: int = 64
     num_experts_per_tok: int = 8
     norm_topk_prob: bool = False
@@ -88,6 +89,9 @@ class LLaDAMoEConfig(PretrainedConfig):
             "hidden_act": (self.hidden_act != "silu", "the experts are SwiGLU"),
             "rope_scaling": (self.rope_scaling is not None, "scaled rotary embeddings are not implemented"),
             "tie_word_embeddings": (bool(self.tie_word_embeddings), "the head is separate from the embedding"),
+            "moe_layer_freq": (self.moe_layer_freq is not None and 0 in list(self.moe_layer_freq),
+                               "dense layers between the MoE ones are not implemented (LLaDA-MoE has none)"),
+            "clip_qkv": (self.clip_qkv is not None, "clipping q, k and v is not implemented"),
         }
         for field, (bad, why) in refused.items():
             if bad:
@@ -101,7 +105,8 @@ class LLaDAMoEConfig(PretrainedConfig):
 
     @property
     def expert_width(self) -> int:
-        return self.moe_intermediate_size or self.expert_intermediate_size or self.intermediate_size
+        # expert_intermediate_size, as LLaDA-MoE's config names it; Qwen-style configs say moe_intermediate_size.
+        return self.expert_intermediate_size or getattr(self, "moe_intermediate_size", None) or self.intermediate_size
 
 
 class Expert(nn.Module):

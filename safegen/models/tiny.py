@@ -230,7 +230,8 @@ def write_tiny_dream(directory: str | Path, seed: int = 0, **config_overrides) -
 # SwiGLU experts) at a size that loads in a blink: 8 experts, 2 a token. Widths are multiples of 64
 # (bitsandbytes' CPU 4-bit kernel). The tokenizer is the tiny LLaDA's.
 TINY_MOE_ARCHITECTURE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                             intermediate_size=64, num_experts=8, num_experts_per_tok=2, max_position_embeddings=512)
+                             expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                             max_position_embeddings=512)
 
 
 def write_tiny_llada_moe(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
