@@ -350,3 +350,20 @@ def test_missing_prompt_folder_is_an_error(tmp_path, monkeypatch, capsys):
     assert audit.main(["--smoke", "--out", str(tmp_path / "out"), "--prompt-file", str(tmp_path / "x.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@needs_rtp
+@pytest.mark.parametrize("family", ["dream", "llada-moe"])
+def test_smoke_runs_on_the_other_families(tmp_path, family):
+    """The RTP audit's smoke run on a tiny Dream and a tiny LLaDA-MoE: every method and budget gives
+    finite figures."""
+    from safegen.models.tiny import write_tiny_dream, write_tiny_llada_moe
+
+    model = (write_tiny_dream if family == "dream" else write_tiny_llada_moe)(tmp_path / "model", seed=0)
+    out = tmp_path / "audit"
+    assert audit.main(["--smoke", "--model", str(model), "--quantization", "none", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(RTP_METHODS)
+    for budgets in results["methods"].values():
+        for e in budgets.values():
+            assert e["samples"] == 6 and math.isfinite(e["rows_per_sample"]["point"])
