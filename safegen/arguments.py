@@ -11,7 +11,7 @@ import typing
 from dataclasses import MISSING, fields
 
 from .refine.config import PRESETS, PROPOSAL_ORDERS, REMASKS, SCHEDULES, SCOPES, SELECTIONS, RefineConfig
-from .sampling.config import CACHES, FAST, REMASKING, SAMPLERS, SamplingConfig
+from .sampling.config import CACHES, FAST, REMASKING, SAMPLERS, TRANSFERS, SamplingConfig
 
 MAX_SEED = 2**32 - 1
 
@@ -28,6 +28,8 @@ FIELD_HELP = {
     "top_p": "Dream's top_p: draw tokens from the smallest set of most likely ones reaching this probability "
              "(proposals too: 'p' is then the truncated model; 'none': off)",
     "top_k": "Dream's top_k: draw tokens from the k most likely (proposals too; 'none': off)",
+    "transfer": "tokens committed per step: linear (LLaDA's, constant) or dream (Dream's floor(n(1 - s/t)) on its "
+                "time grid)",
     "cfg_scale": "classifier-free guidance; > 0 refines towards the guided model, not the model",
     "logits_eos_inf": "forbid EOS as a candidate token (proposals too: not exact)",
     "confidence_eos_eot_inf": "commit EOS/EOT only when nothing else is left",
@@ -59,7 +61,7 @@ FIELD_HELP = {
     "budget": "cap on the cost per sample, x plain sampling in the same sampling settings: model FLOPs where counted (LLaDA), else denoiser rows ('none': no cap); a cap that stops the chain early "
               "is not exact",
 }
-CHOICES = {"remasking": REMASKING, "sampler": SAMPLERS, "cache": tuple(c for c in CACHES if c is not None), "schedule": SCHEDULES, "scope": SCOPES,
+CHOICES = {"transfer": TRANSFERS, "remasking": REMASKING, "sampler": SAMPLERS, "cache": tuple(c for c in CACHES if c is not None), "schedule": SCHEDULES, "scope": SCOPES,
            "selection": SELECTIONS, "proposal_holes": REMASKS, "proposal_order": PROPOSAL_ORDERS}
 # Older spellings kept working: --proposals, --remask (the field's former name) and --exact (adaptive off).
 ALIASES = {"n_proposals": ("--proposals",), "proposal_holes": ("--remask",)}

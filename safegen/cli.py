@@ -110,11 +110,17 @@ def _fingerprint(args, policy, sampling, refinement) -> dict:
         "samples": args.samples, "seed": args.seed, "refine": not args.no_refine,
         "report_before": not args.no_before,
         "draws": rng.DRAWS_VERSION,
-        # Fast sampling's fields only when set: outputs written before they existed still resume.
+        # Fields added since (fast sampling's, Dream's) only when not at their default: outputs written
+        # before they existed still resume.
         "sampling": json.loads(json.dumps({k: v for k, v in vars(sampling).items()
-                                           if v is not None or k not in ("cache", "threshold", "alg_temp", "top_p", "top_k")})),
+                                           if v != LATER_SAMPLING_FIELDS.get(k, object())})),
         "refinement": json.loads(json.dumps(vars(refinement), default=list)),
     }
+
+
+# Sampling fields added after outputs were first written, with their defaults (left out of the fingerprint).
+LATER_SAMPLING_FIELDS = {"cache": None, "threshold": None, "alg_temp": None, "top_p": None, "top_k": None,
+                         "transfer": "linear"}
 
 
 def detoxify(args) -> int:

@@ -339,3 +339,57 @@ def test_alg_temp_draws_positions_in_proportion_to_softmax_of_confidence():
     assert z.abs().max() < 4, (freq, target)
     assert 0.5 * (freq - target.double()).abs().sum() < 0.03
     assert freq[0] < 0.95  # not the most confident every time: the draw is real
+
+
+class _Counter:
+    """A hook that only watches: the masked count of the block before each commit, per row."""
+
+    def __init__(self):
+        self.masked = []
+
+    def applies(self, block, step, steps_in_block, t):
+        return True
+
+    def __call__(self, sampler, state):
+        self.masked.append((state.gen == sampler.mask_id).sum(1).clone())
+
+
+def _commits(rows, **sampling):
+    from oracles import SMALL_MASK, small_llada
+    from safegen.models.family import ModelProfile
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=16, steps=8, block_length=16, temperature=1.0, **sampling)
+    sampler = DiffusionSampler(small_llada(seed=7), ModelProfile(mask_id=SMALL_MASK), cfg)
+    hook = _Counter()
+    prompt = torch.randint(0, 190, (rows, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sampler.run(prompt, seeds=list(range(rows)), hook=hook)
+    masked = torch.stack(hook.masked)  # (S + 1, rows): before each of the 8 steps, and after the last
+    return masked[:-1] - masked[1:], masked
+
+
+def test_dreams_transfer_commits_floor_n_times_one_minus_s_over_t():
+    commits, masked = _commits(3, transfer="dream", remasking="entropy")
+    S = 8
+    for i in range(S):
+        t, s = 1 - i * (1 - 1e-3) / S, 1 - (i + 1) * (1 - 1e-3) / S
+        expected = masked[i] if i == S - 1 else torch.floor(masked[i].double() * (1 - s / t)).long()
+        assert torch.equal(commits[i], expected), (i, commits[i], expected)
+    assert (masked[-1] == 0).all()
+
+
+def test_origin_commits_each_masked_position_with_probability_one_minus_s_over_t():
+    """Dream's "origin": at each step every masked position commits independently with probability
+    1 - s/t, so the count is Binomial(n, 1 - s/t): its mean over 600 rows against n(1 - s/t) (a
+    z-test per step) and its spread (not the fixed count of the other orders)."""
+    commits, masked = _commits(600, remasking="origin")
+    S = 8
+    for i in range(S - 1):
+        t, s = 1 - i * (1 - 1e-3) / S, 1 - (i + 1) * (1 - 1e-3) / S
+        p = 1 - s / t
+        n = masked[i].double()
+        z = (commits[i].double() - n * p).sum() / torch.sqrt((n * p * (1 - p)).sum())
+        assert abs(z) < 4, (i, float(z))
+    assert commits[0].unique().numel() > 3  # random counts
+    assert (masked[-1] == 0).all()

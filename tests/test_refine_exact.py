@@ -59,10 +59,11 @@ def test_exact_with_default_order_for_any_pool_size_and_blocks(remask_, n_propos
 
 
 @pytest.mark.parametrize("base", [dict(remasking="topk_margin"), dict(remasking="entropy", alg_temp=0.5),
-                                  dict(remasking="maskgit_plus", temperature=0.7)])
+                                  dict(remasking="maskgit_plus", temperature=0.7),
+                                  dict(remasking="entropy", transfer="dream"), dict(remasking="origin")])
 def test_exact_with_dreams_base_orders(base):
-    """Dream's orders (and alg_temp) change only the base sampler's commits; the proposals keep their
-    own order, so the chain still reaches p*."""
+    """Dream's orders, alg_temp and commit counts change only the base sampler's commits; the
+    proposals keep their own order, so the chain still reaches p*."""
     tv, z = distance(refine(24, sampler(2, **base)))
     assert tv < FLOOR + 0.02 and abs(z) < 3, (tv, FLOOR, z)
 

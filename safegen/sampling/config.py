@@ -10,8 +10,11 @@ from ..config import ConfigError, updated_config  # noqa: F401 (re-exported)
 # LLaDA's orders, then Dream's (its generation utilities' `alg`: the drawn token's probability, the
 # margin between the two most likely tokens, the negative entropy; each on the tempered, top-p/top-k
 # filtered distribution, as Dream computes them).
-DREAM_ORDERS = ("maskgit_plus", "topk_margin", "entropy")
+DREAM_ORDERS = ("maskgit_plus", "topk_margin", "entropy", "origin")
 REMASKING = ("low_confidence", "random", *DREAM_ORDERS)
+# How many tokens a step commits: "linear" (LLaDA's: constant, the remainder first) or "dream" (Dream's:
+# floor(n · (1 - s/t)) of the n still masked on its grid of times t = 1 .. 1e-3, all at the last step).
+TRANSFERS = ("linear", "dream")
 # "llada": LLaDA's blocks and fixed commit counts (safegen.sampling.sampler); "mdlm": MDLM's ancestral sampler
 # with the log-linear schedule over the whole answer, one block (safegen.sampling.mdlm).
 SAMPLERS = ("llada", "mdlm")
@@ -31,7 +34,7 @@ class SamplingConfig:
     """LLaDA's sampling settings, with the names of the LLaDA reference code.
 
     IterRef's chain stays exact (docs/method.md, "5. Exactness: when it holds") whatever the order, temperature, pace
-    (tokens per step) and block settings, with Dream's orders and alg_temp (the base sampler's only),
+    (tokens per step, Dream's transfer too) and block settings, with Dream's orders and alg_temp (the base sampler's only),
     and with confidence_eos_eot_inf; cfg_scale > 0, logits_eos_inf and top_p / top_k change the
     conditionals its proposals draw from, so that "p" in its target p · exp(r/α) is no longer the
     model's own distribution (the guided or truncated one); and `cache` (prefix or dual) makes the
@@ -61,6 +64,7 @@ class SamplingConfig:
     alg_temp: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    transfer: str = "linear"  # one of TRANSFERS; remasking "origin" draws its own counts (Dream's rule)
 
     def validate(self) -> "SamplingConfig":
         for name in ("max_new_tokens", "steps", "block_length"):
@@ -107,7 +111,12 @@ class SamplingConfig:
         if self.alg_temp is not None and not (isinstance(self.alg_temp, (int, float))
                                                and not isinstance(self.alg_temp, bool) and self.alg_temp > 0):
             raise ConfigError(f"sampling.alg_temp must be None or a number > 0, got {self.alg_temp!r}")
-        if self.alg_temp is not None and self.remasking == "random":
+        if self.transfer not in TRANSFERS:
+            raise ConfigError(f"sampling.transfer must be one of {TRANSFERS}, got {self.transfer!r}")
+        if (self.transfer == "dream" or self.remasking == "origin") and self.threshold is not None:
+            raise ConfigError("sampling.threshold sets its own counts: not with sampling.transfer 'dream' or "
+                              "remasking 'origin'")
+        if self.alg_temp is not None and self.remasking in ("random", "origin"):
             raise ConfigError("sampling.alg_temp draws positions by their confidence: it needs an order that has "
                               "one (not sampling.remasking 'random')")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool)
@@ -125,7 +134,8 @@ class SamplingConfig:
     def describe(self) -> str:
         """Which sampler produced a sample, as reports and the server say it: "llada" (LLaDA's reference
         sampler), "llada+dual" / "llada+prefix" (Fast-dLLM's cache), "+threshold=τ", or "mdlm"."""
-        dream = (f"+{self.remasking}" if self.remasking in DREAM_ORDERS else "") + "".join(
+        dream = (f"+{self.remasking}" if self.remasking in DREAM_ORDERS else "") + \
+            ("+transfer=dream" if self.transfer == "dream" else "") + "".join(
             f"+{k}={v:g}" for k, v in (("alg_temp", self.alg_temp), ("top_p", self.top_p), ("top_k", self.top_k))
             if v is not None)
         return self.sampler + (f"+{self.cache}" if self.cache else "") + \

@@ -199,6 +199,8 @@ class DiffusionSampler:
             score = top[..., 0] - top[..., 1]
         elif ranking == "entropy":  # Dream: the negative entropy
             score = (p_t * torch.log(p_t + 1e-10)).sum(-1)
+        elif ranking == "origin":  # Dream: each position commits when its uniform is below 1 - s/t
+            score = -rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)  # (advance counts them)
         else:
             score = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)
         if alg_temp is not None:
@@ -334,8 +336,26 @@ class DiffusionSampler:
             if n_commit is None:
                 return
         self.refresh(state)
+        if self.config.transfer == "dream" or self.config.remasking == "origin":
+            n_commit = self.dream_counts(state)
         state.x[:, state.prompt_length:] = self.commit(state.gen, state.pred, n_commit)
         state.pred = state.logits = None
+
+    def dream_counts(self, state: SamplerState) -> torch.Tensor:
+        """Dream's commits at this step (its generation utilities, per row): on the time grid t_i = 1 -
+        i(1 - 1e-3)/S of the block's S steps, floor(n · (1 - s/t)) of the block's n masked positions
+        (s = t_{i+1}), all of them at the last step; with remasking "origin" each masked position
+        commits when its uniform is below 1 - s/t (the positions `predict` ranked by that uniform)."""
+        S, i = self.config.steps_in_block(state.block), state.step
+        sl = self.block_slice(state.block)
+        n = (state.gen[:, sl] == self.mask_id).sum(1)
+        if i >= S - 1:
+            return n
+        t, s = 1 - i * (1 - 1e-3) / S, 1 - (i + 1) * (1 - 1e-3) / S
+        share = 1 - s / t
+        if self.config.remasking == "origin":
+            return (state.pred.confidence > -share).sum(1).clamp(max=n)
+        return torch.floor(n.double() * share).long()
 
     # ----------------------------------------------------------------- the sampling loop
     def start(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
