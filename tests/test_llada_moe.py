@@ -208,3 +208,13 @@ def test_serve_answers_from_a_tiny_llada_moe_as_offline(tiny_moe, tmp_path):
         torch.set_num_threads(threads)
     assert out.choices[0].message.content == alone.text
     assert out.choices[0].model_extra["safegen"]["sampler"] == "llada+dual"
+
+
+def test_the_routers_stay_in_float32_when_the_model_loads_in_bfloat16(tiny_moe):
+    """The checkpoint stores the routers in float32; a bf16 load keeps them so (a rounded router can
+    send a token to other experts)."""
+    model, _, _ = load_model(str(tiny_moe), quantization="none", dtype="bfloat16")
+    assert all(layer.mlp.gate.weight.dtype == torch.float32 for layer in model.model.layers)
+    assert model.model.layers[0].mlp.experts[0].gate_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.randint(0, 200, (2, 8))).logits.dtype == torch.bfloat16

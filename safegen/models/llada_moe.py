@@ -134,7 +134,8 @@ class SparseMoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        # The router in float32, as the checkpoint stores it (kept so on load: _keep_in_fp32_modules_strict).
+        probs = torch.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.normalise:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -231,6 +232,7 @@ class LLaDAMoEModelLM(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["MoELayer"]
+    _keep_in_fp32_modules_strict = ["mlp.gate"]  # in bf16 too
     supports_gradient_checkpointing = False
     # Kept in 16 bits when quantized (safegen.models.loading): the head, and every layer's router.
     safegen_head_module = "lm_head"
