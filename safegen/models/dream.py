@@ -27,6 +27,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .attention import attend
+from .kvcache import CacheView, CachedForwards, packed_states
 from .llada import RMSNorm
 from .rope import rotary_angles, rotate
 
@@ -181,7 +182,7 @@ class DreamBackbone(nn.Module):
         return self.norm(x)
 
 
-class DreamModel(PreTrainedModel):
+class DreamModel(CachedForwards, PreTrainedModel):
     config_class = DreamConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -219,61 +220,14 @@ class DreamModel(PreTrainedModel):
     def forward(self, input_ids, attention_mask=None, **kwargs) -> MaskedLMOutput:
         """Logits (B, L, vocab_size) of the token at each position (Dream's one-position shift done
         here). attention_mask (B, L): 1 for real tokens, 0 for padding, which no position attends to."""
-        real = None if attention_mask is None else attention_mask.bool()
-        if real is None or bool(real.all()):
-            return MaskedLMOutput(logits=self.lm_head(_shift(self.model(input_ids))))
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
-        packed = _shift(self.model(input_ids.gather(1, order), real.gather(1, order)))
-        x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
-        return MaskedLMOutput(logits=self.lm_head(x))
-
+        return MaskedLMOutput(logits=self.lm_head(packed_states(lambda ids, real: _shift(self.model(ids, real)),
+                                                                 input_ids, attention_mask)))
 
     # Block-wise key/value cache (safegen.models.kvcache; Fast-dLLM's prefix and dual caches, which
     # Fast-dLLM also ships for Dream): the same functions as LLaDA's, through Dream's cache view.
-    # Its cached forwards run the position before each query too (kvcache.shifted_width).
-    cache_shifted = True
-
-    def cache_view(self) -> "_CacheView":
-        return _CacheView(self)
-
-    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
-        """(logits of positions logits_from.., KVCache): the full forward, keeping keys and values."""
-        from .kvcache import prefill
-
-        return prefill(self.cache_view(), input_ids, attention_mask, logits_from)
-
-    def prefill_many(self, calls):
-        from .kvcache import prefill_many
-
-        return prefill_many(self.cache_view(), calls)
-
-    def forward_queries(self, query_ids, positions, cache):
-        """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
-        from .kvcache import forward_queries
-
-        return forward_queries(self.cache_view(), query_ids, positions, cache)
-
-    def forward_queries_many(self, calls):
-        from .kvcache import forward_queries_many
-
-        return forward_queries_many(self.cache_view(), calls)
-
-
-class _CacheView:
-    """What safegen.models.kvcache needs of a family: Dream's embedding, layers, final norm and head,
-    and its shift (position i - 1 predicts token i)."""
-
-    shifted = True
-
-    def __init__(self, model: DreamModel):
-        self.model, self.config = model, model.config
-        self.cache_blocks = model.model.layers
-
-    def embed(self, input_ids):
-        return self.model.model.embed_tokens(input_ids)
-
-    def head(self, x):
-        return self.model.lm_head(self.model.model.norm(x))
+    # Shifted: its cached forwards run the position before each query too (kvcache.shifted_width).
+    def cache_view(self) -> CacheView:
+        return CacheView(self, shifted=True)
 
 
 def _shift(hidden: torch.Tensor) -> torch.Tensor:

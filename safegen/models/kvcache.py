@@ -26,7 +26,7 @@ import torch
 from .attention import attend
 from .rope import rotary_angles
 
-__all__ = ["KVCache", "prefill", "prefill_many", "forward_queries", "forward_queries_many", "shifted_width"]
+__all__ = ["CacheView", "CachedForwards", "packed_states", "KVCache", "prefill", "prefill_many", "forward_queries", "forward_queries_many", "shifted_width"]
 
 
 @dataclass
@@ -73,6 +73,58 @@ def _packing(attention_mask, shape, device):
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
     slot = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=device).expand(B, L))
     return order, slot, real.gather(1, order)
+
+
+def packed_states(run, input_ids, attention_mask=None):
+    """run(ids, real) on each row's real tokens moved to the front (stable: their order kept), its
+    output (B, L, ...) moved back: a row's tokens sit at positions 0..n-1 whatever its neighbours'
+    padding (LLaDABackbone.forward says why that matters in bf16). Unpadded batches run as they are,
+    with real None."""
+    real = None if attention_mask is None else attention_mask.bool()
+    if real is None or bool(real.all()):
+        return run(input_ids, None)
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    packed = run(input_ids.gather(1, order), real.gather(1, order))
+    return torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
+
+
+class CacheView:
+    """A Qwen-layout family's view for the functions here: `embed_tokens`, `layers` and `norm` on the
+    backbone, `lm_head` on the model; `shifted`: position i - 1 predicts token i (Dream)."""
+
+    def __init__(self, model, shifted: bool):
+        self.model, self.config, self.shifted = model, model.config, shifted
+        self.cache_blocks = model.model.layers
+
+    def embed(self, input_ids):
+        return self.model.model.embed_tokens(input_ids)
+
+    def head(self, x):
+        return self.model.lm_head(self.model.model.norm(x))
+
+
+class CachedForwards:
+    """The block-wise cache's forwards for a model class (Fast-dLLM's prefix and dual caches), through
+    its `cache_view()`: what safegen.sampling.fast and safegen.engine call."""
+
+    def cache_view(self):
+        raise NotImplementedError
+
+    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
+        """(logits of positions logits_from.., KVCache): the full forward, keeping keys and values."""
+        return prefill(self.cache_view(), input_ids, attention_mask, logits_from)
+
+    def prefill_many(self, calls):
+        """prefill of several (input_ids, attention_mask, logits_from) in one pass: [(logits, KVCache)]."""
+        return prefill_many(self.cache_view(), calls)
+
+    def forward_queries(self, query_ids, positions, cache):
+        """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
+        return forward_queries(self.cache_view(), query_ids, positions, cache)
+
+    def forward_queries_many(self, calls):
+        """forward_queries of several (query_ids, positions, cache) in one pass: a list of logits."""
+        return forward_queries_many(self.cache_view(), calls)
 
 
 def prefill(backbone, input_ids, attention_mask=None, logits_from: int = 0):

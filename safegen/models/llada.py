@@ -22,6 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .attention import attend
+from .kvcache import CachedForwards, packed_states
 from .rope import rotary_angles, rotate
 
 __all__ = ["LLaDAConfig", "LLaDAModelLM"]
@@ -192,24 +193,16 @@ class LLaDABackbone(nn.Module):
         self.config = config
 
     def forward(self, input_ids, attention_mask=None):
-        if attention_mask is None:
-            return self.run(input_ids, None)
         # Each row's real tokens are moved to the front (stable: their order kept), run, and moved
-        # back. A row's tokens then sit at positions 0..n-1 whatever its neighbours' lengths, as
-        # transformers' position_ids = cumsum(attention_mask) - 1 gives for left-padded batches, and
-        # its keys start at index 0 as when it runs alone. In exact arithmetic neither matters
-        # (RoPE sees position differences, padded keys are masked), but in bf16 q and k are rounded
-        # after the rotation by the absolute angle, and the attention kernel's float32 sums group
-        # keys by their index: left padding changed a prompt's greedy output (11 of 32 tokens on the
-        # tiny model in bf16). Unpadded rows keep 0..L-1, LLaDA's own absolute positions.
-        real = attention_mask.bool()
-        if bool(real.all()):
-            return self.run(input_ids, None)
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-        packed = self.hidden(input_ids.gather(1, order), real.gather(1, order))
-        # Moved back before the head: d_model wide, not the vocabulary.
-        x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
-        return self.transformer.ff_out(self.transformer.ln_f(x))
+        # back (kvcache.packed_states). A row's tokens then sit at positions 0..n-1 whatever its
+        # neighbours' lengths, as transformers' position_ids = cumsum(attention_mask) - 1 gives for
+        # left-padded batches, and its keys start at index 0 as when it runs alone. In exact
+        # arithmetic neither matters (RoPE sees position differences, padded keys are masked), but in
+        # bf16 q and k are rounded after the rotation by the absolute angle, and the attention
+        # kernel's float32 sums group keys by their index: left padding changed a prompt's greedy
+        # output (11 of 32 tokens on the tiny model in bf16). Unpadded rows keep 0..L-1, LLaDA's own
+        # absolute positions. Moved back before the head: d_model wide, not the vocabulary.
+        return self.head(packed_states(self.hidden, input_ids, attention_mask))
 
     # The cache view (safegen.models.kvcache): the embedding, the blocks, the head; not shifted.
     shifted = False
@@ -223,9 +216,6 @@ class LLaDABackbone(nn.Module):
 
     def head(self, x):
         return self.transformer.ff_out(self.transformer.ln_f(x))
-
-    def run(self, input_ids, real):
-        return self.transformer.ff_out(self.transformer.ln_f(self.hidden(input_ids, real)))
 
     def hidden(self, input_ids, real):
         """The last block's output with positions 0..L-1; `real` (B, L) bool marks the keys attended
@@ -242,7 +232,7 @@ class LLaDABackbone(nn.Module):
         return x
 
 
-class LLaDAModelLM(PreTrainedModel):
+class LLaDAModelLM(CachedForwards, PreTrainedModel):
     config_class = LLaDAConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -282,30 +272,10 @@ class LLaDAModelLM(PreTrainedModel):
         """
         return MaskedLMOutput(logits=self.model(input_ids, attention_mask))
 
-    # Block-wise key/value cache (safegen.models.kvcache; Fast-dLLM's prefix and dual caches).
-    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
-        """(logits of positions logits_from.., KVCache): the full forward, keeping keys and values."""
-        from .kvcache import prefill
-
-        return prefill(self.model, input_ids, attention_mask, logits_from)
-
-    def prefill_many(self, calls):
-        """prefill of several (input_ids, attention_mask, logits_from) in one pass: [(logits, KVCache)]."""
-        from .kvcache import prefill_many
-
-        return prefill_many(self.model, calls)
-
-    def forward_queries(self, query_ids, positions, cache):
-        """Logits (B, Q, V) of only the query positions (B, Q), attending to `cache` for the rest."""
-        from .kvcache import forward_queries
-
-        return forward_queries(self.model, query_ids, positions, cache)
-
-    def forward_queries_many(self, calls):
-        """forward_queries of several (query_ids, positions, cache) in one pass: a list of logits."""
-        from .kvcache import forward_queries_many
-
-        return forward_queries_many(self.model, calls)
+    # Block-wise key/value cache (safegen.models.kvcache; Fast-dLLM's prefix and dual caches): the
+    # backbone is its own cache view.
+    def cache_view(self):
+        return self.model
 
     def generate(self, *args, **kwargs):
         raise NotImplementedError(

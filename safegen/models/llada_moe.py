@@ -30,6 +30,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .attention import attend
+from .kvcache import CacheView, CachedForwards, packed_states
 from .llada import RMSNorm
 from .rope import rotary_angles, rotate
 
@@ -227,7 +228,7 @@ class MoEBackbone(nn.Module):
         return self.norm(x)
 
 
-class LLaDAMoEModelLM(PreTrainedModel):
+class LLaDAMoEModelLM(CachedForwards, PreTrainedModel):
     config_class = LLaDAMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -265,48 +266,8 @@ class LLaDAMoEModelLM(PreTrainedModel):
     def forward(self, input_ids, attention_mask=None, **kwargs) -> MaskedLMOutput:
         """Logits (B, L, vocab_size); position i predicts token i. attention_mask (B, L): 1 for real
         tokens, 0 for padding; a padded row's real tokens run at positions 0..n-1 (as LLaDA's)."""
-        real = None if attention_mask is None else attention_mask.bool()
-        if real is None or bool(real.all()):
-            return MaskedLMOutput(logits=self.lm_head(self.model(input_ids)))
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-        packed = self.model(input_ids.gather(1, order), real.gather(1, order))
-        x = torch.empty_like(packed).scatter_(1, order[..., None].expand_as(packed), packed)
-        return MaskedLMOutput(logits=self.lm_head(x))
+        return MaskedLMOutput(logits=self.lm_head(packed_states(self.model, input_ids, attention_mask)))
 
     # The key/value caches (safegen.models.kvcache), through the same seam as LLaDA's and Dream's.
-    def cache_view(self) -> "_CacheView":
-        return _CacheView(self)
-
-    def prefill(self, input_ids, attention_mask=None, logits_from: int = 0):
-        from .kvcache import prefill
-
-        return prefill(self.cache_view(), input_ids, attention_mask, logits_from)
-
-    def prefill_many(self, calls):
-        from .kvcache import prefill_many
-
-        return prefill_many(self.cache_view(), calls)
-
-    def forward_queries(self, query_ids, positions, cache):
-        from .kvcache import forward_queries
-
-        return forward_queries(self.cache_view(), query_ids, positions, cache)
-
-    def forward_queries_many(self, calls):
-        from .kvcache import forward_queries_many
-
-        return forward_queries_many(self.cache_view(), calls)
-
-
-class _CacheView:
-    shifted = False
-
-    def __init__(self, model: LLaDAMoEModelLM):
-        self.model, self.config = model, model.config
-        self.cache_blocks = model.model.layers
-
-    def embed(self, input_ids):
-        return self.model.model.embed_tokens(input_ids)
-
-    def head(self, x):
-        return self.model.lm_head(self.model.model.norm(x))
+    def cache_view(self) -> CacheView:
+        return CacheView(self, shifted=False)

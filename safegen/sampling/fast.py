@@ -224,7 +224,7 @@ class ProposalCache:
 def _ran(sampler, positions: torch.Tensor) -> int:
     """The query positions a cached forward runs for `positions`: themselves, and for a shifted family
     (Dream) the position before each too (safegen.models.kvcache.shifted_width)."""
-    if getattr(sampler.model, "cache_shifted", False):
+    if sampler.model.cache_view().shifted:
         from ..models.kvcache import shifted_width
 
         return shifted_width(positions)
