@@ -12,7 +12,6 @@ run wrote the records the single process wrote (but for their timing). Stops the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.detoxify_engine import prompts
+from benchmarks.detoxify_engine import prompts, records
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -35,13 +34,6 @@ def detoxify(src: Path, out: Path, model: str, args, *extra) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=3600)
     return time.perf_counter() - t0
-
-
-def records(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:
-        r.pop("seconds", None)
-    return rows
 
 
 def main(argv=None) -> int:

@@ -95,3 +95,32 @@ def padded_prompts(seed: int, rows: int, length: int, pads: tuple = ()):
         attn[row, :pad] = 0
     ids[attn == 0] = SMALL_PAD
     return ids, attn
+
+
+def served_and_offline(model_dir, log, messages, max_tokens=8, seed=3):
+    """(the answer `safegen serve` gives on `model_dir`, called by the openai client with the server's
+    defaults plus temperature 1, one thread; the report generate_text gives offline with the same
+    settings, the command line's dual cache included)."""
+    import openai
+
+    from benchmarks.serve_process import ServerProcess
+    from safegen import SafeGenerator
+    from safegen.models.loading import load_model
+
+    server = ServerProcess(model_dir, log, "--policy", "offline", "--threads", "1", "--temperature", "1")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        served = client.chat.completions.create(model=str(model_dir), messages=messages, max_tokens=max_tokens,
+                                                seed=seed)
+    finally:
+        server.stop()
+    model, tokenizer, profile = load_model(str(model_dir), quantization="none")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        offline = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
+                                sampling={"max_new_tokens": max_tokens, "temperature": 1.0, "cache": "dual"})
+        [alone] = offline.generate_text([messages], seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+    return served, alone

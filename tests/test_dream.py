@@ -167,28 +167,10 @@ def test_detoxify_runs_on_a_tiny_dream(tiny_dream, tmp_path):
 def test_serve_answers_from_a_tiny_dream_as_offline(tiny_dream, tmp_path):
     """`safegen serve` on a Dream folder (the dual cache by default), called by the OpenAI client: the
     answer generate_text gives."""
-    import openai
+    from oracles import served_and_offline
 
-    from benchmarks.serve_process import ServerProcess
-    from safegen import SafeGenerator
-
-    server = ServerProcess(tiny_dream, tmp_path / "serve.log", "--policy", "offline", "--threads", "1",
-                           "--temperature", "1")
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        msgs = [{"role": "user", "content": "tell me about the weather"}]
-        out = client.chat.completions.create(model=str(tiny_dream), messages=msgs, max_tokens=8, seed=3)
-    finally:
-        server.stop()
-    model, tokenizer, profile = load_model(str(tiny_dream), quantization="none")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        offline = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
-                                sampling={"max_new_tokens": 8, "temperature": 1.0, "cache": "dual"})
-        [alone] = offline.generate_text([msgs], seed=3)
-    finally:
-        torch.set_num_threads(threads)
+    messages = [{"role": "user", "content": "tell me about the weather"}]
+    out, alone = served_and_offline(tiny_dream, tmp_path / "serve.log", messages)
     assert out.choices[0].message.content == alone.text
     assert out.choices[0].model_extra["safegen"]["sampler"] == "llada+dual"
 
@@ -279,7 +261,8 @@ def test_dreams_orders_score_as_its_generation_code_does():
     """maskgit_plus: the drawn token's tempered probability; topk_margin: the two most likely tokens'
     margin; entropy: the negative entropy; each on the tempered, top-k/top-p truncated distribution
     (computed here directly from the logits, and compared with the confidence the sampler commits by)."""
-    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig, truncate
+    from safegen.sampling.dream import truncate
+    from safegen.sampling.sampler import DiffusionSampler, SamplingConfig
     from safegen.models.family import ModelProfile
 
     torch.manual_seed(6)
@@ -309,7 +292,7 @@ def test_dreams_orders_score_as_its_generation_code_does():
 
 
 def test_top_k_and_top_p_keep_exactly_the_tokens_dream_keeps():
-    from safegen.sampling.sampler import truncate
+    from safegen.sampling.dream import truncate
 
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]]))
     assert torch.isfinite(truncate(logits, 2, None)).tolist() == [[True, True, False, False, False]]

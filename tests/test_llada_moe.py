@@ -184,28 +184,10 @@ def test_detoxify_and_memory_on_a_tiny_llada_moe(tiny_moe, tmp_path):
 def test_serve_answers_from_a_tiny_llada_moe_as_offline(tiny_moe, tmp_path):
     """`safegen serve` on a LLaDA-MoE folder (the dual cache by default), called by the OpenAI client:
     the answer generate_text gives."""
-    import openai
+    from oracles import served_and_offline
 
-    from benchmarks.serve_process import ServerProcess
-    from safegen import SafeGenerator
-
-    server = ServerProcess(tiny_moe, tmp_path / "serve.log", "--policy", "offline", "--threads", "1",
-                           "--temperature", "1")
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        msgs = [{"role": "user", "content": "tell me about the weather"}]
-        out = client.chat.completions.create(model=str(tiny_moe), messages=msgs, max_tokens=8, seed=3)
-    finally:
-        server.stop()
-    model, tokenizer, profile = load_model(str(tiny_moe), quantization="none")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        offline = SafeGenerator(model, tokenizer, policy="offline", profile=profile,
-                                sampling={"max_new_tokens": 8, "temperature": 1.0, "cache": "dual"})
-        [alone] = offline.generate_text([msgs], seed=3)
-    finally:
-        torch.set_num_threads(threads)
+    messages = [{"role": "user", "content": "tell me about the weather"}]
+    out, alone = served_and_offline(tiny_moe, tmp_path / "serve.log", messages)
     assert out.choices[0].message.content == alone.text
     assert out.choices[0].model_extra["safegen"]["sampler"] == "llada+dual"
 

@@ -60,8 +60,9 @@ def split_words(text: str) -> list[str]:
     return [word for word, _ in _word_pre_tokenizer().pre_tokenize_str(_word_normalizer().normalize_str(text))]
 
 
-def build_tiny_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
-    """A word-level PreTrainedTokenizerFast over `vocab_file` (one token a line) plus LLaDA's special tokens."""
+def _word_tokenizer(vocab_file: str | Path, specials: tuple, first: tuple = (), **special_roles):
+    """A word-level PreTrainedTokenizerFast: `first`, the words of `vocab_file` (one a line), then the
+    special tokens, each with its id in that order; `special_roles` name them (bos_token=..., ...)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -71,7 +72,7 @@ def build_tiny_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
                                 "(regenerate it with benchmarks/build_tiny_vocab.py)")
     words = [line.strip() for line in vocab_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     vocab = {}
-    for token in [*words, *SPECIAL_TOKENS]:
+    for token in [*first, *words, *specials]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.normalizer = _word_normalizer()
@@ -79,13 +80,17 @@ def build_tiny_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
     # WordPiece's decoder joins tokens with spaces and re-attaches punctuation ("hello , world" -> "hello, world").
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     # Special tokens are split out of the raw text before normalisation, so they survive intact.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    # The string-level clean-up also rejoins "don ' t" into "don't".
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=UNK, clean_up_tokenization_spaces=True,
+                                   **special_roles)
+
+
+def build_tiny_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
+    """A word-level PreTrainedTokenizerFast over `vocab_file` (one token a line) plus LLaDA's special tokens."""
     # Like LLaDA's tokenizer, no mask_token is declared: the mask id comes from config.mask_token_id.
-    # The decoder cleans up per token; the string-level clean-up also rejoins "don ' t" into "don't".
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-        extra_special_tokens=[HEADER_START, HEADER_END, EOT, MASK], clean_up_tokenization_spaces=True,
-    )
+    tokenizer = _word_tokenizer(vocab_file, SPECIAL_TOKENS, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                extra_special_tokens=[HEADER_START, HEADER_END, EOT, MASK])
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -134,21 +139,8 @@ TINY_MDLM_ARCHITECTURE = dict(hidden_dim=64, n_heads=4, cond_dim=64, n_blocks=2,
 
 def build_tiny_mdlm_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
     """The tiny model's words with MDLM's special tokens: <|endoftext|>, then [MASK] as the last id."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    words = [line.strip() for line in Path(vocab_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    vocab = {}
-    for token in [UNK, *words, MDLM_EOS, MDLM_MASK]:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.normalizer = _word_normalizer()
-    backend.pre_tokenizer = _word_pre_tokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (UNK, MDLM_EOS, MDLM_MASK)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token=UNK, bos_token=MDLM_EOS, eos_token=MDLM_EOS, pad_token=MDLM_EOS,
-        mask_token=MDLM_MASK, clean_up_tokenization_spaces=True)
+    return _word_tokenizer(vocab_file, (UNK, MDLM_EOS, MDLM_MASK), first=(UNK,), bos_token=MDLM_EOS,
+                           eos_token=MDLM_EOS, pad_token=MDLM_EOS, mask_token=MDLM_MASK)
 
 
 def write_tiny_mdlm(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
@@ -185,22 +177,9 @@ TINY_DREAM_ARCHITECTURE = dict(hidden_size=64, intermediate_size=128, num_hidden
 
 def build_tiny_dream_tokenizer(vocab_file: str | Path = TINY_VOCAB_FILE):
     """The tiny model's words with Dream's special tokens and chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    words = [line.strip() for line in Path(vocab_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    specials = (UNK, DREAM_EOS, DREAM_IM_START, DREAM_IM_END, DREAM_MASK)
-    vocab = {}
-    for token in [*words, *specials]:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.normalizer = _word_normalizer()
-    backend.pre_tokenizer = _word_pre_tokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token=UNK, bos_token=DREAM_EOS, eos_token=DREAM_EOS, pad_token=DREAM_EOS,
-        mask_token=DREAM_MASK, extra_special_tokens=[DREAM_IM_START, DREAM_IM_END], clean_up_tokenization_spaces=True)
+    tokenizer = _word_tokenizer(vocab_file, (UNK, DREAM_EOS, DREAM_IM_START, DREAM_IM_END, DREAM_MASK),
+                                bos_token=DREAM_EOS, eos_token=DREAM_EOS, pad_token=DREAM_EOS, mask_token=DREAM_MASK,
+                                extra_special_tokens=[DREAM_IM_START, DREAM_IM_END])
     tokenizer.chat_template = DREAM_CHAT_TEMPLATE
     return tokenizer
 

@@ -25,14 +25,14 @@ from typing import Optional
 
 import torch
 
-from . import fast, rng
+from . import dream, fast, rng
 from .. import engine
 from ..errors import ArgumentError
 from ..models import flops
 from ..models.family import ModelProfile
 
 from .rng import row_keys  # noqa: F401 (re-exported)
-from .config import REMASKING, ConfigError, SamplingConfig, global_step, updated_config  # noqa: F401 (re-exported)
+from .config import DREAM_ORDERS, REMASKING, ConfigError, SamplingConfig, global_step, updated_config  # noqa: F401 (re-exported)
 from .state import Prediction, SampleOutput, SamplerState, StepHook  # noqa: F401 (re-exported)
 
 
@@ -61,22 +61,6 @@ def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     base = (n_masked // steps)[:, None]
     extra = (torch.arange(steps, device=n_masked.device)[None, :] < (n_masked % steps)[:, None])
     return base + extra.long()
-
-
-def truncate(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
-    """Dream's token filters on logits (..., V): keep the top_k largest, then the smallest set of most
-    likely tokens whose probability reaches top_p (the most likely always kept); the rest -inf."""
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        ordered, index = logits.sort(dim=-1, descending=True)
-        cumulative = torch.softmax(ordered, -1).cumsum(-1)
-        drop = cumulative > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, index, drop), float("-inf"))
-    return logits
 
 
 class DiffusionSampler:
@@ -178,7 +162,7 @@ class DiffusionSampler:
         valid = committable.gather(1, order)
         lg = logits.gather(1, order[..., None].expand(-1, -1, V)).float()
         if cfg.top_k is not None or cfg.top_p is not None:
-            lg = truncate(lg, cfg.top_k, cfg.top_p)  # Dream's top-k, then top-p, on the logits
+            lg = dream.truncate(lg, cfg.top_k, cfg.top_p)  # Dream's top-k, then top-p, on the logits
         probs = torch.softmax(lg, -1)
         p_t = probs if temperature in (0, 1) else torch.softmax(lg / temperature, -1)
         if temperature > 0:
@@ -192,22 +176,12 @@ class DiffusionSampler:
             score = probs.gather(-1, picked[..., None]).squeeze(-1)
         elif ranking == "max_prob":
             score = probs.max(-1).values
-        elif ranking == "maskgit_plus":  # Dream: the drawn token's tempered probability
-            score = p_t.gather(-1, picked[..., None]).squeeze(-1)
-        elif ranking == "topk_margin":  # Dream: the two most likely tokens' margin
-            top = p_t.topk(2, dim=-1).values if V > 1 else torch.cat([p_t, torch.zeros_like(p_t)], -1)
-            score = top[..., 0] - top[..., 1]
-        elif ranking == "entropy":  # Dream: the negative entropy
-            score = (p_t * torch.log(p_t + 1e-10)).sum(-1)
-        elif ranking == "origin":  # Dream: each position commits when its uniform is below 1 - s/t
-            score = -rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)  # (advance counts them)
+        elif ranking in DREAM_ORDERS:
+            score = dream.confidence(ranking, p_t, picked, rng.uniform(rng.derive(keys, rng.Sub.ORDER), order))
         else:
             score = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order)
         if alg_temp is not None:
-            # Dream draws the positions to commit from softmax(confidence / alg_temp) without replacement:
-            # the top-n of confidence / alg_temp plus Gumbel noise is that draw (keyed by position).
-            u = rng.uniform(rng.derive(keys, rng.Sub.ORDER), order).double()
-            score = (score.double() / alg_temp - torch.log(-torch.log(u))).float()
+            score = dream.drawn_order(score, alg_temp, rng.uniform(rng.derive(keys, rng.Sub.ORDER), order))
         if cfg.confidence_eos_eot_inf and len(self._stop):
             # Below every real score, above the -inf of non-committable positions.
             stop_token = picked if demote_stop == "sampled" else best.gather(1, order)
@@ -337,25 +311,9 @@ class DiffusionSampler:
                 return
         self.refresh(state)
         if self.config.transfer == "dream" or self.config.remasking == "origin":
-            n_commit = self.dream_counts(state)
+            n_commit = dream.counts(self, state)
         state.x[:, state.prompt_length:] = self.commit(state.gen, state.pred, n_commit)
         state.pred = state.logits = None
-
-    def dream_counts(self, state: SamplerState) -> torch.Tensor:
-        """Dream's commits at this step (its generation utilities, per row): on the time grid t_i = 1 -
-        i(1 - 1e-3)/S of the block's S steps, floor(n · (1 - s/t)) of the block's n masked positions
-        (s = t_{i+1}), all of them at the last step; with remasking "origin" each masked position
-        commits when its uniform is below 1 - s/t (the positions `predict` ranked by that uniform)."""
-        S, i = self.config.steps_in_block(state.block), state.step
-        sl = self.block_slice(state.block)
-        n = (state.gen[:, sl] == self.mask_id).sum(1)
-        if i >= S - 1:
-            return n
-        t, s = 1 - i * (1 - 1e-3) / S, 1 - (i + 1) * (1 - 1e-3) / S
-        share = 1 - s / t
-        if self.config.remasking == "origin":
-            return (state.pred.confidence > -share).sum(1).clamp(max=n)
-        return torch.floor(n.double() * share).long()
 
     # ----------------------------------------------------------------- the sampling loop
     def start(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
