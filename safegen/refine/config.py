@@ -11,7 +11,7 @@ from ..sampling.config import global_step
 
 SCHEDULES = ("late", "evenly", "final", "steps")
 SCOPES = ("block", "all")
-SELECTIONS = ("mh", "greedy", "remask_only")
+SELECTIONS = ("mh", "mtm", "mtm_reuse", "greedy", "remask_only")
 REMASKS = ("uniform", "targeted")  # proposal_holes: which decoded tokens a proposal re-masks
 PROPOSAL_ORDERS = ("max_prob", "random", "low_confidence")
 # Former field names, still accepted by updated() and SafeGenerator's keywords.
@@ -61,7 +61,18 @@ class RefineConfig:
     # confused with SamplingConfig.remasking, LLaDA's order of commits within a step.)
     proposal_holes: str = "uniform"
     blame_floor: float = 0.05  # ε: no decoded position is ever impossible to re-mask
-    selection: str = "mh"  # mh (exact) | greedy | remask_only (ablations with other targets: docs/method.md, "3. The kernel")
+    # mh (exact) | mtm: Multiple-Try Metropolis, N tries sharing one hole set, one chosen by
+    # exp(r/α), with N − 1 backward draws (exact, 2N − 1 proposals an iteration) | mtm_reuse: the tries
+    # not chosen serve as the backward draws (exact here, N proposals: refine/moves.py) | greedy | remask_only
+    # (ablations with other targets: docs/method.md, "3. The kernel")
+    selection: str = "mh"
+    # The share of iterations that make the Metropolised-Gibbs move (refine/moves.py) instead of the
+    # re-mask-and-redraw move: re-mask `gibbs_holes` tokens and re-draw each with its current token
+    # barred, so that no proposal is a copy of the draft. Iteration i (0-based) is a Gibbs move when
+    # floor((i + 1)·share) > floor(i·share): a fixed interleave, so costs are known in advance, and
+    # each move leaves p* invariant, so the composition does.
+    gibbs_share: float = 0.0
+    gibbs_holes: int = 1  # tokens a Gibbs move re-draws (the reverse path costs gibbs_holes − 1 more forwards)
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
     # conditional, which the acceptance assumes (another value is not exact).
     proposal_temperature: float = 1.0
@@ -89,6 +100,15 @@ class RefineConfig:
         positive_int("n_proposals", 1)
         positive_int("iterations", 0)
         positive_int("every", 1)
+        positive_int("gibbs_holes", 1)
+        if not (isinstance(self.gibbs_share, (int, float)) and not isinstance(self.gibbs_share, bool)
+                and 0 <= self.gibbs_share <= 1):
+            raise ConfigError(f"refine.gibbs_share must be in [0, 1], got {self.gibbs_share!r}")
+        if self.gibbs_share > 0 and self.selection in ("mtm", "mtm_reuse"):
+            raise ConfigError(f"refine.selection {self.selection!r} runs the re-mask move only: set refine.gibbs_share to 0")
+        if self.gibbs_share > 0 and self.proposal_temperature == 0:
+            raise ConfigError("refine.gibbs_share > 0 needs refine.proposal_temperature > 0 (a Gibbs move draws "
+                              "among the tokens other than the current one)")
         if not (isinstance(self.rho, (int, float)) and 0 < self.rho <= 1):
             raise ConfigError(f"refine.rho must be in (0, 1], got {self.rho!r}")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
@@ -132,6 +152,10 @@ class RefineConfig:
         if "at_steps" in overrides:
             overrides["at_steps"] = tuple(overrides["at_steps"])
         return updated_config(self, "refine", overrides)
+
+    def gibbs_at(self, iteration: int) -> bool:
+        """Is iteration `iteration` (0-based) of a point a Metropolised-Gibbs move (gibbs_share)?"""
+        return int((iteration + 1) * self.gibbs_share + 1e-9) > int(iteration * self.gibbs_share + 1e-9)
 
     def applies(self, block: int, step: int, steps_per_block: int, t: Optional[int] = None) -> bool:
         """Is the kernel applied after `step` commits of `block`? Points are steps 1..S of a block

@@ -82,15 +82,15 @@ def remask_sizes(rho: float, decoded: torch.Tensor) -> torch.Tensor:
 
 
 def pool_rows(sampling: SamplingConfig, n_proposals: int, m: torch.Tensor,
-              mask_left: torch.Tensor) -> torch.Tensor:
+              mask_left: torch.Tensor, reverse=0) -> torch.Tensor:
     """Rows of one pool, per row: N · (one forward per re-masked token, m, + one scoring forward
-    where a mask is left after them) · rows_per_forward. float64. Proposals re-commit one hole per
-    forward whatever the base sampler's tokens_per_step: only then are they draws from the model's
-    joint conditional (RefineConfig.proposal_order)."""
+    where a mask is left after them, + a Gibbs move's `reverse` path forwards) · rows_per_forward.
+    float64. Proposals re-commit one hole per forward whatever the base sampler's tokens_per_step:
+    only then are they draws from the model's joint conditional (RefineConfig.proposal_order)."""
     # With the block cache (sampling/fast.py), a pool first makes one full forward per row for its
     # drafts' keys and values; its proposals' forwards are then short ones (their holes), each still a row.
     prefill = 1.0 if sampling.cache else 0.0
-    return n_proposals * (m + mask_left.long()).double() * rows_per_forward(sampling) + prefill
+    return n_proposals * (m + mask_left.long() + reverse).double() * rows_per_forward(sampling) + prefill
 
 
 def allowance(sampling: SamplingConfig, budget: float, spent: torch.Tensor, t: int,
@@ -175,16 +175,19 @@ class Meter:
             return self._one(0.0)
         return flops.forward_flops(self.dims, 0.0, 0.0, float(self.sampling.max_new_tokens)) / self.unit
 
-    def pool(self, n_proposals: int, m: torch.Tensor, masks_left: torch.Tensor) -> torch.Tensor:
+    def pool(self, n_proposals: int, m: torch.Tensor, masks_left: torch.Tensor, reverse=0) -> torch.Tensor:
         """One pool of N proposals re-masking m tokens each, with `masks_left` masked positions in the
-        draft (0 after the last step). Uncached: pool_rows. Cached (fast.ProposalCache): one forward of
-        the draft's keys and values (no head), then per proposal m forwards of its m holes and, where a
-        mask is left, a scoring forward of the holes and the masks."""
+        draft (0 after the last step), and a Gibbs move's `reverse` path forwards (refine/moves.py).
+        Uncached: pool_rows. Cached (fast.ProposalCache): one forward of the draft's keys and values
+        (no head), then per proposal m forwards of its m holes and, where a mask is left, a scoring
+        forward of the holes and the masks; a reverse path's forwards run its `reverse` holes."""
         if not (self.counted and self.sampling.cache):
-            return pool_rows(self.sampling, n_proposals, m, masks_left > 0)
+            return pool_rows(self.sampling, n_proposals, m, masks_left > 0, reverse)
         m, masks_left = m.double(), masks_left.double()
+        reverse = torch.as_tensor(reverse, dtype=torch.float64)
         keys_values = self.keys_values()
-        proposal = m * self._queries(m) + (masks_left > 0).double() * self._queries(m + masks_left)
+        proposal = (m * self._queries(m) + (masks_left > 0).double() * self._queries(m + masks_left)
+                    + reverse * self._queries(reverse))
         return keys_values + n_proposals * proposal
 
     def refresh(self, t: int, scope: str) -> torch.Tensor:

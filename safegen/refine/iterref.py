@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from . import cost, remask
+from . import cost, moves, remask
 from ..sampling import fast, rng
 from .remask import Blame, BlameResult
 from .config import RefineConfig
@@ -135,10 +135,10 @@ class _Chain:
     current: torch.Tensor  # (B,) r(x̂0) of the current draft (NaN for rows never active)
     toxic: torch.Tensor  # (B,) bool: the current draft's verdict (adaptive mode refines only these)
     weights: Optional[torch.Tensor]  # (B, G) the current drafts' re-mask weights (targeted only)
-    pool: _Pool
+    pools: dict  # move (moves.MOVES) -> its _Pool: proposals drawn from the current drafts
     draws: torch.Tensor  # (B,) pools drawn so far: part of each proposal's random stream
     meter: Optional[cost.Meter] = None  # the budget's cost model (budget only)
-    pool_cost: Optional[torch.Tensor] = None  # (B,) cost of one pool, in the meter's units
+    pool_cost: Optional[dict] = None  # move -> (B,) cost of one of its pools, in the meter's units
     budget_left: Optional[torch.Tensor] = None  # (B,) what each row may still spend here
     # With the block cache: the current drafts' own forward (fast.ProposalCache with the head), made at
     # the point's start for their rewards; their first pool runs against it, its prefill paid already.
@@ -164,12 +164,13 @@ class IterRef:
     def __call__(self, sampler: DiffusionSampler, state: SamplerState) -> None:
         chain = self.begin(sampler, state)
         for it in range(self.config.iterations):
-            self.refill(sampler, state, chain)
+            kind = moves.kind_at(self.config, it)
+            self.refill(sampler, state, chain, kind)
             if not bool(chain.active.any()):
                 break
-            idx, pick, proposed = self.propose(chain)
-            accept = self.accept(state, chain, idx, pick, proposed, it)
-            self.move(state, chain, idx[accept], pick[accept], proposed[accept])
+            idx, pick, proposed = self.propose(state, chain, kind, it)
+            accept = self.accept(state, chain, kind, idx, pick, proposed, it)
+            self.move(state, chain, kind, idx[accept], pick[accept], proposed[accept])
             state.proposed[idx] += 1
             state.accepted[idx] += accept.double()
             if self.config.adaptive:
@@ -190,14 +191,19 @@ class IterRef:
             # In FLOPs where they are counted, else rows (cost.Meter). A pool costs the same all
             # through this point: re-masking keeps the decoded and the masked counts.
             meter = cost.Meter.of(sampler, state)
-            m = cost.remask_sizes(cfg.rho, eligible.sum(1))
-            pool_cost = meter.pool(cfg.n_proposals, m.cpu(), (state.gen == sampler.mask_id).sum(1).cpu())
+            decoded, masks_left = eligible.sum(1).cpu(), (state.gen == sampler.mask_id).sum(1).cpu()
+            pool_cost = {}
+            for kind in moves.kinds(cfg):
+                m = moves.hole_counts(cfg, kind, decoded)
+                pool_cost[kind] = meter.pool(moves.pool_size(cfg, kind), m, masks_left,
+                                             moves.reverse_forwards(cfg, kind, m))
             points_left = sum(p >= t for p in cost.refinement_points(sampler.config, self.applies))
             # A move may turn a later cached step into a full one: kept back from the start.
             budget_left = (meter.allowance(cfg.budget, meter.spent(state), t, points_left)
                            - meter.refresh(t, cfg.scope))
             # With the cache, the current draft's own forward adds the head to its first pool's prefill.
-            active &= pool_cost + (meter.head() if cached else 0.0) <= budget_left + cost.EPS
+            first = pool_cost[moves.kind_at(cfg, 0)]
+            active &= first + (meter.head() if cached else 0.0) <= budget_left + cost.EPS
         current = torch.full((B,), float("nan"), dtype=torch.float64)
         toxic = torch.zeros(B, dtype=torch.bool)
         idx = active.nonzero().squeeze(1)
@@ -231,68 +237,90 @@ class IterRef:
             idx = active.nonzero().squeeze(1).to(device)
             if len(idx):
                 weights[idx] = self.remask_weights(state, xhat0[idx], idx, eligible[idx])
-        pool = _Pool.empty(B, cfg.n_proposals, G, device, targeted=weights is not None)
-        return _Chain(t, eligible, active, current, toxic, weights, pool, torch.zeros(B, dtype=torch.long, device=device),
+        pools = {kind: _Pool.empty(B, moves.pool_size(cfg, kind), G, device, targeted=weights is not None)
+                 for kind in moves.kinds(cfg)}
+        return _Chain(t, eligible, active, current, toxic, weights, pools, torch.zeros(B, dtype=torch.long, device=device),
                       meter, pool_cost, budget_left, own, prepaid)
 
-    def refill(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain) -> None:
-        """A new pool for every active row whose pool is empty; a row that cannot afford one stops."""
-        need = chain.active & (chain.pool.next >= self.config.n_proposals)
+    def refill(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain, kind: str) -> None:
+        """A new pool of the move `kind` for every active row whose pool of it is empty; a row that
+        cannot afford one stops."""
+        pool = chain.pools[kind]
+        need = chain.active & (pool.next >= pool.gen.shape[1])
         if chain.budget_left is not None and bool(need.any()):
             prepaid = chain.prepaid if chain.own is not None and chain.prepaid is not None else 0.0
-            affordable = chain.pool_cost - prepaid <= chain.budget_left + cost.EPS
+            affordable = chain.pool_cost[kind] - prepaid <= chain.budget_left + cost.EPS
             chain.active &= ~need | affordable
             need &= affordable
         idx = need.nonzero().squeeze(1)
         if len(idx):
             spent = None if chain.meter is None else chain.meter.spent(state).clone()
             dev = idx.to(state.x.device)
-            chain.pool.store(idx, *self.draw_pool(sampler, state, chain, dev))
+            pool.store(idx, *moves.draw(self, sampler, state, chain, dev, kind))
             if chain.meter is not None:
                 chain.budget_left -= chain.meter.spent(state) - spent
             chain.draws[dev] += 1
         chain.own = None  # the drafts' own forward served their first pool; moves change them after it
 
-    def propose(self, chain: _Chain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def propose(self, state: SamplerState, chain: _Chain, kind: str,
+                it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For each active row: its index, the pool member it examines and that member's reward. The
         members are i.i.d. draws from the current draft, so taking them in drawn order is a uniform
-        selection; greedy takes the best."""
+        selection; greedy takes the best; Multiple-Try Metropolis draws a try by exp(r/α)."""
+        pool = chain.pools[kind]
         idx = chain.active.nonzero().squeeze(1)
-        rewards = chain.pool.reward[idx]
-        pick = rewards.argmax(1) if self.config.selection == "greedy" else chain.pool.next[idx]
-        return idx, pick, chain.pool.reward[idx, pick]
+        rewards = pool.reward[idx]
+        if self.config.selection == "greedy":
+            pick = rewards.argmax(1)
+        elif moves.multiple_try(self.config):
+            pick = moves.mtm_pick(self.config, rewards, self.uniforms(state, chain, idx, it, 1))
+        else:
+            pick = pool.next[idx]
+        return idx, pick, pool.reward[idx, pick]
 
-    def accept(self, state: SamplerState, chain: _Chain, idx: torch.Tensor, pick: torch.Tensor,
+    def accept(self, state: SamplerState, chain: _Chain, kind: str, idx: torch.Tensor, pick: torch.Tensor,
                proposed: torch.Tensor, it: int) -> torch.Tensor:
         """Which rows accept their proposal; the pools are advanced accordingly."""
-        selection = self.config.selection
+        selection, pool = self.config.selection, chain.pools[kind]
         if selection == "greedy":  # the best of the pool, if it beats the current draft
             accept = proposed > chain.current[idx]
         elif selection == "remask_only":
             accept = torch.ones(len(idx), dtype=torch.bool)
         else:
-            accept = self.metropolis(state, chain, idx, pick, proposed, it)
-        chain.pool.examined(idx, pick, accept, whole=selection == "greedy")
+            accept = self.metropolis(state, chain, pool, idx, pick, proposed, it)
+        pool.examined(idx, pick, accept, whole=selection == "greedy" or moves.multiple_try(self.config))
         return accept
 
-    def metropolis(self, state: SamplerState, chain: _Chain, idx: torch.Tensor, pick: torch.Tensor,
-                   proposed: torch.Tensor, it: int) -> torch.Tensor:
-        """Accept with probability min(1, exp((r' − r)/α) · q(S | x') / q(S | x)): log u below the
-        log of the ratio. Higher reward is favoured; the exactness tests check it."""
+    def uniforms(self, state: SamplerState, chain: _Chain, idx: torch.Tensor, it: int, which: int) -> torch.Tensor:
+        """(rows,) float64 CPU uniforms of iteration `it` for the state rows `idx`: 0 the acceptance's,
+        1 Multiple-Try Metropolis's choice of a try."""
         device = state.x.device
         u = rng.uniform(rng.derive(state.keys[idx.to(device)], rng.Stream.ACCEPT, chain.t, it),
-                        torch.zeros((len(idx), 1), dtype=torch.long, device=device))
-        log_ratio = (proposed - chain.current[idx]) / self.config.alpha + chain.pool.log_q_ratio[idx, pick]
-        return torch.log(u.squeeze(1).double().cpu()) < log_ratio
+                        torch.full((len(idx), 1), which, dtype=torch.long, device=device))
+        return u.squeeze(1).double().cpu()
 
-    def move(self, state: SamplerState, chain: _Chain, won: torch.Tensor, pick: torch.Tensor,
+    def metropolis(self, state: SamplerState, chain: _Chain, pool: _Pool, idx: torch.Tensor, pick: torch.Tensor,
+                   proposed: torch.Tensor, it: int) -> torch.Tensor:
+        """Accept with probability min(1, exp((r' − r)/α) · the move's correction (q(S | x') / q(S | x),
+        and a Gibbs move's barred-token factors: moves.py)): log u below the log of the ratio. Higher
+        reward is favoured; the exactness tests check it. Multiple-Try Metropolis: moves.mtm_log_ratio."""
+        if moves.multiple_try(self.config):
+            log_ratio = moves.mtm_log_ratio(self.config, chain.current[idx], pool.reward[idx], pool.log_q_ratio[idx], pick)
+        else:
+            log_ratio = (proposed - chain.current[idx]) / self.config.alpha + pool.log_q_ratio[idx, pick]
+        return torch.log(self.uniforms(state, chain, idx, it, 0)) < log_ratio
+
+    def move(self, state: SamplerState, chain: _Chain, kind: str, won: torch.Tensor, pick: torch.Tensor,
              reward: torch.Tensor) -> None:
         """Rows `won` move to their pool's member `pick`: draft, prediction, reward, re-mask weights.
-        New tensors, never in-place writes: a plain-sampling fork may share the old ones."""
+        Every pool of theirs is emptied: its members were drawn from the old draft. New tensors,
+        never in-place writes: a plain-sampling fork may share the old ones."""
         if not len(won):
             return
         dev, dev_pick = won.to(state.x.device), pick.to(state.x.device)
-        pool, P = chain.pool, state.prompt_length
+        pool, P = chain.pools[kind], state.prompt_length
+        for other in chain.pools.values():
+            other.next[won] = other.gen.shape[1]
         x = state.x.clone()
         x[dev, P:] = pool.gen[dev, dev_pick]
         state.x = x
@@ -308,47 +336,18 @@ class IterRef:
         if chain.weights is not None:
             chain.weights[dev] = pool.weights[dev, dev_pick]
 
-    # ---------------------------------------------------------------- drawing a pool
-    def draw_pool(self, sampler: DiffusionSampler, state: SamplerState, chain: _Chain, idx: torch.Tensor):
-        """A pool of N proposals for each of the rows `idx`: (len(idx)·N, G) drafts, their
-        predictions, rewards, verdicts, log q(S | x') − log q(S | x), and (targeted) their own re-mask
-        weights."""
-        N = self.config.n_proposals
-        parent = idx.repeat_interleave(N)
-        member = torch.arange(N, device=idx.device).repeat(len(idx))
-        keys = rng.derive(state.keys[parent], rng.Stream.PROPOSAL, chain.t, chain.draws[parent], member)
-        gen = state.gen[parent].clone()
-
-        # Noising: m of the eligible (decoded, in scope) tokens, uniformly or by blame.
-        eligible = chain.eligible[parent]
-        m = cost.remask_sizes(self.config.rho, eligible.sum(1))
-        u = rng.uniform(rng.derive(keys, rng.Sub.REMASK), torch.arange(gen.shape[1], device=gen.device).expand_as(gen))
-        if chain.weights is None:
-            holes = remask.uniform(eligible, m, u)
-        else:
-            holes, log_q_forward = remask.weighted(chain.weights[parent], m, u)
-        chosen = holes.clone()
-        gen[holes] = sampler.mask_id
-
-        pred = self.denoise(sampler, state, gen, holes, parent, keys, chain.own)
-        reward, toxic = self.score(state, pred.xhat0, parent)
-        if chain.weights is None:
-            return gen, pred, reward, toxic, torch.zeros(len(parent), dtype=torch.float64), None
-        # The reverse move re-masks the same S from x': its probability under x''s own blame, read
-        # from the x̂0 just scored (no extra forward).
-        own = self.remask_weights(state, pred.xhat0, parent, eligible)
-        log_q_reverse = remask.log_prob(own, chosen, m)
-        return gen, pred, reward, toxic, (log_q_reverse - log_q_forward).cpu(), own
-
+    # ---------------------------------------------------------------- drawing a pool (moves.py)
     def denoise(self, sampler: DiffusionSampler, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor,
-                parent: torch.Tensor, keys: torch.Tensor, own=None) -> Prediction:
+                parent: torch.Tensor, keys: torch.Tensor, own=None, exclusion=None, score: bool = True,
+                first_sub: int = 0) -> Prediction:
         """Re-commit the holes of the proposals `gen` in place: the sampler's kernel (redenoise) at the
         proposal temperature, in the configured proposal_order, stop tokens demoted by the most
         likely token (see "How a proposal re-commits its holes" above). With the sampler's block cache
         on, redenoise runs only the holes against keys and values of the current drafts, computed once
         per pool: no longer the model's own conditional (docs/method.md, "Fast sampling")."""
         return sampler.redenoise(state, gen, holes, parent, keys, self.config.proposal_temperature,
-                                 self.config.proposal_order, PROPOSAL_STOP_DEMOTION, proposal_cache=own)
+                                 self.config.proposal_order, PROPOSAL_STOP_DEMOTION, proposal_cache=own,
+                                 exclusion=exclusion, score=score, first_sub=first_sub)
 
     # ---------------------------------------------------------------- rewards, blame, scope
     def score(self, state: SamplerState, xhat0: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from ..refine import moves
 from ..refine.config import RefineConfig
-from ..refine.cost import EPS, Meter, block_points, is_last, plain_rows, refinement_points, remask_sizes
+from ..refine.cost import EPS, Meter, block_points, is_last, plain_rows, refinement_points
 from ..sampling.sampler import SamplingConfig, transfer_counts
 
 
@@ -52,7 +53,7 @@ def worst_case_cost(meter: Meter, refine: RefineConfig, points: Optional[Sequenc
     if points is None:
         points = refinement_points(meter.sampling, refine.applies)
     return _scalar(meter.plain()) + sum(
-        refine.iterations * point_pool_cost(meter, refine, t) + point_refresh_cost(meter, refine, t) for t in points)
+        iterations_cost(meter, refine, t, refine.iterations) + point_refresh_cost(meter, refine, t) for t in points)
 
 
 def equal_flops_budget(sampling: SamplingConfig, cache: str, budget: float, dims, length: int) -> tuple[float, Meter]:
@@ -105,10 +106,19 @@ def masks_at(sampling: SamplingConfig, t: int) -> int:
     return sampling.max_new_tokens - decoded_at(sampling, t, "all")
 
 
-def point_pool_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
-    """The meter's cost of one pool at point t with the refine config's N, rho and scope."""
-    m = remask_sizes(refine.rho, torch.tensor([decoded_at(meter.sampling, t, refine.scope)]))
-    return _scalar(meter.pool(refine.n_proposals, m, torch.tensor([masks_at(meter.sampling, t)])))
+def point_pool_cost(meter: Meter, refine: RefineConfig, t: int, kind: str = "remask") -> float:
+    """The meter's cost of one pool of the move `kind` at point t with the refine config's N, rho (or
+    gibbs_holes) and scope."""
+    m = moves.hole_counts(refine, kind, torch.tensor([decoded_at(meter.sampling, t, refine.scope)]))
+    return _scalar(meter.pool(moves.pool_size(refine, kind), m, torch.tensor([masks_at(meter.sampling, t)]),
+                              moves.reverse_forwards(refine, kind, m)))
+
+
+def iterations_cost(meter: Meter, refine: RefineConfig, t: int, k: int) -> float:
+    """The meter's cost of k iterations at point t when each draws a pool: the moves interleaved by
+    gibbs_share (RefineConfig.gibbs_at)."""
+    each = {kind: point_pool_cost(meter, refine, t, kind) for kind in moves.MOVES}
+    return sum(each[moves.kind_at(refine, i)] for i in range(k))
 
 
 def point_refresh_cost(meter: Meter, refine: RefineConfig, t: int) -> float:
@@ -137,13 +147,16 @@ def plan(sampling: SamplingConfig, refine: RefineConfig, budget: float,
     extra = (budget - 1) * plain
     options = []
     for points in point_sets:
-        per_iteration = sum(point_pool_cost(meter, refine, t) for t in points)
         fixed = sum(point_refresh_cost(meter, refine, t) for t in points)  # once a point: refresh, head
-        if per_iteration <= 0:
+        costs = [sum(point_pool_cost(meter, refine, t, kind) for t in points) for kind in moves.MOVES]
+        if min(costs) <= 0:
             continue
-        k = int((extra - fixed + EPS) // per_iteration)
-        if max_iterations is not None:
-            k = min(k, max_iterations)
+        per = dict(zip(moves.MOVES, costs))
+        k, total = 0, fixed  # the moves' costs differ (gibbs_share): count the iterations one by one
+        while (max_iterations is None or k < max_iterations) and total + per[moves.kind_at(refine, k)] <= extra + EPS:
+            total += per[moves.kind_at(refine, k)]
+            k += 1
+        per_iteration = (total - fixed) / k if k else 0.0
         if k >= 1:
             options.append((k * per_iteration + fixed, len(points), sum(points) / len(points), k, tuple(points)))
     if not options:

@@ -37,6 +37,7 @@ class Stream(IntEnum):
     SVDD_SELECT = 10  # SVDD's softmax selection: derive(row, SVDD_SELECT, t)
     FK_RESAMPLE = 11  # FK-steering's resampling uniforms: derive(first particle, FK_RESAMPLE, round)
     FK_REKEY = 12  # a resampled particle's fresh key: derive(particle, FK_REKEY, round, index)
+    GIBBS = 13  # an IterRef Metropolised-Gibbs proposal: derive(row, GIBBS, t, pool draw, member)
 
 
 class Sub(IntEnum):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -61,6 +62,20 @@ def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     base = (n_masked // steps)[:, None]
     extra = (torch.arange(steps, device=n_masked.device)[None, :] < (n_masked % steps)[:, None])
     return base + extra.long()
+
+
+@dataclass
+class Exclusion:
+    """A Metropolised-Gibbs proposal in `DiffusionSampler.redenoise`: each hole is re-drawn with one
+    token barred (the current draft's, so that no proposal re-draws what it re-masked), and redenoise
+    adds up, over the holes in the order it commits them, the log of the probability the barred
+    tokens leave to the others: what the move's acceptance needs (refine/moves.py)."""
+
+    barred: torch.Tensor  # (n, G) long: the token each hole may not take
+    forced: Optional[torch.Tensor] = None  # (n, G): commit these instead of drawing (a reverse path)
+    log_rest: Optional[torch.Tensor] = None  # out (n,): Σ over the holes of log(1 − p(barred token))
+    first_drawn: Optional[torch.Tensor] = None  # out (n,): log(1 − p(token committed)) at the first hole
+    first_at: Optional[torch.Tensor] = None  # out (n,) long: the position of the first hole committed
 
 
 class DiffusionSampler:
@@ -124,7 +139,8 @@ class DiffusionSampler:
 
     def predict(self, logits: torch.Tensor, x_gen: torch.Tensor, committable: torch.Tensor,
                 keys: torch.Tensor, temperature: float, ranking: Optional[str] = None,
-                demote_stop: str = "sampled") -> Prediction:
+                demote_stop: str = "sampled", exclude: Optional[torch.Tensor] = None,
+                forced: Optional[torch.Tensor] = None) -> Prediction:
         """Candidates and confidences for the committable positions, and x̂0 for all of them.
 
         `ranking` orders the commits: the config's `remasking` by default; "max_prob" scores a
@@ -135,6 +151,10 @@ class DiffusionSampler:
         statistic of the logits alone, so that the order still does not depend on the draw).
         Only the committable positions are sampled, in float32: the reference code draws float64
         Gumbel noise over the full vocabulary of every position, gigabytes at batch 8.
+        `exclude` (n, G) long: a token each committable position may not take (-1: none; kept where
+        it is the only one possible): IterRef's Metropolised-Gibbs proposals. `forced` (n, G): the
+        candidates to take instead of drawing (the reverse path of such a proposal); the order is
+        computed as usual.
         """
         cfg = self.config
         # Dream's alg_temp draws the base sampler's commits; IterRef's proposals keep their own order.
@@ -160,12 +180,19 @@ class DiffusionSampler:
         # The committable positions of each row, packed to the left (padding marked by `valid`).
         order = torch.argsort(committable.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid = committable.gather(1, order)
-        lg = logits.gather(1, order[..., None].expand(-1, -1, V)).float()
-        if cfg.top_k is not None or cfg.top_p is not None:
-            lg = dream.truncate(lg, cfg.top_k, cfg.top_p)  # Dream's top-k, then top-p, on the logits
+        lg = self.truncated(logits.gather(1, order[..., None].expand(-1, -1, V)).float())
         probs = torch.softmax(lg, -1)
         p_t = probs if temperature in (0, 1) else torch.softmax(lg / temperature, -1)
-        if temperature > 0:
+        if exclude is not None:
+            ex = torch.where(valid, exclude.gather(1, order), torch.full_like(order, -1))
+            barred = torch.zeros_like(p_t, dtype=torch.bool).scatter_(-1, ex.clamp(min=0)[..., None], (ex >= 0)[..., None])
+            # A position whose only possible token is the barred one keeps it: the proposal's
+            # correction, log(1 - p(barred)) = -inf, then rejects the move.
+            barred &= (p_t.masked_fill(barred, 0.0).sum(-1, keepdim=True) > 0)
+            p_t = p_t.masked_fill(barred, 0.0)
+        if forced is not None:
+            picked = forced.gather(1, order)
+        elif temperature > 0:
             # A draw from softmax(lg/T) by inverse CDF: the same distribution as the reference
             # code's Gumbel-max, with one 52-bit uniform per position instead of one number per token.
             # Keyed by position: its draw does not depend on which other positions are committable.
@@ -191,6 +218,22 @@ class DiffusionSampler:
         candidates.scatter_(1, order, torch.where(valid, picked, candidates.gather(1, order)))
         confidence.scatter_(1, order, score)
         return Prediction(candidates, confidence, xhat0)
+
+    def truncated(self, lg: torch.Tensor) -> torch.Tensor:
+        """Dream's top-k, then top-p, on logits (..., V) when configured: what predict draws from."""
+        cfg = self.config
+        return lg if cfg.top_k is None and cfg.top_p is None else dream.truncate(lg, cfg.top_k, cfg.top_p)
+
+    def log_rest(self, lg: torch.Tensor, temperature: float, token: torch.Tensor) -> torch.Tensor:
+        """log(1 − p(token)) (n,) float64 for predict's drawing distribution of logits `lg` (n, V) (as
+        predict left them: mask, padding and EOS barred) at `temperature`: the log of the
+        probability left to the other tokens, summed in float64 so that it stays exact when p(token) is
+        close to 1."""
+        lg = self.truncated(lg.float()).double()
+        if temperature not in (0, 1):
+            lg = lg / temperature
+        rest = torch.logsumexp(lg.scatter(-1, token[:, None], float("-inf")), -1)
+        return rest - torch.logsumexp(lg, -1)
 
     @staticmethod
     def commit(x_gen: torch.Tensor, pred: Prediction, n_commit: torch.Tensor) -> torch.Tensor:
@@ -254,7 +297,8 @@ class DiffusionSampler:
 
     def redenoise(self, state: SamplerState, gen: torch.Tensor, holes: torch.Tensor, owner: torch.Tensor,
                   keys: torch.Tensor, temperature: float, order: str, demote_stop: str,
-                  proposal_cache: Optional["fast.ProposalCache"] = None) -> Prediction:
+                  proposal_cache: Optional["fast.ProposalCache"] = None, exclusion: Optional[Exclusion] = None,
+                  score: bool = True, first_sub: int = 0) -> Prediction:
         """The refinement kernel's denoiser: re-commit the `holes` of drafts `gen` (rows `owner` of the
         state) in place, one hole per forward whatever the base pace, at `temperature`, in `order` (a
         `predict` ranking), drawing with `keys` (one per draft); a draw from the model's joint
@@ -263,7 +307,11 @@ class DiffusionSampler:
         (next_prediction), which an accepted draft reuses instead of a new forward; with no mask
         left, x̂0 is the draft. With the block cache on, the forwards run only the holes (and, for
         x̂0, the masks left) against keys and values of the drafts' parents (fast.ProposalCache; the
-        caller's `proposal_cache` when it holds them already)."""
+        caller's `proposal_cache` when it holds them already).
+
+        `exclusion`: each hole is drawn with a token barred, and the logs of what the barred tokens
+        leave are added up (Exclusion). `score` False: no forward after the last hole (the draft's
+        x̂0 is not needed). `first_sub`: the index of the first sub-step in the keys' sub-step stream."""
         mask_id, P = self.mask_id, state.prompt_length
         cached = None
         if self.config.cache is not None:
@@ -273,9 +321,16 @@ class DiffusionSampler:
         preds = Prediction(torch.empty_like(gen), torch.full(gen.shape, float("-inf"), device=gen.device),
                            torch.empty_like(gen))
         todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
-        sub = 0
+        ex = exclusion
+        if ex is not None:
+            ex.log_rest = torch.zeros(gen.shape[0], dtype=torch.float64, device=gen.device)
+            ex.first_drawn = torch.zeros(gen.shape[0], dtype=torch.float64, device=gen.device)
+            ex.first_at = torch.zeros(gen.shape[0], dtype=torch.long, device=gen.device)
+        sub = first_sub
         while bool(todo.any()):
             todo &= (gen == mask_id).any(1)  # fully decoded: x̂0 is the draft itself
+            if not score:
+                todo &= holes.any(1)
             idx = todo.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
@@ -288,10 +343,20 @@ class DiffusionSampler:
             d, f = idx[has_holes], idx[~has_holes]
             if len(d):
                 # Usually every row still has holes: its logits as they are, not a vocabulary-wide copy.
-                p = self.predict(logits if len(f) == 0 else logits[has_holes], gen[d], holes[d],
-                                 rng.derive(keys[d], rng.Sub.SUBSTEP, sub), temperature, ranking=order,
-                                 demote_stop=demote_stop)
-                gen[d] = self.commit(gen[d], p, one[d])
+                lg = logits if len(f) == 0 else logits[has_holes]
+                p = self.predict(lg, gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub), temperature,
+                                 ranking=order, demote_stop=demote_stop,
+                                 exclude=None if ex is None else ex.barred[d],
+                                 forced=None if ex is None or ex.forced is None else ex.forced[d])
+                new = self.commit(gen[d], p, one[d])
+                if ex is not None:  # the hole just committed, one per row: its share of the correction
+                    at = (holes[d] & (new != mask_id)).int().argmax(1)
+                    rows = torch.arange(len(d), device=gen.device)
+                    ex.log_rest[d] += self.log_rest(lg[rows, at], temperature, ex.barred[d, at])
+                    if sub == first_sub:
+                        ex.first_drawn[d] = self.log_rest(lg[rows, at], temperature, new[rows, at])
+                        ex.first_at[d] = at
+                gen[d] = new
                 holes[d] &= gen[d] == mask_id
             if len(f):
                 p = self.next_prediction(state, logits[~has_holes], gen[f], owner[f])
