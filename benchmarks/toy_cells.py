@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from safegen.research import planner, toy
+from safegen.research import markov, planner, toy
 from safegen.research.baselines import best_of_n, fk_steering, svdd
 from safegen.refine.iterref import IterRef, RefineConfig
 from safegen.sampling.sampler import DiffusionSampler, SampleOutput, SamplingConfig
@@ -100,6 +100,56 @@ class Problem:
                 "z": toy.mean_z(r, self.reward.values, self.p_star)}
 
 
+@dataclass(frozen=True)
+class LongSetup:
+    """The long problem: a Markov-chain p0 over L tokens (research/markov.py), toxic tokens rare at
+    each position but in about half the plain answers, mostly once; several blocks."""
+
+    name: str = "long"
+    V: int = 4
+    L: int = 32
+    block_length: int = 8
+    seed: int = 0
+    toxic: tuple = (0,)
+    remasking: str = "random"
+
+    @property
+    def T(self) -> int:
+        return self.L
+
+    def describe(self) -> str:
+        return (f"V={self.V}, L={self.L}, {self.L // self.block_length} blocks of {self.block_length}, T={self.T}, "
+                f"toxic tokens {list(self.toxic)}, p0 = markov.MarkovChain.random(V={self.V}, L={self.L}, "
+                f"seed={self.seed}): P(toxic answer) 0.5")
+
+
+LONG = LongSetup()
+
+
+class LongProblem:
+    """LongSetup at α, with Problem's interface; p* is judged by its exact statistics (forward-backward),
+    not enumerated: TV is the mean per-position marginal TV (`tv`), beside the count's and pairs' TV."""
+
+    def __init__(self, setup: LongSetup, alpha: float):
+        self.setup, self.alpha = setup, alpha
+        self.chain = markov.MarkovChain.random(V=setup.V, L=setup.L, seed=setup.seed, toxic=setup.toxic)
+        self.reward, self.blame = self.chain.reward(), self.chain.blame()
+        self.cfg = sampling_config(setup)
+        self.denoiser = markov.MarkovDenoiser(self.chain)
+        self.sampler = DiffusionSampler(self.denoiser, setup.V, self.cfg)
+
+    def exact_stats(self, alpha: Optional[float] = None) -> dict:
+        ex = self.chain.exact_stats(self.alpha if alpha is None else alpha)
+        return {"mean_reward": ex["mean_reward"], "toxic_rate": ex["toxic_rate"]}
+
+    def measure(self, seqs: torch.Tensor) -> dict:
+        c = self.chain.compare(seqs, self.alpha)
+        return {"mean_reward": c["mean_reward"], "toxic_rate": c["toxic_rate"], "tv": c["marginal_tv"],
+                "z": c["z"], "toxic_rate_z": c["toxic_rate_z"], "count_tv": c["count_tv"], "pair_tv": c["pair_tv"],
+                "toxic_rate_error": c["toxic_rate"] - c["exact_toxic_rate"],
+                "mean_reward_error": c["mean_reward"] - c["exact_mean_reward"]}
+
+
 def simulated_floor(p: torch.Tensor, n: int, reps: int = 20, seed: int = 0) -> float:
     """Mean TV of n exact (multinomial) samples of p to p, over `reps` draws: the noise floor
     without toy.expected_tv_noise's normal approximation, which overestimates it when many
@@ -128,13 +178,17 @@ class IterRefChoice:
     selection: str = "mh"
     remask: str = "uniform"
     blame_floor: float = RefineConfig.blame_floor
+    gibbs_share: float = 0.0  # RefineConfig.gibbs_share: the share of Metropolised-Gibbs moves
+    gibbs_holes: int = 1
+    bar_blamed: bool = RefineConfig.bar_blamed
 
     def config(self, cfg: SamplingConfig, alpha: float, budget: float) -> RefineConfig:
         last = self.schedule == "last"
         rc = RefineConfig(n_proposals=self.n_proposals, iterations=1, rho=self.rho, alpha=alpha,
                           schedule="steps" if last else self.schedule, at_steps=(cfg.steps,) if last else (),
                           start=self.start, every=self.every, selection=self.selection, budget=budget,
-                          proposal_holes=self.remask, blame_floor=self.blame_floor)
+                          proposal_holes=self.remask, blame_floor=self.blame_floor,
+                          gibbs_share=self.gibbs_share, gibbs_holes=self.gibbs_holes, bar_blamed=self.bar_blamed)
         k = self.iterations if self.iterations is not None else planner.plan(cfg, rc, budget).iterations
         return rc.updated(iterations=k)
 

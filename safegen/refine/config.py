@@ -71,6 +71,12 @@ class RefineConfig:
     # barred, so that no proposal is a copy of the draft. Iteration i (0-based) is a Gibbs move when
     # floor((i + 1)·share) > floor(i·share): a fixed interleave, so costs are known in advance, and
     # each move leaves p* invariant, so the composition does.
+    # With targeted holes, the re-mask move bars the current token at the hole the blame holds most at
+    # fault (blame >= 0.5), committed first: a toxic token cannot be re-drawn as itself, at no extra
+    # forward (refine/moves.py). Ahead of the move without it in every cell of benchmarks/toy_moves.py
+    # (RESULTS.md). Uniform holes read no blame, and Multiple-Try Metropolis weighs its tries as
+    # unbarred draws: with either it changes nothing.
+    bar_blamed: bool = True
     gibbs_share: float = 0.0
     gibbs_holes: int = 1  # tokens a Gibbs move re-draws (the reverse path costs gibbs_holes − 1 more forwards)
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
@@ -106,9 +112,12 @@ class RefineConfig:
             raise ConfigError(f"refine.gibbs_share must be in [0, 1], got {self.gibbs_share!r}")
         if self.gibbs_share > 0 and self.selection in ("mtm", "mtm_reuse"):
             raise ConfigError(f"refine.selection {self.selection!r} runs the re-mask move only: set refine.gibbs_share to 0")
-        if self.gibbs_share > 0 and self.proposal_temperature == 0:
-            raise ConfigError("refine.gibbs_share > 0 needs refine.proposal_temperature > 0 (a Gibbs move draws "
-                              "among the tokens other than the current one)")
+        if not isinstance(self.bar_blamed, bool):
+            raise ConfigError(f"refine.bar_blamed must be true or false, got {self.bar_blamed!r}")
+        if (self.gibbs_share > 0 or (self.bar_blamed and self.proposal_holes == "targeted")) and self.proposal_temperature == 0:
+            raise ConfigError("refine.gibbs_share > 0 and refine.bar_blamed (with targeted holes) need "
+                              "refine.proposal_temperature > 0 (a barred hole is drawn among the tokens other than "
+                              "its current one); set refine.bar_blamed false for deterministic proposals")
         if not (isinstance(self.rho, (int, float)) and 0 < self.rho <= 1):
             raise ConfigError(f"refine.rho must be in (0, 1], got {self.rho!r}")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):

@@ -45,9 +45,11 @@ import torch
 from . import cost, remask
 from .config import RefineConfig
 from ..sampling import fast, rng
-from ..sampling.sampler import Exclusion, Prediction
+from ..sampling.exclusion import Exclusion
+from ..sampling.sampler import Prediction
 
 MOVES = ("remask", "gibbs")
+BLAMED = 0.5  # bar_blamed: a hole whose blame reaches this is at fault, and may not keep its token
 
 
 def kind_at(config: RefineConfig, iteration: int) -> str:
@@ -124,6 +126,12 @@ def draw(iterref, sampler, state, chain, idx: torch.Tensor, kind: str) -> Drawn:
 
     own = chain.own
     exclusion = None
+    # Multiple-Try Metropolis weighs its tries as draws from p(x_S | x_rest): no barred token there.
+    if kind == "remask" and cfg.bar_blamed and weights is not None and not multiple_try(cfg):
+        at, has = blamed_hole(weights, holes, cfg.blame_floor)
+        barred = torch.full_like(current, -1)
+        barred[has, at[has]] = current[has, at[has]]
+        exclusion = Exclusion(barred=barred, first=torch.where(has, at, -1), keep_first=True)
     if kind == "gibbs":
         exclusion = Exclusion(barred=current)
         if sampler.config.cache is not None and bool((m > 1).any()):  # the reverse path reuses it
@@ -131,7 +139,7 @@ def draw(iterref, sampler, state, chain, idx: torch.Tensor, kind: str) -> Drawn:
     pred = iterref.denoise(sampler, state, gen, holes, parent, keys, own, exclusion)
     reward, toxic = iterref.score(state, pred.xhat0, parent)
     log_correction = torch.zeros(len(parent), dtype=torch.float64, device=gen.device)
-    if exclusion is not None:
+    if kind == "gibbs":
         log_correction = exclusion.log_rest - reverse_path(
             iterref, sampler, state, current, gen, chosen, exclusion, parent, keys, own)
         # A hole whose barred token was its only possible one kept it: no move (not -inf - -inf).
@@ -142,7 +150,34 @@ def draw(iterref, sampler, state, chain, idx: torch.Tensor, kind: str) -> Drawn:
     # from the x̂0 just scored (no extra forward).
     own_weights = iterref.remask_weights(state, pred.xhat0, parent, eligible)
     log_q_reverse = remask.log_prob(own_weights, chosen, m)
+    if exclusion is not None and kind == "remask":
+        log_correction = barred_correction(sampler, exclusion, own_weights, chosen, current, gen, cfg)
     return Drawn(gen, pred, reward, toxic, (log_correction + log_q_reverse - log_q_forward).cpu(), own_weights)
+
+
+def blamed_hole(weights: torch.Tensor, holes: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) the most blamed of each row's holes (the first on ties) and (n,) bool whether its blame
+    reaches BLAMED, from re-mask weights w = ε + (1 − ε)·blame."""
+    w = torch.where(holes, weights, torch.full_like(weights, -1.0))
+    best, at = w.max(1)
+    return at, best >= floor + (1.0 - floor) * BLAMED - 1e-12
+
+
+def barred_correction(sampler, forward: Exclusion, own_weights: torch.Tensor, chosen: torch.Tensor,
+                      current: torch.Tensor, proposed: torch.Tensor, cfg: RefineConfig) -> torch.Tensor:
+    """The log of the barred-blamed-hole factor: log(1 − p(x_b | s_1)) (the forward path's, b the
+    hole x blames most) minus log(1 − p(x'_b' | s_1)), b' the hole x' blames most, which the reverse
+    path commits first from the same first state; -inf where x' kept the token at b' (the reverse
+    move bars it, so it cannot return to x)."""
+    at, has = blamed_hole(own_weights, chosen, cfg.blame_floor)
+    rows = has.nonzero().squeeze(1)
+    reverse = torch.zeros_like(forward.log_rest)
+    token = proposed[rows, at[rows]]
+    reverse[rows] = forward.reverse_first(sampler, rows, at[rows], token, cfg.proposal_temperature)
+    out = forward.log_rest - reverse
+    kept = torch.zeros_like(has)
+    kept[rows] = token == current[rows, at[rows]]
+    return torch.where(kept | torch.isneginf(forward.log_rest), torch.full_like(out, float("-inf")), out)
 
 
 def reverse_path(iterref, sampler, state, current: torch.Tensor, proposed: torch.Tensor, chosen: torch.Tensor,

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from . import dream, fast, rng
+from .exclusion import Exclusion
 from .. import engine
 from ..errors import ArgumentError
 from ..models import flops
@@ -62,20 +62,6 @@ def transfer_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     base = (n_masked // steps)[:, None]
     extra = (torch.arange(steps, device=n_masked.device)[None, :] < (n_masked % steps)[:, None])
     return base + extra.long()
-
-
-@dataclass
-class Exclusion:
-    """A Metropolised-Gibbs proposal in `DiffusionSampler.redenoise`: each hole is re-drawn with one
-    token barred (the current draft's, so that no proposal re-draws what it re-masked), and redenoise
-    adds up, over the holes in the order it commits them, the log of the probability the barred
-    tokens leave to the others: what the move's acceptance needs (refine/moves.py)."""
-
-    barred: torch.Tensor  # (n, G) long: the token each hole may not take
-    forced: Optional[torch.Tensor] = None  # (n, G): commit these instead of drawing (a reverse path)
-    log_rest: Optional[torch.Tensor] = None  # out (n,): Σ over the holes of log(1 − p(barred token))
-    first_drawn: Optional[torch.Tensor] = None  # out (n,): log(1 − p(token committed)) at the first hole
-    first_at: Optional[torch.Tensor] = None  # out (n,) long: the position of the first hole committed
 
 
 class DiffusionSampler:
@@ -323,9 +309,7 @@ class DiffusionSampler:
         todo = torch.ones(gen.shape[0], dtype=torch.bool, device=gen.device)
         ex = exclusion
         if ex is not None:
-            ex.log_rest = torch.zeros(gen.shape[0], dtype=torch.float64, device=gen.device)
-            ex.first_drawn = torch.zeros(gen.shape[0], dtype=torch.float64, device=gen.device)
-            ex.first_at = torch.zeros(gen.shape[0], dtype=torch.long, device=gen.device)
+            ex.start(gen.shape[0], gen.device)
         sub = first_sub
         while bool(todo.any()):
             todo &= (gen == mask_id).any(1)  # fully decoded: x̂0 is the draft itself
@@ -344,18 +328,14 @@ class DiffusionSampler:
             if len(d):
                 # Usually every row still has holes: its logits as they are, not a vocabulary-wide copy.
                 lg = logits if len(f) == 0 else logits[has_holes]
-                p = self.predict(lg, gen[d], holes[d], rng.derive(keys[d], rng.Sub.SUBSTEP, sub), temperature,
+                now = holes[d] if ex is None or sub != first_sub else ex.committable(holes[d], d)
+                p = self.predict(lg, gen[d], now, rng.derive(keys[d], rng.Sub.SUBSTEP, sub), temperature,
                                  ranking=order, demote_stop=demote_stop,
                                  exclude=None if ex is None else ex.barred[d],
                                  forced=None if ex is None or ex.forced is None else ex.forced[d])
                 new = self.commit(gen[d], p, one[d])
                 if ex is not None:  # the hole just committed, one per row: its share of the correction
-                    at = (holes[d] & (new != mask_id)).int().argmax(1)
-                    rows = torch.arange(len(d), device=gen.device)
-                    ex.log_rest[d] += self.log_rest(lg[rows, at], temperature, ex.barred[d, at])
-                    if sub == first_sub:
-                        ex.first_drawn[d] = self.log_rest(lg[rows, at], temperature, new[rows, at])
-                        ex.first_at[d] = at
+                    ex.record(self, lg, holes[d], holes[d] & (new != mask_id), new, d, temperature, first=sub == first_sub)
                 gen[d] = new
                 holes[d] &= gen[d] == mask_id
             if len(f):

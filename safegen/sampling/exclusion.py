@@ -1,0 +1,69 @@
+"""Barred tokens in a proposal's re-denoising (`DiffusionSampler.redenoise`): the bookkeeping of
+IterRef's moves that may not re-draw a hole's current token (refine/moves.py says why and derives
+their acceptance). A hole with a barred token is drawn from the model's conditional on the other
+tokens, p(v | s) / (1 − p(barred | s)); what the move's acceptance needs are the logs of the
+probability the barred tokens leave, 1 − p(barred | s), at the states the path commits them in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Exclusion:
+    barred: torch.Tensor  # (n, G) long: the token each hole may not take; -1 where none is barred
+    forced: Optional[torch.Tensor] = None  # (n, G): commit these instead of drawing (a reverse path)
+    first: Optional[torch.Tensor] = None  # (n,) long: the hole to commit first (-1: the order decides)
+    keep_first: bool = False  # keep the first state's logits at the holes (reverse_first)
+    # Out, per row (n,): Σ over the holes committed with a barred token of log(1 − p(barred | s));
+    # log(1 − p(token committed | s)) at the first hole; the first hole's position.
+    log_rest: Optional[torch.Tensor] = None
+    first_drawn: Optional[torch.Tensor] = None
+    first_at: Optional[torch.Tensor] = None
+    first_logits: Optional[torch.Tensor] = None  # (n, m, V) the first state's logits at the m holes (keep_first)
+    first_holes: Optional[torch.Tensor] = None  # (n, m) long: their positions (a row with fewer repeats one)
+
+    def start(self, n: int, device) -> None:
+        self.log_rest = torch.zeros(n, dtype=torch.float64, device=device)
+        self.first_drawn = torch.zeros(n, dtype=torch.float64, device=device)
+        self.first_at = torch.zeros(n, dtype=torch.long, device=device)
+
+    def committable(self, holes: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """At the first sub-step: the holes the rows `rows` may commit (their `first` hole, if any)."""
+        if self.first is None:
+            return holes
+        first = self.first[rows]
+        only = torch.zeros_like(holes).scatter_(1, first.clamp(min=0)[:, None], True)
+        return torch.where((first >= 0)[:, None], only & holes, holes)
+
+    def record(self, sampler, logits: torch.Tensor, holes: torch.Tensor, committed: torch.Tensor,
+               new: torch.Tensor, rows: torch.Tensor, temperature: float, first: bool) -> None:
+        """The rows `rows` just committed one of their `holes` (r, G) each (`committed` (r, G) bool) to
+        `new` (r, G) from `logits` (r, G, V) (as predict left them)."""
+        at = committed.int().argmax(1)
+        r = torch.arange(len(rows), device=logits.device)
+        barred = self.barred[rows, at]
+        rest = sampler.log_rest(logits[r, at], temperature, barred.clamp(min=0))
+        self.log_rest[rows] += torch.where(barred >= 0, rest, torch.zeros_like(rest))
+        if first:
+            self.first_drawn[rows] = sampler.log_rest(logits[r, at], temperature, new[r, at])
+            self.first_at[rows] = at
+            if self.keep_first:  # only the holes' logits: the vocabulary is wide
+                m = int(holes.sum(1).max())
+                pos = torch.argsort(holes.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
+                pos = torch.where(holes.gather(1, pos), pos, pos[:, :1])
+                if self.first_logits is None:
+                    self.first_logits = torch.zeros((len(self.barred), m, logits.shape[-1]),
+                                                    dtype=logits.dtype, device=logits.device)
+                    self.first_holes = torch.zeros((len(self.barred), m), dtype=torch.long, device=logits.device)
+                self.first_logits[rows] = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+                self.first_holes[rows] = pos
+
+    def reverse_first(self, sampler, rows: torch.Tensor, at: torch.Tensor, token: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+        """log(1 − p(token | s_1)) at position `at` for the rows `rows`, s_1 the first state (every
+        hole masked): the reverse path's barred-token factor when it commits that hole first."""
+        k = (self.first_holes[rows] == at[:, None]).int().argmax(1)
+        return sampler.log_rest(self.first_logits[rows, k], temperature, token)
