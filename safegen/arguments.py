@@ -52,7 +52,13 @@ FIELD_HELP = {
     "scope": "re-mask the current block or all of the answer so far",
     "proposal_holes": "which tokens a proposal re-masks: targeted (those the policy blames) or uniform (the paper's)",
     "blame_floor": "targeted: every token's least re-mask weight, in (0, 1]",
-    "selection": "mh: Metropolis-Hastings acceptance; greedy and remask_only are ablations, not exact",
+    "selection": "mh: Metropolis-Hastings acceptance; mtm / mtm_reuse: Multiple-Try Metropolis over N tries "
+                 "(with backward draws / the other tries as backward draws; exact); greedy and remask_only are "
+                 "ablations, not exact",
+    "bar_blamed": "targeted: a proposal may not re-draw the token at its most blamed hole (exact, no extra forward)",
+    "gibbs_share": "share of iterations that make the Metropolised-Gibbs move (every hole re-drawn with its "
+                   "current token barred; exact): helps when a toxic token is not implied by its context",
+    "gibbs_holes": "holes a Gibbs move re-draws (each after the first costs one more forward)",
     "proposal_temperature": "temperature of the proposals' draws; only 1 is exact",
     "proposal_order": "order a proposal's holes are committed in: max_prob or random (exact), "
                       "low_confidence (LLaDA's rule on the sampled token: not exact)",

@@ -68,15 +68,23 @@ def test_plain_cost_is_what_the_sampler_counts(model, kw):
         assert (meter.plain() < 0.8 * s.config.steps).all()
 
 
-@pytest.mark.parametrize("cache,schedule,scope", [(None, "final", "block"), ("dual", "final", "block"),
-                                                  ("prefix", "final", "block"), ("dual", "evenly", "block")])
-def test_pool_cost_is_what_a_pool_counts(model, cache, schedule, scope):
-    """Remask-only with one proposal: every iteration draws a pool and moves, the planner's worst case."""
+MOVES = {"remask": {}, "bar": dict(proposal_holes="targeted"),
+         "gibbs mix": dict(proposal_holes="targeted", gibbs_share=0.5, gibbs_holes=3, iterations=4),
+         "gibbs": dict(gibbs_share=1.0)}
+
+
+@pytest.mark.parametrize("cache,schedule,scope,move", [
+    (None, "final", "block", "remask"), ("dual", "final", "block", "remask"), ("prefix", "final", "block", "remask"),
+    ("dual", "evenly", "block", "remask"), ("dual", "final", "block", "bar"), ("dual", "final", "block", "gibbs mix"),
+    (None, "evenly", "block", "gibbs mix"), ("prefix", "final", "all", "gibbs")])
+def test_pool_cost_is_what_a_pool_counts(model, cache, schedule, scope, move):
+    """Remask-only: every iteration draws a pool and moves, the planner's worst case; for each move,
+    a Gibbs move's reverse path included."""
     ids, attn = prompts()
-    rc = RefineConfig(n_proposals=2, iterations=2, rho=0.5, schedule=schedule, every=4, selection="remask_only",
-                      scope=scope)
+    rc = RefineConfig(**{**dict(n_proposals=2, iterations=2, rho=0.5, schedule=schedule, every=4,
+                                selection="remask_only", scope=scope), **MOVES[move]})
     s = sampler(model, cache=cache)
-    out = s.run(ids, attn, seeds=[1, 2, 3], hook=IterRef(rc, REWARD))
+    out = s.run(ids, attn, seeds=[1, 2, 3], hook=IterRef(rc, REWARD, blame=BLAME))
     for i in range(3):
         meter = cost.Meter(s.config, s.dims, (attn[i:i + 1].sum(1) + 12).double())
         want = planner.worst_case_cost(meter, rc)

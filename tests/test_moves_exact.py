@@ -8,6 +8,7 @@ import torch
 
 from safegen.refine import moves
 from safegen.refine.iterref import IterRef, RefineConfig
+from safegen.sampling.exclusion import Exclusion
 from safegen.research import toy
 from safegen.sampling.sampler import ConfigError, DiffusionSampler, Prediction, SamplingConfig
 
@@ -28,26 +29,40 @@ class Peaked:
     denoiser = toy.TableDenoiser(p0, 3, 5)
 
 
-class FromTarget:
-    """IterRef at the last point only, started from exact samples of p* instead of the sampler's
-    draft: the chain must stay at p* (invariance), which a few iterations show on a peaked toy
-    where mixing from the draft would take hundreds."""
+class StartAt:
+    """IterRef at the last point only, from the drafts `start(n)` (n, L) instead of the sampler's."""
 
-    def __init__(self, iterref, p_star, L_, seed=0):
-        self.iterref, self.p_star, self.L, self.seed = iterref, p_star, L_, seed
+    def __init__(self, iterref, start, L_):
+        self.iterref, self.start, self.L = iterref, start, L_
 
     def applies(self, block, step, steps_in_block, t):
         return self.iterref.applies(block, step, steps_in_block, t) and t == self.L
 
     def __call__(self, sampler, state):
-        g = torch.Generator().manual_seed(self.seed)
-        n = state.x.shape[0]
-        V_ = round(len(self.p_star) ** (1 / self.L))
-        gen = toy.all_sequences(V_, self.L)[torch.multinomial(self.p_star, n, replacement=True, generator=g)]
+        gen = self.start(state.x.shape[0])
         state.x = torch.cat([state.x[:, :state.prompt_length], gen], 1)
         state.pred = Prediction(gen.clone(), torch.full(gen.shape, float("-inf")), gen.clone())
         state.logits = None
         self.iterref(sampler, state)
+
+
+class FromTarget(StartAt):
+    """IterRef at the last point only, started from exact samples of p* instead of the sampler's
+    draft: the chain must stay at p* (invariance), which a few iterations show on a peaked toy
+    where mixing from the draft would take hundreds."""
+
+    def __init__(self, iterref, p_star, L_, seed=0):
+        V_ = round(len(p_star) ** (1 / L_))
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(iterref, lambda n: toy.all_sequences(V_, L_)[torch.multinomial(p_star, n, replacement=True,
+                                                                                          generator=g)], L_)
+
+
+class Mild:
+    """The flat toy at α = 2: p* close to p0, so that two toxic tokens often share a proposal's holes."""
+
+    V, L, alpha, reward, denoiser = V, L, 2.0, REWARD, DENOISER
+    p_star = toy.target(P0, REWARD.values, 2.0)
 
 
 def run(k, problem=None, block_length=None, n=N_SAMPLES, seed=0, from_target=False, **refinement):
@@ -98,6 +113,54 @@ def test_moves_keep_the_target_on_a_peaked_toy(setting):
     assert tv < floor + 0.015 and abs(z) < 3, (tv, floor, z)
 
 
+@pytest.mark.parametrize("setting", [dict(proposal_holes="targeted"), dict(proposal_holes="targeted", rho=0.25),
+                                     dict(proposal_holes="targeted", rho=1.0, block_length=2)],
+                         ids=["rho0.5", "one-hole", "all-holes"])
+def test_bar_blamed_reaches_and_keeps_the_target(setting):
+    assert RefineConfig().bar_blamed  # the default: every targeted run bars its most blamed hole
+    tv, z, floor, _ = run(48, **setting)
+    assert tv < floor + 0.02 and abs(z) < 3, (tv, floor, z)
+    tv, z, floor, _ = run(6, Peaked, n=6000, from_target=True, **{k: v for k, v in setting.items() if k != "block_length"})
+    assert tv < floor + 0.015 and abs(z) < 3, (tv, floor, z)
+
+
+def test_a_barred_hole_never_keeps_its_token():
+    """From a draft with one toxic token, a one-hole proposal at it (the floor makes it the hole)
+    never re-draws it; without the bar, the peaked model re-draws it often."""
+    draft = torch.tensor([[1, 2, 0, 2, 1]])  # token 0 is toxic, at position 2, where p0 puts 0.96 on it
+    kept = {}
+    for bar in (True, False):
+        hook = StartAt(IterRef(RefineConfig(iterations=1, rho=0.2, alpha=Peaked.alpha, proposal_holes="targeted",
+                                            blame_floor=1e-6, selection="remask_only", bar_blamed=bar),
+                               Peaked.reward, BLAME), lambda n: draft.expand(n, -1).clone(), Peaked.L)
+        cfg = SamplingConfig(max_new_tokens=5, steps=5, block_length=5, temperature=1.0)
+        out = DiffusionSampler(Peaked.denoiser, 3, cfg).run(torch.empty((2000, 0), dtype=torch.long), seeds=0, hook=hook)
+        kept[bar] = float((out.sequences[:, 2] == 0).double().mean())
+        assert torch.equal(out.sequences[:, [0, 1, 3, 4]], draft[:, [0, 1, 3, 4]].expand(2000, -1))
+    assert kept[True] == 0.0 and kept[False] > 0.9, kept
+
+
+@pytest.mark.parametrize("bug", ["no reverse factor", "returns to a kept token"])
+def test_bar_blamed_bugs_are_biased(monkeypatch, bug):
+    """The plausible bugs: the reverse move's barred factor left out, or a proposal accepted although
+    the reverse move bars the token it kept (so it could never return)."""
+    if bug == "no reverse factor":
+        monkeypatch.setattr(Exclusion, "reverse_first", lambda self, sampler, rows, at, token, t:
+                            torch.zeros(len(rows), dtype=torch.float64))
+    else:
+        real = moves.barred_correction
+
+        def forgetful(sampler, forward, own_weights, chosen, current, proposed, cfg):
+            out = real(sampler, forward, own_weights, chosen, current, proposed, cfg)
+            at, has = moves.blamed_hole(own_weights, chosen, cfg.blame_floor)
+            keep = has & (proposed.gather(1, at[:, None]).squeeze(1) == current.gather(1, at[:, None]).squeeze(1))
+            return torch.where(keep & ~torch.isneginf(forward.log_rest), torch.zeros_like(out), out)
+
+        monkeypatch.setattr(moves, "barred_correction", forgetful)
+    tv, z, floor, _ = run(12, Mild, n=20000, from_target=True, proposal_holes="targeted", rho=1.0)
+    assert abs(z) > 5, (tv, floor, z)
+
+
 def test_a_gibbs_move_never_proposes_the_draft_itself():
     """Every proposal changes its hole: the acceptance counts only real moves, and on the peaked toy
     the Gibbs chain accepts less often than the re-mask chain, whose copies are always accepted."""
@@ -108,9 +171,9 @@ def test_a_gibbs_move_never_proposes_the_draft_itself():
 
 def test_without_the_barred_token_correction_the_chain_is_biased(monkeypatch):
     """The plausible bug: draw among the other tokens but accept by the reward alone."""
-    from safegen.sampling.sampler import DiffusionSampler as S
+    from safegen.sampling import exclusion
 
-    monkeypatch.setattr(S, "log_rest", lambda self, lg, temperature, token: torch.zeros(len(token), dtype=torch.float64))
+    monkeypatch.setattr(exclusion, "log_rest", lambda sampler, lg, temperature, token: torch.zeros(len(token), dtype=torch.float64))
     tv, z, floor, _ = run(6, Peaked, n=6000, from_target=True, gibbs_share=1.0, proposal_holes="targeted")
     assert tv > floor + 0.1, (tv, floor, z)
 

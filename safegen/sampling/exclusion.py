@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from . import dream
+
 
 @dataclass
 class Exclusion:
@@ -45,10 +47,10 @@ class Exclusion:
         at = committed.int().argmax(1)
         r = torch.arange(len(rows), device=logits.device)
         barred = self.barred[rows, at]
-        rest = sampler.log_rest(logits[r, at], temperature, barred.clamp(min=0))
+        rest = log_rest(sampler, logits[r, at], temperature, barred.clamp(min=0))
         self.log_rest[rows] += torch.where(barred >= 0, rest, torch.zeros_like(rest))
         if first:
-            self.first_drawn[rows] = sampler.log_rest(logits[r, at], temperature, new[r, at])
+            self.first_drawn[rows] = log_rest(sampler, logits[r, at], temperature, new[r, at])
             self.first_at[rows] = at
             if self.keep_first:  # only the holes' logits: the vocabulary is wide
                 m = int(holes.sum(1).max())
@@ -66,4 +68,25 @@ class Exclusion:
         """log(1 − p(token | s_1)) at position `at` for the rows `rows`, s_1 the first state (every
         hole masked): the reverse path's barred-token factor when it commits that hole first."""
         k = (self.first_holes[rows] == at[:, None]).int().argmax(1)
-        return sampler.log_rest(self.first_logits[rows, k], temperature, token)
+        return log_rest(sampler, self.first_logits[rows, k], temperature, token)
+
+
+def bar_tokens(p: torch.Tensor, barred: torch.Tensor) -> torch.Tensor:
+    """Probabilities p (..., V) with the token `barred` (...; -1: none) of each position set to 0,
+    except where it is the only possible one: that position keeps it, and the move's correction,
+    log(1 − p(barred)) = -inf, rejects it."""
+    bar = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, barred.clamp(min=0)[..., None], (barred >= 0)[..., None])
+    bar &= p.masked_fill(bar, 0.0).sum(-1, keepdim=True) > 0
+    return p.masked_fill(bar, 0.0)
+
+
+def log_rest(sampler, logits: torch.Tensor, temperature: float, token: torch.Tensor) -> torch.Tensor:
+    """log(1 − p(token)) (n,) float64 under the distribution `sampler.predict` draws from for logits
+    (n, V) (as predict left them: mask, padding and EOS barred) at `temperature`: the log of what the
+    other tokens hold, summed in float64 so that it stays exact when p(token) is close to 1."""
+    lg = dream.truncate(logits.float(), sampler.config.top_k, sampler.config.top_p).double()
+    if temperature not in (0, 1):
+        lg = lg / temperature
+    rest = torch.logsumexp(lg.scatter(-1, token[:, None], float("-inf")), -1)
+    return rest - torch.logsumexp(lg, -1)
+

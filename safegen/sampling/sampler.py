@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import dream, fast, rng
-from .exclusion import Exclusion
+from .exclusion import Exclusion, bar_tokens
 from .. import engine
 from ..errors import ArgumentError
 from ..models import flops
@@ -137,11 +137,8 @@ class DiffusionSampler:
         statistic of the logits alone, so that the order still does not depend on the draw).
         Only the committable positions are sampled, in float32: the reference code draws float64
         Gumbel noise over the full vocabulary of every position, gigabytes at batch 8.
-        `exclude` (n, G) long: a token each committable position may not take (-1: none; kept where
-        it is the only one possible): IterRef's Metropolised-Gibbs proposals. `forced` (n, G): the
-        candidates to take instead of drawing (the reverse path of such a proposal); the order is
-        computed as usual.
-        """
+        `exclude` (n, G): a token each position may not take (-1: none; exclusion.bar_tokens); `forced`
+        (n, G): candidates taken instead of drawn, ranked as usual (refine/moves.py's reverse paths)."""
         cfg = self.config
         # Dream's alg_temp draws the base sampler's commits; IterRef's proposals keep their own order.
         alg_temp = cfg.alg_temp if ranking is None else None
@@ -166,16 +163,11 @@ class DiffusionSampler:
         # The committable positions of each row, packed to the left (padding marked by `valid`).
         order = torch.argsort(committable.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid = committable.gather(1, order)
-        lg = self.truncated(logits.gather(1, order[..., None].expand(-1, -1, V)).float())
+        lg = dream.truncate(logits.gather(1, order[..., None].expand(-1, -1, V)).float(), cfg.top_k, cfg.top_p)
         probs = torch.softmax(lg, -1)
         p_t = probs if temperature in (0, 1) else torch.softmax(lg / temperature, -1)
         if exclude is not None:
-            ex = torch.where(valid, exclude.gather(1, order), torch.full_like(order, -1))
-            barred = torch.zeros_like(p_t, dtype=torch.bool).scatter_(-1, ex.clamp(min=0)[..., None], (ex >= 0)[..., None])
-            # A position whose only possible token is the barred one keeps it: the proposal's
-            # correction, log(1 - p(barred)) = -inf, then rejects the move.
-            barred &= (p_t.masked_fill(barred, 0.0).sum(-1, keepdim=True) > 0)
-            p_t = p_t.masked_fill(barred, 0.0)
+            p_t = bar_tokens(p_t, torch.where(valid, exclude.gather(1, order), torch.full_like(order, -1)))
         if forced is not None:
             picked = forced.gather(1, order)
         elif temperature > 0:
@@ -204,22 +196,6 @@ class DiffusionSampler:
         candidates.scatter_(1, order, torch.where(valid, picked, candidates.gather(1, order)))
         confidence.scatter_(1, order, score)
         return Prediction(candidates, confidence, xhat0)
-
-    def truncated(self, lg: torch.Tensor) -> torch.Tensor:
-        """Dream's top-k, then top-p, on logits (..., V) when configured: what predict draws from."""
-        cfg = self.config
-        return lg if cfg.top_k is None and cfg.top_p is None else dream.truncate(lg, cfg.top_k, cfg.top_p)
-
-    def log_rest(self, lg: torch.Tensor, temperature: float, token: torch.Tensor) -> torch.Tensor:
-        """log(1 − p(token)) (n,) float64 for predict's drawing distribution of logits `lg` (n, V) (as
-        predict left them: mask, padding and EOS barred) at `temperature`: the log of the
-        probability left to the other tokens, summed in float64 so that it stays exact when p(token) is
-        close to 1."""
-        lg = self.truncated(lg.float()).double()
-        if temperature not in (0, 1):
-            lg = lg / temperature
-        rest = torch.logsumexp(lg.scatter(-1, token[:, None], float("-inf")), -1)
-        return rest - torch.logsumexp(lg, -1)
 
     @staticmethod
     def commit(x_gen: torch.Tensor, pred: Prediction, n_commit: torch.Tensor) -> torch.Tensor:
@@ -293,11 +269,9 @@ class DiffusionSampler:
         (next_prediction), which an accepted draft reuses instead of a new forward; with no mask
         left, x̂0 is the draft. With the block cache on, the forwards run only the holes (and, for
         x̂0, the masks left) against keys and values of the drafts' parents (fast.ProposalCache; the
-        caller's `proposal_cache` when it holds them already).
-
-        `exclusion`: each hole is drawn with a token barred, and the logs of what the barred tokens
-        leave are added up (Exclusion). `score` False: no forward after the last hole (the draft's
-        x̂0 is not needed). `first_sub`: the index of the first sub-step in the keys' sub-step stream."""
+        caller's `proposal_cache` when it holds them already). `exclusion`: barred tokens and their
+        bookkeeping (sampling/exclusion.py); `score` False: no forward after the last hole;
+        `first_sub`: the first sub-step's index in the keys' sub-step stream."""
         mask_id, P = self.mask_id, state.prompt_length
         cached = None
         if self.config.cache is not None:
