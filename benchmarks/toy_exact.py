@@ -29,7 +29,8 @@ Methods at budget b: Best-of-N with N = b; SVDD-PM with b candidates per step, a
 α = 0: softmax selection at α = 0.25 had a higher toxic rate in all 9 problem × budget cells we
 tried); FK-steering with b particles, λ = 1/α, resampling every 2 steps (resampling every step was
 worse in all 9; every T steps was within 0.007 on single/blocks and worse on dense); remask-only,
-IterRef with uniform re-masking (the paper's kernel) and IterRef with targeted re-masking, with the
+IterRef with uniform re-masking (the paper's kernel) and IterRef with targeted re-masking (whose
+re-mask move bars the token at its most blamed hole, RefineConfig.bar_blamed's default), with the
 settings of DEFAULT_ITERREF / DEFAULT_TARGETED (the sweeps printed with the results are how they
 were chosen) and k = the largest number of iterations whose worst-case rows (every proposal
 accepted, one pool per iteration; safegen.research.planner.plan) fit in b · T; RefineConfig.budget = b caps it
