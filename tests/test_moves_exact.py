@@ -220,3 +220,12 @@ def test_config_refuses_what_cannot_work():
                 dict(gibbs_share=0.5, selection="mtm"), dict(gibbs_share=0.5, proposal_temperature=0.0)):
         with pytest.raises(ConfigError, match="refine.gibbs|refine.selection"):
             RefineConfig(**bad).validate()
+
+
+def test_a_floor_of_one_reads_no_blame_and_bars_nothing():
+    """With blame_floor 1 every re-mask weight is 1: targeted holes are uniform again, and the
+    barred-hole move must not take "every hole is blamed" from it (samples equal bar_blamed off)."""
+    a = run(4, n=300, proposal_holes="targeted", blame_floor=1.0)[3].sequences
+    b = run(4, n=300, proposal_holes="targeted", blame_floor=1.0, bar_blamed=False)[3].sequences
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(4, n=300, proposal_holes="targeted", blame_floor=0.5)[3].sequences)

@@ -157,9 +157,12 @@ def draw(iterref, sampler, state, chain, idx: torch.Tensor, kind: str) -> Drawn:
 
 def blamed_hole(weights: torch.Tensor, holes: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(n,) the most blamed of each row's holes (the first on ties) and (n,) bool whether its blame
-    reaches BLAMED, from re-mask weights w = ε + (1 − ε)·blame."""
+    reaches BLAMED, from re-mask weights w = ε + (1 − ε)·blame. With ε = 1 every weight is 1 and the
+    blame cannot be read: no hole is barred."""
     w = torch.where(holes, weights, torch.full_like(weights, -1.0))
     best, at = w.max(1)
+    if floor >= 1.0:
+        return at, torch.zeros_like(best, dtype=torch.bool)
     return at, best >= floor + (1.0 - floor) * BLAMED - 1e-12
 
 
