@@ -111,6 +111,20 @@ def _same(together, alone):
                                                                           b.reward_calls)
 
 
+def test_gibbs_moves_side_by_side_get_what_they_get_alone(tiny_generator_parts):
+    """The moves beside the shipped one (Metropolised Gibbs with a two-hole reverse path, interleaved
+    with the barred-hole re-mask move) on the engine: two refining generations (dual cache, none)
+    beside a plain one get their own run's tokens and costs."""
+    model, tokenizer, profile = tiny_generator_parts
+    gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling=SAMPLING,
+                        refinement={**REFINE, "iterations": 2, "gibbs_share": 0.5, "gibbs_holes": 2})
+    runs = [RUNS[2], ("the weather today", 9, dict(cache=None), 1), RUNS[0]]
+    alone = [drive(_steps(gen, p, s, o)) for p, s, o, _ in runs]
+    assert all(a.reports[0].reward_calls > 1 for a in alone[:2])  # both refined
+    for t, a in zip(_run_together(gen, runs), alone):
+        _same(t, a)
+
+
 def test_generations_side_by_side_get_what_they_get_alone(generator):
     """Six generations (dual, prefix and uncached; other prompt lengths, other G; one refining)
     joining at different rounds: each one's tokens, texts and costs are its own run's, and the
