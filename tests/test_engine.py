@@ -112,12 +112,12 @@ def _same(together, alone):
 
 
 def test_gibbs_moves_side_by_side_get_what_they_get_alone(tiny_generator_parts):
-    """The moves beside the shipped one (Metropolised Gibbs with a two-hole reverse path, interleaved
+    """The moves beside the default one (Metropolised Gibbs with a two-hole reverse path, interleaved
     with the barred-hole re-mask move) on the engine: two refining generations (dual cache, none)
     beside a plain one get their own run's tokens and costs."""
     model, tokenizer, profile = tiny_generator_parts
     gen = SafeGenerator(model, tokenizer, policy="offline", profile=profile, sampling=SAMPLING,
-                        refinement={**REFINE, "iterations": 2, "gibbs_share": 0.5, "gibbs_holes": 2})
+                        refinement={**REFINE, "iterations": 2, "gibbs_share": 0.5, "gibbs_holes": 2, "bar_blamed": True})
     runs = [RUNS[2], ("the weather today", 9, dict(cache=None), 1), RUNS[0]]
     alone = [drive(_steps(gen, p, s, o)) for p, s, o, _ in runs]
     assert all(a.reports[0].reward_calls > 1 for a in alone[:2])  # both refined

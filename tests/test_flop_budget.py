@@ -68,8 +68,8 @@ def test_plain_cost_is_what_the_sampler_counts(model, kw):
         assert (meter.plain() < 0.8 * s.config.steps).all()
 
 
-MOVES = {"remask": {}, "bar": dict(proposal_holes="targeted"),
-         "gibbs mix": dict(proposal_holes="targeted", gibbs_share=0.5, gibbs_holes=3, iterations=4),
+MOVES = {"remask": {}, "bar": dict(proposal_holes="targeted", bar_blamed=True),
+         "gibbs mix": dict(proposal_holes="targeted", bar_blamed=True, gibbs_share=0.5, gibbs_holes=3, iterations=4),
          "gibbs": dict(gibbs_share=1.0)}
 
 

@@ -85,14 +85,14 @@ EXACT = [
     dict(gibbs_share=1.0),
     dict(gibbs_share=1.0, proposal_holes="targeted"),
     dict(gibbs_share=1.0, proposal_holes="targeted", block_length=2),
-    dict(gibbs_share=0.5, proposal_holes="targeted"),
+    dict(gibbs_share=0.5, proposal_holes="targeted", bar_blamed=True),
     dict(gibbs_share=0.25, proposal_holes="targeted", n_proposals=2, block_length=2),
     dict(gibbs_share=1.0, gibbs_holes=2),
     dict(gibbs_share=1.0, gibbs_holes=3, proposal_holes="targeted"),
     dict(gibbs_share=1.0, gibbs_holes=2, proposal_order="random", block_length=2),
     dict(selection="mtm", n_proposals=3),
-    dict(selection="mtm", n_proposals=3, proposal_holes="targeted", block_length=2),
-    dict(selection="mtm_reuse", n_proposals=3, proposal_holes="targeted"),
+    dict(selection="mtm", n_proposals=3, proposal_holes="targeted", block_length=2, bar_blamed=True),
+    dict(selection="mtm_reuse", n_proposals=3, proposal_holes="targeted", bar_blamed=True),
 ]
 
 
@@ -104,20 +104,22 @@ def test_moves_reach_the_target_on_the_flat_toy(setting):
 
 @pytest.mark.parametrize("setting", [dict(gibbs_share=1.0, proposal_holes="targeted"),
                                      dict(gibbs_share=1.0, gibbs_holes=2, proposal_holes="targeted"),
-                                     dict(gibbs_share=0.5, proposal_holes="targeted"),
-                                     dict(selection="mtm", n_proposals=2, proposal_holes="targeted"),
-                                     dict(selection="mtm_reuse", n_proposals=3, proposal_holes="targeted")],
+                                     dict(gibbs_share=0.5, proposal_holes="targeted", bar_blamed=True),
+                                     dict(selection="mtm", n_proposals=2, proposal_holes="targeted", bar_blamed=True),
+                                     dict(selection="mtm_reuse", n_proposals=3, proposal_holes="targeted",
+                                          bar_blamed=True)],
                          ids=["gibbs1", "gibbs2", "mix", "mtm", "mtm_reuse"])
 def test_moves_keep_the_target_on_a_peaked_toy(setting):
     tv, z, floor, _ = run(6, Peaked, n=6000, from_target=True, **setting)
     assert tv < floor + 0.015 and abs(z) < 3, (tv, floor, z)
 
 
-@pytest.mark.parametrize("setting", [dict(proposal_holes="targeted"), dict(proposal_holes="targeted", rho=0.25),
-                                     dict(proposal_holes="targeted", rho=1.0, block_length=2)],
+BAR = dict(proposal_holes="targeted", bar_blamed=True)
+
+
+@pytest.mark.parametrize("setting", [BAR, dict(BAR, rho=0.25), dict(BAR, rho=1.0, block_length=2)],
                          ids=["rho0.5", "one-hole", "all-holes"])
 def test_bar_blamed_reaches_and_keeps_the_target(setting):
-    assert RefineConfig().bar_blamed  # the default: every targeted run bars its most blamed hole
     tv, z, floor, _ = run(48, **setting)
     assert tv < floor + 0.02 and abs(z) < 3, (tv, floor, z)
     tv, z, floor, _ = run(6, Peaked, n=6000, from_target=True, **{k: v for k, v in setting.items() if k != "block_length"})
@@ -157,7 +159,7 @@ def test_bar_blamed_bugs_are_biased(monkeypatch, bug):
             return torch.where(keep & ~torch.isneginf(forward.log_rest), torch.zeros_like(out), out)
 
         monkeypatch.setattr(moves, "barred_correction", forgetful)
-    tv, z, floor, _ = run(12, Mild, n=20000, from_target=True, proposal_holes="targeted", rho=1.0)
+    tv, z, floor, _ = run(12, Mild, n=20000, from_target=True, rho=1.0, **BAR)
     assert abs(z) > 5, (tv, floor, z)
 
 
@@ -225,7 +227,7 @@ def test_config_refuses_what_cannot_work():
 def test_a_floor_of_one_reads_no_blame_and_bars_nothing():
     """With blame_floor 1 every re-mask weight is 1: targeted holes are uniform again, and the
     barred-hole move must not take "every hole is blamed" from it (samples equal bar_blamed off)."""
-    a = run(4, n=300, proposal_holes="targeted", blame_floor=1.0)[3].sequences
+    a = run(4, n=300, blame_floor=1.0, **BAR)[3].sequences
     b = run(4, n=300, proposal_holes="targeted", blame_floor=1.0, bar_blamed=False)[3].sequences
     assert torch.equal(a, b)
-    assert not torch.equal(a, run(4, n=300, proposal_holes="targeted", blame_floor=0.5)[3].sequences)
+    assert not torch.equal(a, run(4, n=300, blame_floor=0.5, **BAR)[3].sequences)

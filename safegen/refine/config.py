@@ -73,10 +73,11 @@ class RefineConfig:
     # each move leaves p* invariant, so the composition does.
     # With targeted holes, the re-mask move bars the current token at the hole the blame holds most at
     # fault (blame >= 0.5), committed first: a toxic token cannot be re-drawn as itself, at no extra
-    # forward (refine/moves.py). Ahead of the move without it in every cell of benchmarks/toy_moves.py
-    # (RESULTS.md). Uniform holes read no blame, and Multiple-Try Metropolis weighs its tries as
-    # unbarred draws: with either it changes nothing.
-    bar_blamed: bool = True
+    # forward (refine/moves.py). An option: ahead of the move without it in every cell of
+    # benchmarks/toy_moves.py, but not ahead of every baseline there, and level or slightly behind on
+    # the tiny RTP audit (RESULTS.md, "IterRef's moves"). Uniform holes read no blame, and
+    # Multiple-Try Metropolis weighs its tries as unbarred draws: with either it changes nothing.
+    bar_blamed: bool = False
     gibbs_share: float = 0.0
     gibbs_holes: int = 1  # tokens a Gibbs move re-draws (the reverse path costs gibbs_holes − 1 more forwards)
     # Proposals must be stochastic even when sampling is greedy; only 1 draws from the model's own
