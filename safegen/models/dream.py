@@ -23,13 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .attention import attend
 from .kvcache import CacheView, CachedForwards, packed_states
-from .llada import RMSNorm
-from .rope import rotary_angles, rotate
+from .prenorm import PreNormBackbone, PreNormLayer, PreNormLMMixin, attention_output
+from .rope import rotate
 
 __all__ = ["DreamConfig", "DreamModel"]
 
@@ -105,12 +103,7 @@ class DreamAttention(nn.Module):
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def output(self, att):
-        batch, _, length, _ = att.shape
-        return self.o_proj(att.transpose(1, 2).reshape(batch, length, -1))
-
-    def forward(self, h, cos, sin, key_mask):
-        q, k, v = self.project(h, cos, sin)
-        return self.output(attend(q, k, v, key_mask, self.n_heads // self.n_kv_heads))
+        return attention_output(self.o_proj, att)
 
 
 class DreamMLP(nn.Module):
@@ -124,65 +117,14 @@ class DreamMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-class DreamLayer(nn.Module):
+class DreamLayer(PreNormLayer):
     """Pre-norm attention without a causal mask, then the SwiGLU MLP, each added to the residual stream."""
 
     def __init__(self, config: DreamConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = DreamAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = DreamMLP(config)
-
-    def forward(self, x, cos, sin, key_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    # The block interface of the key/value cache (safegen.models.kvcache), as LLaDABlock has it.
-    @property
-    def n_heads(self):
-        return self.self_attn.n_heads
-
-    @property
-    def n_kv_heads(self):
-        return self.self_attn.n_kv_heads
-
-    @property
-    def head_dim(self):
-        return self.self_attn.head_dim
-
-    def project(self, x, cos, sin):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
-
-    def finish(self, x, att):
-        x = x + self.self_attn.output(att)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        super().__init__(config, DreamAttention(config), DreamMLP(config))
 
 
-class DreamBackbone(nn.Module):
-    """The `model` attribute of DreamModel: its names are the checkpoint's."""
-
-    def __init__(self, config: DreamConfig):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DreamLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids, real=None):
-        """The final norm's output (B, L, d) with positions 0..L-1; `real` (B, L) bool marks the keys
-        attended to (None: all)."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = rotary_angles(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device)
-        key_mask = None
-        if real is not None:  # a row without any real token would softmax over nothing: it sees everything
-            key_mask = (real | ~real.any(-1, keepdim=True))[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, cos, sin, key_mask)
-        return self.norm(x)
-
-
-class DreamModel(CachedForwards, PreTrainedModel):
+class DreamModel(CachedForwards, PreNormLMMixin, PreTrainedModel):
     config_class = DreamConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -193,29 +135,9 @@ class DreamModel(CachedForwards, PreTrainedModel):
 
     def __init__(self, config: DreamConfig):
         super().__init__(config)
-        self.model = DreamBackbone(config)
+        self.model = PreNormBackbone(config, (DreamLayer(config) for _ in range(config.num_hidden_layers)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def _init_weights(self, module):
-        # Only for random models (tests): transformers.initialization skips tensors loaded from a checkpoint.
-        if module is self.lm_head:
-            init.normal_(module.weight, mean=0.0, std=self.config.hidden_size ** -0.5)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, **kwargs) -> MaskedLMOutput:
         """Logits (B, L, vocab_size) of the token at each position (Dream's one-position shift done

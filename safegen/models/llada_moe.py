@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .attention import attend
 from .kvcache import CacheView, CachedForwards, packed_states
 from .llada import RMSNorm
-from .rope import rotary_angles, rotate
+from .prenorm import PreNormBackbone, PreNormLayer, PreNormLMMixin, attention_output
+from .rope import rotate
 
 __all__ = ["LLaDAMoEConfig", "LLaDAMoEModelLM"]
 
@@ -174,61 +173,15 @@ class MoEAttention(nn.Module):
         return rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin), v
 
     def output(self, att):
-        batch, _, length, _ = att.shape
-        return self.o_proj(att.transpose(1, 2).reshape(batch, length, -1))
+        return attention_output(self.o_proj, att)
 
 
-class MoELayer(nn.Module):
+class MoELayer(PreNormLayer):
     def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MoEAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SparseMoE(config)
-
-    # The block interface of safegen.models.kvcache (project, finish), as LLaDABlock has it.
-    @property
-    def n_heads(self):
-        return self.self_attn.n_heads
-
-    @property
-    def n_kv_heads(self):
-        return self.self_attn.n_kv_heads
-
-    @property
-    def head_dim(self):
-        return self.self_attn.head_dim
-
-    def project(self, x, cos, sin):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
-
-    def finish(self, x, att):
-        x = x + self.self_attn.output(att)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def forward(self, x, cos, sin, key_mask):
-        q, k, v = self.project(x, cos, sin)
-        return self.finish(x, attend(q, k, v, key_mask, self.n_heads // self.n_kv_heads))
+        super().__init__(config, MoEAttention(config), SparseMoE(config))
 
 
-class MoEBackbone(nn.Module):
-    def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MoELayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(self, input_ids, real=None):
-        x = self.embed_tokens(input_ids)
-        cos, sin = rotary_angles(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device)
-        key_mask = None if real is None else (real | ~real.any(-1, keepdim=True))[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, cos, sin, key_mask)
-        return self.norm(x)
-
-
-class LLaDAMoEModelLM(CachedForwards, PreTrainedModel):
+class LLaDAMoEModelLM(CachedForwards, PreNormLMMixin, PreTrainedModel):
     config_class = LLaDAMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -241,27 +194,9 @@ class LLaDAMoEModelLM(CachedForwards, PreTrainedModel):
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
-        self.model = MoEBackbone(config)
+        self.model = PreNormBackbone(config, (MoELayer(config) for _ in range(config.num_hidden_layers)))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def _init_weights(self, module):
-        # Only for random models (tests): transformers.initialization skips tensors loaded from a checkpoint.
-        if module is self.lm_head:
-            init.normal_(module.weight, mean=0.0, std=self.config.hidden_size ** -0.5)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, **kwargs) -> MaskedLMOutput:
         """Logits (B, L, vocab_size); position i predicts token i. attention_mask (B, L): 1 for real
