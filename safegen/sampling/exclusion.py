@@ -20,7 +20,8 @@ class Exclusion:
     first: Optional[torch.Tensor] = None  # (n,) long: the hole to commit first (-1: the order decides)
     keep_first: bool = False  # keep the first state's logits at the holes (reverse_first)
     # Out, per row (n,): Σ over the holes committed with a barred token of log(1 − p(barred | s));
-    # log(1 − p(token committed | s)) at the first hole; the first hole's position.
+    # log(1 − p(token committed | s)) at the first hole (a Gibbs forward path only: neither forced
+    # nor keep_first); the first hole's position.
     log_rest: Optional[torch.Tensor] = None
     first_drawn: Optional[torch.Tensor] = None
     first_at: Optional[torch.Tensor] = None
@@ -45,13 +46,16 @@ class Exclusion:
         """The rows `rows` just committed one of their `holes` (r, G) each (`committed` (r, G) bool) to
         `new` (r, G) from `logits` (r, G, V) (as predict left them)."""
         at = committed.int().argmax(1)
-        r = torch.arange(len(rows), device=logits.device)
         barred = self.barred[rows, at]
-        rest = log_rest(sampler, logits[r, at], temperature, barred.clamp(min=0))
-        self.log_rest[rows] += torch.where(barred >= 0, rest, torch.zeros_like(rest))
+        # Only where a token was barred: a float64 sum over the vocabulary per row is not free.
+        b = (barred >= 0).nonzero().squeeze(1)
+        if len(b):
+            self.log_rest[rows[b]] += log_rest(sampler, logits[b, at[b]], temperature, barred[b])
         if first:
-            self.first_drawn[rows] = log_rest(sampler, logits[r, at], temperature, new[r, at])
             self.first_at[rows] = at
+            if self.forced is None and not self.keep_first:  # a Gibbs forward path's reverse needs it
+                r = torch.arange(len(rows), device=logits.device)
+                self.first_drawn[rows] = log_rest(sampler, logits[r, at], temperature, new[r, at])
             if self.keep_first:  # only the holes' logits: the vocabulary is wide
                 m = int(holes.sum(1).max())
                 pos = torch.argsort(holes.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
