@@ -268,15 +268,6 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="safegen: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    import signal
-    import threading
-
-    from . import engine
-
-    own = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if own:  # Ctrl-C that library code swallows is still acted on at the next round (engine.on_sigint)
-        signal.signal(signal.SIGINT, engine.on_sigint)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -287,7 +278,4 @@ def main(argv=None) -> int:
     except SafegenError as e:  # the user asked for something wrong: one line, no traceback
         print(f"safegen {args.command}: error: {_in_flags(str(e), args.flags)}", file=sys.stderr)
         return 2
-    finally:
-        if own:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 

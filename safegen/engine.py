@@ -205,32 +205,9 @@ def forward(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
     return _ask(_Sequences(model, input_ids, attention_mask if takes_mask else None, takes_mask))
 
 
-# ---------------------------------------------------------------------------- Ctrl-C
-# A KeyboardInterrupt raised inside library code can be swallowed there (seen: inside jinja2's
-# rendering of a chat template, where the run then went on to the end), so the command line's
-# SIGINT handler also leaves this flag, and every round checks it.
-_interrupted = False
-
-
-def on_sigint(signum, frame) -> None:
-    """SIGINT handler: remember it, then raise KeyboardInterrupt as Python's own handler does."""
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
-
-
-def check_interrupt() -> None:
-    """Raise KeyboardInterrupt if a SIGINT arrived and was not acted on yet."""
-    global _interrupted
-    if _interrupted:
-        _interrupted = False
-        raise KeyboardInterrupt
-
-
 # ---------------------------------------------------------------------------- a round
 def advance(generations: list[Generation], merge: bool = True) -> None:
     """One step of each generation (its first starts it), their mergeable forwards merged."""
-    check_interrupt()
     if not merge:
         for g in generations:
             g.step()
